@@ -1,0 +1,19 @@
+"""Test-time methods, one file each, behind ``adapters.base.Method``.
+
+Importing this package registers every method; ``get_method`` and ``method_names`` are the
+stable way to reach them.
+"""
+
+from adapters import zero_shot  # noqa: F401  (registers on import)
+from adapters.base import REGISTRY, Method, OptionsError, register
+
+
+def get_method(name: str) -> Method:
+    return REGISTRY[name]
+
+
+def method_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+__all__ = ["Method", "OptionsError", "get_method", "method_names", "register"]

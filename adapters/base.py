@@ -1,0 +1,79 @@
+"""The one interface every test-time method implements, and the registry that holds them.
+
+A method is a stateless object. Per request it is handed the image features and the class
+features, builds whatever state that request needs (prompt context, LoRA factors, prototype
+shifts, optimizer), adapts it, and returns logits; the state dies with the request and the
+backbone is never modified. Options are a frozen dataclass with the paper's defaults, validated
+in ``__post_init__``, listed by ``/v1/methods`` and settable per request under ``options``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class OptionsError(ValueError):
+    """Raised for options a method does not accept; the message is shown to the client."""
+
+
+class Method(ABC):
+    """Base class of test-time methods. Subclasses set ``name``, ``summary`` and ``Options``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type]  # a frozen dataclass with defaults for every field
+
+    def parse_options(self, raw: dict[str, Any] | None) -> Any:
+        """Validate a request's ``options`` into this method's Options; unknown keys are errors."""
+        raw = dict(raw or {})
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            accepted = ", ".join(sorted(known)) or "none"
+            raise OptionsError(f"method {self.name!r} has no option(s) {', '.join(unknown)}; it accepts: {accepted}")
+        try:
+            return TypeAdapter(self.Options).validate_python(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise OptionsError(f"options.{where}: {first.get('msg')}" if where else str(first.get("msg"))) from exc
+        except (TypeError, ValueError) as exc:  # raised by the dataclass's own __post_init__ checks
+            raise OptionsError(str(exc)) from exc
+
+    def options_schema(self) -> dict[str, Any]:
+        return TypeAdapter(self.Options).json_schema()
+
+    @abstractmethod
+    def predict(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float,
+                options: Any) -> torch.Tensor:
+        """[B, D] unit-norm image features, [C, D] unit-norm class features -> [B, C] logits."""
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: validate the method at import time and add one instance to the registry."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise TypeError(f"{cls.__name__}.name must be a lowercase snake_case string, got {name!r}")
+    if name in REGISTRY:
+        raise TypeError(f"method name {name!r} registered twice ({cls.__name__})")
+    options = getattr(cls, "Options", None)
+    if options is None or not dataclasses.is_dataclass(options):
+        raise TypeError(f"{cls.__name__}.Options must be a dataclass")
+    for f in dataclasses.fields(options):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__}.Options.{f.name} needs a default (the paper's)")
+    if not getattr(cls, "summary", ""):
+        raise TypeError(f"{cls.__name__}.summary must say in one line what the method does")
+    REGISTRY[name] = cls()
+    return cls

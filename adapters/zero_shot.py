@@ -1,0 +1,29 @@
+"""Zero-shot CLIP classification (Radford et al., 2021, https://arxiv.org/abs/2103.00020).
+
+The reference every other method is measured and tested against: cosine similarity between the
+image embedding and each class embedding (the renormalised mean over prompt templates), scaled by
+the model's learned logit scale. Nothing is adapted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapters.base import Method, register
+
+
+@register
+class ZeroShot(Method):
+    name = "zero_shot"
+    summary = "Plain CLIP zero-shot with prompt ensembling; no adaptation, one forward pass per image."
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def predict(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float,
+                options: Any) -> torch.Tensor:
+        return logit_scale * image_features @ class_features.T  # [B, C]

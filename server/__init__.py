@@ -1,0 +1,1 @@
+"""TTAServe: a CLIP test-time adaptation inference server."""

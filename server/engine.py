@@ -1,0 +1,252 @@
+"""The engine: the only code that runs the model.
+
+One worker thread owns the device. It loads the backbone, warms it up, then serves jobs from a
+bounded queue. Async request handlers submit a job and await its future; they never touch the
+model. Consecutive zero-shot jobs are micro-batched: the worker takes the first waiting job, waits
+up to ``max_batch_delay_ms`` for more, encodes up to ``max_batch_size`` images in one forward
+pass, then classifies each job against its own class features.
+
+A full queue raises ``Overloaded`` (429); a job whose deadline passes is dropped before it runs and
+its handler answers 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adapters import get_method
+from server.backbone import Backbone
+from server.errors import DeadlineExceeded, NotReady, Overloaded
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger("ttaserve.engine")
+
+
+@dataclass
+class ZeroShotJob:
+    """One request's images and classes, waiting for the worker."""
+
+    images: torch.Tensor  # [N, 3, H, W] preprocessed, CPU
+    labels: tuple[str, ...]
+    templates: tuple[str, ...]
+    method: str
+    options: Any
+    future: asyncio.Future[ZeroShotOutput]
+    loop: asyncio.AbstractEventLoop
+    deadline: float  # time.monotonic() after which the job is not worth running
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    @property
+    def n_images(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class ZeroShotOutput:
+    logits: torch.Tensor  # [N, C] float32, CPU
+    timings: dict[str, float]  # seconds per stage: queue, encode, classify
+    batch_images: int  # images in the forward pass this job shared
+
+
+class Engine:
+    """Owns the device: loads the backbone on its worker thread and runs every job there."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, load: Callable[[], Backbone]):
+        self.settings = settings
+        self.metrics = metrics
+        self._load = load
+        self.backbone: Backbone | None = None
+        self.load_error: BaseException | None = None
+        self._queue: deque[ZeroShotJob] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._ready = threading.Event()
+        self._loaded = threading.Event()  # set once loading ended, successfully or not
+        self._thread = threading.Thread(target=self._run, name="tta-engine", daemon=True)
+        self.on_fatal: Callable[[BaseException], None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker; loading and warm-up happen on it, in the background."""
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until loading ended (True) or ``timeout`` passed (False)."""
+        return self._loaded.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._stopping
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs, let the worker finish the batch it runs, fail what is still queued."""
+        with self._cond:
+            self._stopping = True
+            self._ready.clear()
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in pending:
+            self._fail(job, NotReady("the server is shutting down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.metrics.queue_depth.set(0)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # -- submitting -----------------------------------------------------------------------------
+    async def classify(self, images: torch.Tensor, labels: tuple[str, ...], templates: tuple[str, ...],
+                       method: str, options: Any, timeout_s: float) -> ZeroShotOutput:
+        """Queue a classification and wait for it; raises Overloaded, NotReady or DeadlineExceeded."""
+        if not self.ready:
+            raise NotReady("the model is still loading; retry shortly", headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        job = ZeroShotJob(images, labels, templates, method, options, loop.create_future(), loop,
+                          deadline=time.monotonic() + timeout_s)
+        with self._cond:
+            if len(self._queue) >= self.settings.max_queue_size:
+                raise Overloaded(
+                    f"the queue is full ({self.settings.max_queue_size} jobs waiting); retry later",
+                    code="queue_full",
+                    headers={"Retry-After": str(self.settings.retry_after_s)},
+                )
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            job.cancelled = True
+            raise DeadlineExceeded(f"the request did not finish within {timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            job.cancelled = True  # the client went away: do not spend the device on it
+            raise
+
+    # -- the worker -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            if self.settings.torch_threads:
+                torch.set_num_threads(self.settings.torch_threads)
+            started = time.monotonic()
+            self.backbone = self._load()
+            self.backbone.warm_up()
+            log.info("model loaded and warmed up in %.2f s", time.monotonic() - started)
+            self._ready.set()
+        except BaseException as exc:  # noqa: BLE001 - reported through /readyz and on_fatal
+            self.load_error = exc
+            log.error("model failed to load: %s", exc)
+            self._loaded.set()
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+            return
+        self._loaded.set()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run_batch(batch)
+
+    def _next_batch(self) -> list[ZeroShotJob] | None:
+        """Wait for a job, then gather more for up to ``max_batch_delay_ms`` within ``max_batch_size``."""
+        limit = self.settings.max_batch_size
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            batch = [self._queue.popleft()]
+            n = batch[0].n_images
+            until = time.monotonic() + self.settings.max_batch_delay_ms / 1000
+            while n < limit:
+                if not self._queue:
+                    remaining = until - time.monotonic()
+                    if remaining <= 0 or self._stopping:
+                        break
+                    self._cond.wait(remaining)
+                    continue
+                if n + self._queue[0].n_images > limit:
+                    break
+                job = self._queue.popleft()
+                batch.append(job)
+                n += job.n_images
+            self.metrics.queue_depth.set(len(self._queue))
+        return batch
+
+    def _run_batch(self, batch: list[ZeroShotJob]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if job.cancelled or job.future.done():
+                continue
+            if now > job.deadline:
+                self._fail(job, DeadlineExceeded("the request waited in the queue past its deadline"))
+                continue
+            live.append(job)
+        if not live:
+            return
+        backbone = self.backbone
+        assert backbone is not None
+        try:
+            images = torch.cat([job.images for job in live])  # [B, 3, H, W]
+            started = time.monotonic()
+            feats = backbone.encode_images(images)  # [B, D]
+            self._sync(backbone)
+            encode_s = time.monotonic() - started
+            self.metrics.batch_size.observe(images.shape[0])
+            offset = 0
+            for job in live:
+                t0 = time.monotonic()
+                classes = backbone.class_features(job.labels, job.templates)  # [C, D]
+                method = get_method(job.method)
+                with torch.inference_mode():
+                    logits = method.predict(feats[offset : offset + job.n_images], classes,
+                                            backbone.logit_scale, job.options)  # [N, C]
+                logits = logits.float().cpu()
+                offset += job.n_images
+                timings = {"queue": started - job.enqueued_at, "encode": encode_s,
+                           "classify": time.monotonic() - t0}
+                self._resolve(job, ZeroShotOutput(logits, timings, int(images.shape[0])))
+            self.metrics.text_cache_bytes.set(backbone.text_cache.bytes)
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
+            log.exception("batch of %d job(s) failed", len(live))
+            for job in live:
+                self._fail(job, exc)
+
+    @staticmethod
+    def _sync(backbone: Backbone) -> None:
+        if backbone.device.type == "cuda":
+            torch.cuda.synchronize(backbone.device)
+
+    @staticmethod
+    def _resolve(job: ZeroShotJob, output: ZeroShotOutput) -> None:
+        _settle(job, lambda: job.future.set_result(output))
+
+    @staticmethod
+    def _fail(job: ZeroShotJob, exc: BaseException) -> None:
+        _settle(job, lambda: job.future.set_exception(exc))
+
+
+def _settle(job: ZeroShotJob, complete: Callable[[], None]) -> None:
+    """Complete a job's future on its event loop, unless it is done or nobody waits any more."""
+
+    def _on_loop() -> None:
+        if not job.future.done():
+            complete()
+
+    try:
+        job.loop.call_soon_threadsafe(_on_loop)
+    except RuntimeError:  # the loop is closed: the handler is gone
+        pass

@@ -1,0 +1,72 @@
+"""Turning uploaded bytes into RGB images, refusing each kind of bad input with its own error code.
+
+Runs on the decode thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from server.errors import InvalidInput
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+
+
+def decode_base64(text: str, index: int) -> bytes:
+    """A base64 string or a ``data:`` URI to bytes; ``index`` names the image in error messages."""
+    payload = text.strip()
+    match = _DATA_URI.match(payload)
+    if match:
+        if not match.group("b64"):
+            raise InvalidInput(f"images[{index}]: data: URIs must be base64-encoded", code="invalid_base64")
+        payload = payload[match.end() :]
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(
+            f"images[{index}] is not valid base64 (nor a data: URI): {exc}", code="invalid_base64"
+        ) from exc
+
+
+def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
+    """Bytes to an RGB PIL image, EXIF orientation applied; the first frame of animations."""
+    name = f"image {index}"
+    if not data:
+        raise InvalidInput(f"{name} is empty (0 bytes)", code="empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise InvalidInput(f"{name} is not an image in a format Pillow reads", code="invalid_image") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(
+            f"{name} is too large to decode ({exc}); the limit is {max_pixels} pixels (TTA_MAX_IMAGE_PIXELS)",
+            code="image_too_large",
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(f"{name} cannot be read: {exc}", code="invalid_image") from exc
+    width, height = image.size
+    # Checked on the header, before any pixel is decoded: a tiny PNG can claim gigapixels.
+    if width * height > max_pixels:
+        raise InvalidInput(
+            f"{name} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (TTA_MAX_IMAGE_PIXELS)",
+            code="image_too_large",
+        )
+    if width == 0 or height == 0:
+        raise InvalidInput(f"{name} has zero width or height", code="invalid_image")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidInput(f"{name} is truncated or corrupt: {exc}", code="truncated_image") from exc
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:  # noqa: BLE001 - a malformed EXIF block should not sink an otherwise fine image
+        pass
+    return image.convert("RGB")

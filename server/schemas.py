@@ -1,0 +1,91 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClassifyRequest(BaseModel):
+    """JSON body of ``POST /v1/classify``; the multipart form carries the same fields."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": ["data:image/png;base64,iVBORw0KGgo..."], "labels": ["red star", "blue circle"],
+                 "top_k": 2},
+                {"images": ["iVBORw0KGgo..."], "label_set": "demo-shapes", "templates": "simple"},
+            ]
+        },
+    )
+
+    images: list[str] = Field(..., min_length=1, description="Base64 strings or data: URIs, one per image.")
+    labels: list[str] | None = Field(None, description="Class names; or use label_set.")
+    label_set: str | None = Field(None, description="Name of a registered label set, instead of labels.")
+    templates: list[str] | str | None = Field(
+        None, description="Prompt templates with {} for the label, or a named set: simple, openai_imagenet, ensemble7."
+    )
+    top_k: int | None = Field(None, ge=1, description="Predictions returned per image (default: server setting).")
+    method: str | None = Field(None, description="Test-time method; GET /v1/methods lists them.")
+    options: dict[str, Any] | None = Field(None, description="The method's options; see /v1/methods.")
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float = Field(..., description="Softmax probability over the request's labels.")
+    logit: float = Field(..., description="Scaled cosine similarity: the model's logit scale times cos(image, class).")
+
+
+class Result(BaseModel):
+    label: str = Field(..., description="The top prediction.")
+    confidence: float = Field(..., description="Probability of the top prediction.")
+    entropy: float = Field(..., description="Entropy of the prediction over all labels, in nats.")
+    predictions: list[Prediction] = Field(..., description="The top_k predictions, most probable first.")
+
+
+class ClassifyResponse(BaseModel):
+    request_id: str
+    model: dict[str, Any]
+    method: str
+    results: list[Result]
+    timings: dict[str, float] = Field(..., description="Seconds spent per stage: decode, queue, encode, classify, total.")
+
+
+class LabelSetIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "animals", "labels": ["cat", "dog", "bird"], "templates": "ensemble7",
+                          "descriptions": {"cat": ["a small furry pet with whiskers"]}}]
+        },
+    )
+
+    name: str = Field(..., description="1-64 characters: letters, digits, '.', '_' and '-'; starts alphanumeric.")
+    labels: list[str]
+    templates: list[str] | str | None = Field(None, description="Templates to use by default with this set.")
+    descriptions: dict[str, list[str]] | None = Field(None, description="Per-label descriptions (used by later methods).")
+
+
+class LabelSetOut(BaseModel):
+    name: str
+    labels: list[str]
+    templates: list[str] | None
+    descriptions: dict[str, list[str]] | None
+    created_at: float
+    source: str = Field(..., description="'user' (stored, survives restarts) or 'model' (ships with the model).")
+
+
+class LabelSetList(BaseModel):
+    label_sets: list[LabelSetOut]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,138 @@
+"""Server configuration: environment variables with the ``TTA_`` prefix, mirrored by CLI flags.
+
+Every field below is settable as ``TTA_<FIELD>`` (for example ``TTA_MAX_BATCH_SIZE=16``) and as
+``--<field-with-dashes>`` on ``python -m server``. CLI flags win over the environment, which wins over
+a ``.env`` file, which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="TTA_", env_file=".env", extra="ignore")
+
+    # Model
+    model: str | None = Field(
+        None,
+        description="open_clip model: a built-in name (ViT-B-16-quickgelu), local-dir:PATH or hf-hub:org/repo. "
+        "Unset: the built-in demo model.",
+    )
+    pretrained: str | None = Field(
+        None, description="Pretrained tag (openai, laion2b_s34b_b79k, ...) or a local .pt/.safetensors file."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Weights and activations dtype.")
+    cache_dir: Path | None = Field(None, description="Where open_clip caches downloaded weights.")
+    hf_token: SecretStr | None = Field(None, description="Token for private hf-hub repos (masked in logs).")
+
+    # Network
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 in containers.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    # Storage
+    data_dir: Path = Field(Path("data"), description="Holds the SQLite store of label sets.")
+
+    # Request limits
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest request body; larger gets 413.")
+    max_images_per_request: int = Field(32, ge=1, description="Most images in one classify request.")
+    max_labels: int = Field(1000, ge=1, description="Most labels in one request or label set.")
+    max_label_chars: int = Field(200, ge=1, description="Longest label.")
+    max_templates: int = Field(100, ge=1, description="Most prompt templates in one request.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded image (width x height): the decompression-bomb guard."
+    )
+    max_top_k: int = Field(1000, ge=1, description="Largest top_k a request may ask for.")
+
+    # Engine
+    max_batch_size: int = Field(32, ge=1, description="Most images encoded in one zero-shot micro-batch.")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, description="How long the first request of a micro-batch waits for company."
+    )
+    max_queue_size: int = Field(256, ge=1, description="Jobs waiting for the device; beyond it 429.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline; beyond it 504.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429.")
+    text_cache_bytes: int = Field(256 * 2**20, ge=0, description="Byte budget of the class text-feature LRU.")
+    decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (unset: torch's default).")
+
+    # Defaults for requests
+    default_method: str = Field("zero_shot", description="Method used when a request names none.")
+    default_templates: str = Field("simple", description="Template set used when a request names none.")
+    default_top_k: int = Field(5, ge=1, description="Predictions per image when a request names no top_k.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+    @field_validator("model", "pretrained")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with secrets replaced by '***', for the start-up log."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "***" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out
+
+
+def _flag_type(annotation: Any) -> Any:
+    """The argparse type for a field annotation (``int | None`` -> int)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_type(args[0])
+    if origin is Literal:
+        return str
+    if annotation in (int, float):
+        return annotation
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A CLI parser with one flag per settings field; unset flags leave the environment in charge."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="TTAServe: a CLIP test-time adaptation inference server. "
+        "Every flag has an environment twin: --max-batch-size <-> TTA_MAX_BATCH_SIZE.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "type": _flag_type(field.annotation)}
+        if typing.get_origin(field.annotation) is Literal:
+            kwargs["choices"] = list(typing.get_args(field.annotation))
+        parser.add_argument(flag, help=f"{field.description} [env: TTA_{name.upper()}]", **kwargs)
+    return parser
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    """Settings from the environment, overridden by whatever flags ``argv`` sets."""
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)

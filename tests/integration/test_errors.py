@@ -1,0 +1,177 @@
+"""Bad input never yields a 500 or a hang: each case has its status, its own code and a clear message."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from server.app import create_app
+from tests.conftest import wait_ready
+from tests.helpers import b64, png_bytes
+
+LABELS = ["red", "green"]
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height, with a tiny body: a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def assert_error(r, status: int, code: str, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert body["error"]["request_id"] == r.headers["x-request-id"]
+    for word in words:
+        assert word in body["error"]["message"]
+    return body
+
+
+def classify(client, images, **extra):
+    return client.post("/v1/classify", json={"images": images, "labels": LABELS, **extra})
+
+
+def test_not_an_image(client):
+    assert_error(classify(client, [b64(b"hello, I am text")]), 422, "invalid_image", "image 0")
+
+
+def test_truncated_image(client):
+    data = png_bytes(seed=1, size=(64, 64))
+    assert_error(classify(client, [b64(png_bytes()), b64(data[: len(data) // 2])]), 422, "truncated_image", "image 1")
+
+
+def test_zero_byte_image_in_json_and_multipart(client):
+    assert_error(classify(client, [""]), 422, "empty_image")
+    r = client.post("/v1/classify", files={"image": ("e.png", b"", "image/png")}, data={"labels": LABELS})
+    assert_error(r, 422, "empty_image")
+
+
+def test_huge_dimensions_are_refused_before_decoding(client):
+    assert_error(classify(client, [b64(huge_png(100_000, 100_000))]), 422, "image_too_large", "TTA_MAX_IMAGE_PIXELS")
+
+
+def test_invalid_base64(client):
+    assert_error(classify(client, ["not base64!!"]), 422, "invalid_base64")
+    assert_error(classify(client, ["data:image/png,rawtext"]), 422, "invalid_base64", "base64")
+
+
+def test_body_over_the_limit_is_413(settings):
+    settings.max_body_bytes = 4096
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        wait_ready(c)
+        big = b64(png_bytes(seed=2, size=(100, 100)))
+        assert_error(classify(c, [big]), 413, "body_too_large", "TTA_MAX_BODY_BYTES")
+        r = c.post("/v1/classify", files={"image": ("a.png", png_bytes(seed=2, size=(100, 100)), "image/png")},
+                   data={"labels": LABELS})
+        assert_error(r, 413, "body_too_large")
+        # A chunked body declares no length: the limit still holds as the bytes arrive.
+        chunks = (b'{"images": ["' + b"A" * 1000 for _ in range(10))
+        r = c.post("/v1/classify", content=chunks, headers={"content-type": "application/json"})
+        assert_error(r, 413, "body_too_large")
+        assert 'tta_rejected_total{reason="body_too_large"} 3.0' in c.get("/metrics").text
+
+
+def test_no_labels(client):
+    r = client.post("/v1/classify", json={"images": [b64(png_bytes())]})
+    assert_error(r, 422, "no_labels")
+    r = client.post("/v1/classify", json={"images": [b64(png_bytes())], "labels": []})
+    assert_error(r, 422, "no_labels")
+
+
+def test_duplicate_and_empty_labels(client):
+    r = client.post("/v1/classify", json={"images": [b64(png_bytes())], "labels": ["cat", "dog", "cat"]})
+    assert_error(r, 422, "duplicate_labels", "labels[2]", "labels[0]")
+    r = client.post("/v1/classify", json={"images": [b64(png_bytes())], "labels": ["cat", "  "]})
+    assert_error(r, 422, "empty_label", "labels[1]")
+
+
+def test_labels_and_label_set_together(client):
+    r = client.post("/v1/classify", json={"images": [b64(png_bytes())], "labels": ["a"], "label_set": "tiny-colours"})
+    assert_error(r, 422, "labels_and_label_set")
+
+
+def test_unknown_label_set_is_404(client):
+    r = client.post("/v1/classify", json={"images": [b64(png_bytes())], "label_set": "nope"})
+    assert_error(r, 404, "unknown_label_set", "nope")
+
+
+def test_unknown_method_names_the_known_ones(client):
+    r = classify(client, [b64(png_bytes())], method="magic")
+    assert_error(r, 422, "unknown_method", "magic", "zero_shot")
+
+
+def test_unknown_option(client):
+    r = classify(client, [b64(png_bytes())], options={"lr": 0.1})
+    assert_error(r, 422, "invalid_options", "lr")
+
+
+def test_too_many_images_and_labels(settings):
+    settings.max_images_per_request = 2
+    settings.max_labels = 3
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        wait_ready(c)
+        assert_error(classify(c, [b64(png_bytes())] * 3), 422, "too_many_images", "limit is 2")
+        r = c.post("/v1/classify", files=[("image", ("a.png", png_bytes(), "image/png"))] * 3, data={"labels": LABELS})
+        assert_error(r, 422, "too_many_images")
+        r = c.post("/v1/classify", json={"images": [b64(png_bytes())], "labels": ["a", "b", "c", "d"]})
+        assert_error(r, 422, "too_many_labels", "limit is 3")
+        r = c.post("/v1/label-sets", json={"name": "big", "labels": ["a", "b", "c", "d"]})
+        assert_error(r, 422, "too_many_labels")
+
+
+def test_no_images(client):
+    assert_error(client.post("/v1/classify", json={"images": [], "labels": LABELS}), 422, "no_images")
+    assert_error(client.post("/v1/classify", files={"other": ("a", b"x")}, data={"labels": LABELS}), 422,
+                 "invalid_form", "other")
+    r = client.post("/v1/classify", data={"labels": LABELS}, files={"x": ("", b"")})
+    assert r.status_code == 422
+
+
+def test_malformed_bodies(client):
+    r = client.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json")
+    r = client.post("/v1/classify", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json")
+    r = client.post("/v1/classify", content=b"hello", headers={"content-type": "text/plain"})
+    assert_error(r, 415, "unsupported_media_type")
+    r = client.post("/v1/classify", content=b"--xx\r\nbroken", headers={"content-type": "multipart/form-data"})
+    assert_error(r, 400, "invalid_form")
+    r = client.post("/v1/classify", json={"images": [b64(png_bytes())], "labels": LABELS, "colour": "red"})
+    assert_error(r, 422, "validation_error", "colour")
+    r = client.post("/v1/classify", json={"images": "abc", "labels": LABELS})
+    assert_error(r, 422, "validation_error", "images")
+    r = client.post("/v1/classify", files={"image": ("a.png", png_bytes(), "image/png")},
+                    data={"labels": LABELS, "options": "{oops"})
+    assert_error(r, 400, "invalid_form", "options")
+
+
+def test_bad_templates_and_top_k(client):
+    assert_error(classify(client, [b64(png_bytes())], templates="fancy"), 422, "unknown_template_set", "ensemble7")
+    assert_error(classify(client, [b64(png_bytes())], templates=["no placeholder"]), 422, "invalid_templates")
+    assert_error(classify(client, [b64(png_bytes())], templates=[]), 422, "invalid_templates")
+    assert_error(classify(client, [b64(png_bytes())], top_k=0), 422, "validation_error", "top_k")
+    assert_error(classify(client, [b64(png_bytes())], top_k=5000), 422, "invalid_top_k")
+
+
+def test_unknown_route_and_method_use_the_error_shape(client):
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    assert_error(client.get("/v1/classify"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_bad_image_among_good_ones_fails_the_request_not_the_server(client, mode):
+    good = io.BytesIO()
+    Image.new(mode, (16, 16)).save(good, format="PNG")
+    r = classify(client, [b64(good.getvalue()), b64(b"\x89PNG\r\n\x1a\nrubbish")])
+    assert r.status_code == 422
+    assert classify(client, [b64(good.getvalue())]).status_code == 200
