@@ -8,21 +8,25 @@ import sys
 import uvicorn
 
 from server.app import create_app
-from server.backbone import resolve_device, resolve_model
+from server.backbone import Backbone, resolve_device, resolve_model
 from server.errors import ConfigError
 from server.logs import configure_logging
-from server.settings import settings_from_args
+from server.settings import parse_args
 
 log = logging.getLogger("ttaserve")
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_from_args(argv)
+    settings, args = parse_args(argv)
     configure_logging(settings.log_level)
     try:
         # Checked here too, so a bad setting ends in one clear line instead of a start-up traceback.
-        resolve_model(settings)
+        spec = resolve_model(settings)
         resolve_device(settings.device)
+        if args.preload_only:
+            Backbone.load(settings, spec).warm_up()
+            log.info("preloaded %s; exiting (--preload-only)", spec.display)
+            return 0
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

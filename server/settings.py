@@ -128,11 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
         if typing.get_origin(field.annotation) is Literal:
             kwargs["choices"] = list(typing.get_args(field.annotation))
         parser.add_argument(flag, help=f"{field.description} [env: TTA_{name.upper()}]", **kwargs)
+    parser.add_argument("--preload-only", action="store_true",
+                        help="Load the model (downloading its weights into --cache-dir if needed) and exit: "
+                        "the step that bakes weights into a container image.")
     return parser
 
 
-def settings_from_args(argv: list[str] | None = None) -> Settings:
-    """Settings from the environment, overridden by whatever flags ``argv`` sets."""
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    """Settings from the environment overridden by the flags ``argv`` sets, and the parsed flags."""
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    return Settings(**overrides)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
+    return Settings(**overrides), args
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    return parse_args(argv)[0]

@@ -1,0 +1,156 @@
+"""The real thing: ``python -m server`` in its own process, spoken to over loopback HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import png_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
+    full_env.update({"TTA_DATA_DIR": str(tmp_path / "data"), "TTA_DEVICE": "cpu", **(env or {})})
+    return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server never became ready")
+
+
+@pytest.fixture
+def served(tiny_model_dir, tmp_path):
+    port = free_port()
+    proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(port), "--max-batch-delay-ms", "1"], tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+
+
+def test_classify_over_loopback_then_shut_down_cleanly(served):
+    url, proc = served
+    files = [("image", ("a.png", png_bytes(seed=1), "image/png")), ("image", ("b.png", png_bytes(), "image/png"))]
+    r = httpx.post(f"{url}/v1/classify", files=files, data={"labels": ["red", "green", "blue"], "top_k": "2"},
+                   headers={"X-Request-ID": "e2e-1"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "e2e-1"
+    assert [len(res["predictions"]) for res in r.json()["results"]] == [2, 2]
+    r = httpx.post(f"{url}/v1/classify", content=b"x" * 100, headers={"content-type": "image/png"}, timeout=10)
+    assert r.status_code == 415
+    assert 'tta_requests_total{method="zero_shot",outcome="success"} 1.0' in httpx.get(f"{url}/metrics").text
+    proc.send_signal(signal.SIGTERM)
+    # uvicorn drains, runs the lifespan's shutdown, then re-raises the signal for the supervisor to see.
+    assert proc.wait(20) in (0, -signal.SIGTERM)
+    log = proc.stdout.read()
+    assert "Application shutdown complete" in log
+    assert "effective configuration" in log and "[e2e-1]" in log
+
+
+def test_label_sets_survive_a_process_restart(tiny_model_dir, tmp_path):
+    for round_ in range(2):
+        port = free_port()
+        proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(port)], tmp_path)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, proc)
+            if round_ == 0:
+                assert httpx.post(f"{url}/v1/label-sets", json={"name": "kept", "labels": ["a", "b"]}).status_code == 201
+            else:
+                assert httpx.get(f"{url}/v1/label-sets/kept").json()["labels"] == ["a", "b"]
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+
+def test_a_bad_model_setting_exits_at_once_naming_it(tmp_path):
+    proc = start(["--model", "ViT-Nonexistent-1"], tmp_path)
+    assert proc.wait(60) == 2
+    assert "TTA_MODEL" in proc.stdout.read()
+
+
+def test_env_settings_are_used_and_secrets_masked(tiny_model_dir, tmp_path):
+    port = free_port()
+    proc = start([], tmp_path, env={"TTA_MODEL": f"local-dir:{tiny_model_dir}", "TTA_PORT": str(port),
+                                    "TTA_HF_TOKEN": "hf_do_not_print"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    log = proc.stdout.read()
+    assert '"hf_token": "***"' in log and "hf_do_not_print" not in log
+
+
+def test_weights_that_fail_to_load_end_the_process(tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "open_clip_config.json").write_text((tiny_model_dir / "open_clip_config.json").read_text())
+    (broken / "open_clip_model.safetensors").write_bytes(b"this is not a safetensors file")
+    proc = start(["--model", f"local-dir:{broken}", "--port", str(free_port())], tmp_path)
+    assert proc.wait(60) == 1
+    assert "could not be loaded" in proc.stdout.read()
+
+
+def test_preload_only_loads_and_exits(tiny_model_dir, tmp_path):
+    proc = start(["--model", f"local-dir:{tiny_model_dir}", "--preload-only"], tmp_path)
+    assert proc.wait(60) == 0
+    assert "preloaded" in proc.stdout.read()
+
+
+def test_python_client_against_the_live_server(served, tmp_path):
+    from PIL import Image
+
+    from clients import ApiError, Client
+
+    url, _ = served
+    path = tmp_path / "x.png"
+    path.write_bytes(png_bytes(seed=4))
+    with Client(url) as tta:
+        assert tta.ready()
+        body = tta.classify([path, png_bytes(), Image.new("RGB", (8, 8))], labels=["red", "green"], top_k=1,
+                            templates=["a {} picture."])
+        assert [len(r["predictions"]) for r in body["results"]] == [1, 1, 1]
+        tta.create_label_set("colours", ["red", "green", "blue"])
+        assert tta.classify([path], label_set="colours")["results"][0]["label"] in {"red", "green", "blue"}
+        assert "colours" in [s["name"] for s in tta.label_sets()]
+        tta.delete_label_set("colours")
+        try:
+            tta.classify([path], label_set="colours")
+        except ApiError as exc:
+            assert (exc.status, exc.code) == (404, "unknown_label_set") and exc.request_id
+        else:
+            raise AssertionError("expected ApiError")
+        assert tta.models()[0]["ready"] is True and "zero_shot" in [m["name"] for m in tta.methods()["methods"]]
