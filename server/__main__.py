@@ -7,8 +7,8 @@ import sys
 
 import uvicorn
 
-from server.app import create_app
-from server.backbone import Backbone, resolve_device, resolve_model
+from server.app import check_settings, create_app
+from server.backbone import Backbone
 from server.errors import ConfigError
 from server.logs import configure_logging
 from server.settings import parse_args
@@ -21,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     try:
         # Checked here too, so a bad setting ends in one clear line instead of a start-up traceback.
-        spec = resolve_model(settings)
-        resolve_device(settings.device)
+        spec = check_settings(settings)
         if args.preload_only:
             Backbone.load(settings, spec).warm_up()
             log.info("preloaded %s; exiting (--preload-only)", spec.display)

@@ -18,7 +18,8 @@ from fastapi import FastAPI
 
 from server.backbone import Backbone, ModelSpec, resolve_device, resolve_model
 from server.engine import Engine
-from server.errors import install_handlers
+from adapters import method_names
+from server.errors import ConfigError, install_handlers
 from server.inputs import validate_labels
 from server.logs import install_record_factory
 from server.metrics import Metrics
@@ -27,6 +28,7 @@ from server.routes import router
 from server.schemas import ClassifyRequest
 from server.settings import Settings
 from server.store import LabelSet, Store
+from server.templates import TEMPLATE_SETS
 
 log = logging.getLogger("ttaserve")
 
@@ -43,6 +45,18 @@ def _model_label_sets(spec: ModelSpec, settings: Settings) -> dict[str, LabelSet
     return out
 
 
+def check_settings(settings: Settings) -> ModelSpec:
+    """Everything about the configuration that can be checked without loading weights; raises ConfigError."""
+    if settings.default_method not in method_names():
+        raise ConfigError(
+            f"TTA_DEFAULT_METHOD={settings.default_method!r} is not a method; known: {', '.join(method_names())}")
+    if settings.default_templates not in TEMPLATE_SETS:
+        raise ConfigError(f"TTA_DEFAULT_TEMPLATES={settings.default_templates!r} is not a template set; "
+                          f"known: {', '.join(sorted(TEMPLATE_SETS))}")
+    resolve_device(settings.device)
+    return resolve_model(settings)
+
+
 def create_app(settings: Settings | None = None, *, load: Loader | None = None) -> FastAPI:
     """Build the app. ``load`` replaces ``Backbone.load`` (tests use it to slow or break loading)."""
     settings = settings or Settings()
@@ -52,7 +66,7 @@ def create_app(settings: Settings | None = None, *, load: Loader | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        spec = resolve_model(settings)
+        spec = check_settings(settings)
         device = resolve_device(settings.device)
         log.info("effective configuration: %s", json.dumps(settings.masked(), sort_keys=True))
         if spec.is_demo:

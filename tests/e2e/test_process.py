@@ -94,10 +94,15 @@ def test_label_sets_survive_a_process_restart(tiny_model_dir, tmp_path):
             proc.wait(20)
 
 
-def test_a_bad_model_setting_exits_at_once_naming_it(tmp_path):
-    proc = start(["--model", "ViT-Nonexistent-1"], tmp_path)
+@pytest.mark.parametrize(("flags", "setting"), [
+    (["--model", "ViT-Nonexistent-1"], "TTA_MODEL"),
+    (["--default-method", "nope"], "TTA_DEFAULT_METHOD"),
+    (["--default-templates", "nope"], "TTA_DEFAULT_TEMPLATES"),
+])
+def test_a_bad_setting_exits_at_once_naming_it(tmp_path, tiny_model_dir, flags, setting):
+    proc = start(["--model", f"local-dir:{tiny_model_dir}", *flags], tmp_path)
     assert proc.wait(60) == 2
-    assert "TTA_MODEL" in proc.stdout.read()
+    assert setting in proc.stdout.read()
 
 
 def test_env_settings_are_used_and_secrets_masked(tiny_model_dir, tmp_path):
