@@ -78,7 +78,7 @@ class Client:
         files = [("image", (f"image{i}", _image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)]
         data: dict[str, Any] = {}
         if labels is not None:
-            data["labels"] = list(labels)
+            data["labels"] = json.dumps(list(labels))  # one field, whatever the label count
         if label_set is not None:
             data["label_set"] = label_set
         if templates is not None:

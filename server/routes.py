@@ -118,7 +118,8 @@ async def _read_input(request: Request, settings: Settings) -> ClassifyInput:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         try:
-            form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=64,
+            form = await request.form(max_files=settings.max_images_per_request + 1,
+                                      max_fields=settings.max_labels + settings.max_templates + 16,
                                       max_part_size=settings.max_body_bytes)
         except StarletteHTTPException as exc:
             raise BadRequest(f"malformed multipart body: {exc.detail}", code="invalid_form") from exc

@@ -149,3 +149,11 @@ def test_image_formats_and_modes(client):
     r = client.post("/v1/classify", json={"images": [b64(b) for b in images], "labels": LABELS})
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == len(images)
+
+
+def test_multipart_with_hundreds_of_repeated_label_fields(client):
+    labels = [f"class {i}" for i in range(300)]
+    r = client.post("/v1/classify", files={"image": ("a.png", png_bytes(), "image/png")},
+                    data={"labels": labels, "top_k": "3"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"][0]["predictions"]) == 3
