@@ -86,7 +86,8 @@ async def run_http(url: str, jpegs: list[bytes], concurrency: int) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="ViT-B-32", help="TTA_MODEL form; ViT-B-32 without --pretrained = random weights")
+    parser.add_argument("--model", default="ViT-B-32",
+                        help="any TTA_MODEL form; ViT-B-32 without --pretrained has random weights")
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")

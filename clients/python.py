@@ -75,7 +75,8 @@ class Client:
                  templates: list[str] | str | None = None, top_k: int | None = None, method: str | None = None,
                  options: dict[str, Any] | None = None) -> dict[str, Any]:
         """Classify images (sent as multipart uploads); returns the response body."""
-        files = [("image", (f"image{i}", _image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)]
+        files = [("image", (f"image{i}", _image_bytes(img), "application/octet-stream"))
+                 for i, img in enumerate(images)]
         data: dict[str, Any] = {}
         if labels is not None:
             data["labels"] = json.dumps(list(labels))  # one field, whatever the label count

@@ -13,6 +13,7 @@ its handler answers 504.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -108,21 +109,26 @@ class Engine:
         return len(self._queue)
 
     # -- submitting -----------------------------------------------------------------------------
+    def check_capacity(self) -> None:
+        """Raise NotReady or Overloaded now, so a request that would be refused is not decoded first."""
+        if not self.ready:
+            raise NotReady("the model is still loading; retry shortly", headers={"Retry-After": "1"})
+        if len(self._queue) >= self.settings.max_queue_size:
+            raise Overloaded(
+                f"the queue is full ({self.settings.max_queue_size} jobs waiting); retry later",
+                code="queue_full",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+
     async def classify(self, images: torch.Tensor, labels: tuple[str, ...], templates: tuple[str, ...],
                        method: str, options: Any, timeout_s: float) -> ZeroShotOutput:
         """Queue a classification and wait for it; raises Overloaded, NotReady or DeadlineExceeded."""
-        if not self.ready:
-            raise NotReady("the model is still loading; retry shortly", headers={"Retry-After": "1"})
+        self.check_capacity()
         loop = asyncio.get_running_loop()
         job = ZeroShotJob(images, labels, templates, method, options, loop.create_future(), loop,
                           deadline=time.monotonic() + timeout_s)
         with self._cond:
-            if len(self._queue) >= self.settings.max_queue_size:
-                raise Overloaded(
-                    f"the queue is full ({self.settings.max_queue_size} jobs waiting); retry later",
-                    code="queue_full",
-                    headers={"Retry-After": str(self.settings.retry_after_s)},
-                )
+            self.check_capacity()
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
@@ -246,7 +252,5 @@ def _settle(job: ZeroShotJob, complete: Callable[[], None]) -> None:
         if not job.future.done():
             complete()
 
-    try:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the handler is gone
         job.loop.call_soon_threadsafe(_on_loop)
-    except RuntimeError:  # the loop is closed: the handler is gone
-        pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 import warnings
@@ -65,8 +66,7 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInput(f"{name} is truncated or corrupt: {exc}", code="truncated_image") from exc
-    try:
+    # A malformed EXIF block should not sink an otherwise fine image.
+    with contextlib.suppress(Exception):
         image = ImageOps.exif_transpose(image) or image
-    except Exception:  # noqa: BLE001 - a malformed EXIF block should not sink an otherwise fine image
-        pass
     return image.convert("RGB")

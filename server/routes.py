@@ -179,8 +179,6 @@ async def classify(request: Request) -> ClassifyResponse:
     method_label, outcome = "invalid", "error"
     metrics.inflight.inc()
     try:
-        if not engine.ready:
-            raise NotReady("the model is still loading; retry shortly", headers={"Retry-After": "1"})
         parsed = await _read_input(request, settings)
         req = parsed.request
         method_name = req.method or settings.default_method
@@ -198,6 +196,7 @@ async def classify(request: Request) -> ClassifyResponse:
             raise InvalidInput(f"top_k={req.top_k}; the limit is {settings.max_top_k}", code="invalid_top_k")
         top_k = min(req.top_k or settings.default_top_k, len(labels))
 
+        engine.check_capacity()  # before decoding: a request that will be refused costs no decode
         t0 = time.monotonic()
         backbone = engine.backbone
         assert backbone is not None

@@ -50,7 +50,8 @@ class ClassifyResponse(BaseModel):
     model: dict[str, Any]
     method: str
     results: list[Result]
-    timings: dict[str, float] = Field(..., description="Seconds spent per stage: decode, queue, encode, classify, total.")
+    timings: dict[str, float] = Field(
+        ..., description="Seconds spent per stage: decode, queue, encode, classify, total.")
 
 
 class LabelSetIn(BaseModel):
@@ -65,7 +66,8 @@ class LabelSetIn(BaseModel):
     name: str = Field(..., description="1-64 characters: letters, digits, '.', '_' and '-'; starts alphanumeric.")
     labels: list[str]
     templates: list[str] | str | None = Field(None, description="Templates to use by default with this set.")
-    descriptions: dict[str, list[str]] | None = Field(None, description="Per-label descriptions (used by later methods).")
+    descriptions: dict[str, list[str]] | None = Field(
+        None, description="Per-label descriptions (used by later methods).")
 
 
 class LabelSetOut(BaseModel):

@@ -86,7 +86,8 @@ def test_label_sets_survive_a_process_restart(tiny_model_dir, tmp_path):
         try:
             wait_ready(url, proc)
             if round_ == 0:
-                assert httpx.post(f"{url}/v1/label-sets", json={"name": "kept", "labels": ["a", "b"]}).status_code == 201
+                created = httpx.post(f"{url}/v1/label-sets", json={"name": "kept", "labels": ["a", "b"]})
+                assert created.status_code == 201
             else:
                 assert httpx.get(f"{url}/v1/label-sets/kept").json()["labels"] == ["a", "b"]
         finally:

@@ -85,7 +85,7 @@ def test_results_keep_image_order(client):
     one_by_one = [client.post("/v1/classify", json={"images": [b64(b)], "labels": LABELS}).json()["results"][0]
                   for b in images]
     together = client.post("/v1/classify", json={"images": [b64(b) for b in images], "labels": LABELS}).json()
-    for alone, batched in zip(one_by_one, together["results"]):
+    for alone, batched in zip(one_by_one, together["results"], strict=True):
         assert alone["label"] == batched["label"]
         assert alone["confidence"] == pytest.approx(batched["confidence"], abs=1e-5)
 

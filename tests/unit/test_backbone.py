@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -78,7 +77,7 @@ def assert_same_model(original, loaded, tokenizer) -> None:
     a_state, b_state = original.state_dict(), loaded.model.state_dict()
     assert a_state.keys() == b_state.keys()
     assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)
-    for a, b in zip(_outputs(original, tokenizer), _outputs(loaded.model, loaded.tokenizer)):
+    for a, b in zip(_outputs(original, tokenizer), _outputs(loaded.model, loaded.tokenizer), strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
 
 
@@ -94,8 +93,10 @@ def test_local_dir_save_and_reload_gives_identical_outputs(tmp_path):
     original = open_clip.model.CLIP(**TINY_CONFIG).eval()
     folder = tmp_path / "saved"
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CONFIG, "preprocess_cfg": {"size": 32}}))
-    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    config = {"model_cfg": TINY_CONFIG, "preprocess_cfg": {"size": 32}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in original.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
     loaded = Backbone.load(make_settings(model=f"local-dir:{folder}"))
     assert_same_model(original, loaded, open_clip.get_tokenizer("ViT-B-32", context_length=16))
     assert not loaded.model.training

@@ -1,0 +1,51 @@
+"""benchmarks/accuracy.py: direct and through a live server it measures the same thing, and writes its reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from benchmarks import accuracy
+from tests.e2e.test_process import free_port, start, wait_ready
+
+ARGS = ["--shifts", "clean,control,gaussian_noise,style", "--max-samples", "24", "--bootstrap", "50", "--threads", "1"]
+
+
+def test_direct_and_server_runs_agree_and_write_reports(tiny_model_dir, tmp_path):
+    direct = accuracy.main(["--model", f"local-dir:{tiny_model_dir}", "--out", str(tmp_path / "direct"), *ARGS])
+    port = free_port()
+    proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(port)], tmp_path)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        served = accuracy.main(["--server", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "server"), *ARGS])
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert [r["shift"] for r in direct["rows"]] == ["clean", "control", "gaussian_noise-3", "style-3",
+                                                   "corruptions (pooled)"]
+    for a, b in zip(direct["rows"], served["rows"], strict=True):
+        assert (a["shift"], a["method"], a["n"]) == (b["shift"], b["method"], b["n"])
+        assert a["top1"] == b["top1"]
+        assert a["nll"] == pytest.approx(b["nll"], abs=1e-4)
+        assert a["ece"] == pytest.approx(b["ece"], abs=1e-3)
+    out = tmp_path / "direct"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == direct["rows"] and "zero_shot" in saved["reliability"]
+    assert "| clean | zero_shot | 24 |" in (out / "results.md").read_text()
+    with Image.open(out / "accuracy.png") as png:
+        assert png.size[0] > 500 and png.size[1] > 300
+
+
+def test_folder_data_with_class_names(tiny_model_dir, tmp_path):
+    for k, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        folder = tmp_path / "data" / f"c{k}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20 + i, 20), colour).save(folder / f"{i}.png")
+    (tmp_path / "names.txt").write_text("red thing\nblue thing\n")
+    result = accuracy.main(["--model", f"local-dir:{tiny_model_dir}", "--data", str(tmp_path / "data"),
+                            "--class-names", str(tmp_path / "names.txt"), "--bootstrap", "20",
+                            "--out", str(tmp_path / "out")])
+    assert [(r["shift"], r["n"]) for r in result["rows"]] == [("data", 6.0)]
