@@ -16,9 +16,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from adapters import method_names
 from server.backbone import Backbone, ModelSpec, resolve_device, resolve_model
 from server.engine import Engine
-from adapters import method_names
 from server.errors import ConfigError, install_handlers
 from server.inputs import validate_labels
 from server.logs import install_record_factory
