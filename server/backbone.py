@@ -5,6 +5,10 @@ It resolves the configured model (a built-in name with a pretrained tag or check
 gradients off, preprocesses images, encodes them, and builds class text features by prompt
 ensembling, cached in an LRU bounded in bytes. Only the engine's worker thread calls the encoding
 methods; ``preprocess`` is safe from any thread.
+
+For prompt learning (TPT, C-TPT) it also runs the text tower by hand from token embeddings with a
+learned context spliced in (``prompt_inputs``, ``encode_text_with_context``), written against
+open_clip 3.3.0's ``CLIP.encode_text`` and guarded by an equivalence test.
 """
 
 from __future__ import annotations
@@ -181,6 +185,7 @@ class Backbone:
         self.logit_scale = float(model.logit_scale.detach().float().exp().item())
         self.embed_dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None
         self.context_length = int(getattr(model, "context_length", 77))
+        self.prompt_cache = PromptInputsCache(text_cache_bytes)
 
     @classmethod
     def load(cls, settings: Settings, spec: ModelSpec | None = None) -> Backbone:
@@ -274,3 +279,208 @@ class Backbone:
             "context_length": self.context_length,
             "logit_scale": self.logit_scale,
         }
+
+    # -- prompt learning (TPT, C-TPT) ------------------------------------------------------------
+    # Written against open_clip 3.3.0's CLIP.encode_text and TextTransformer.forward; the
+    # equivalence test in tests/unit/test_prompting.py pins it.
+    @property
+    def prompt_learning_error(self) -> str | None:
+        """Why this model cannot take a learned text context, or None when it can."""
+        try:
+            _text_tower(self.model, self.tokenizer)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def prompt_inputs(self, labels: tuple[str, ...], ctx_init: str = "a photo of a") -> PromptInputs:
+        """The frozen token embeddings of ``"{ctx_init} {label}."`` for each label, cached per label set.
+
+        The context is the tokens of ``ctx_init`` (TPT: "a photo of a", 4 tokens); the rest is cut to
+        the longest prompt of the set. Built under ``no_grad`` (never inference mode, whose tensors
+        autograd refuses) so adaptation graphs can use them. Raises ValueError when the model's text
+        tower or tokenizer cannot take a learned context.
+        """
+        key = (self.spec.display, labels, ctx_init)
+        cached = self.prompt_cache.get(key)
+        if cached is not None:
+            return cached
+        tower = _text_tower(self.model, self.tokenizer)
+        tok = self.tokenizer
+        with torch.inference_mode(False), torch.no_grad():
+            init_ids = torch.tensor(tok.encode(ctx_init), dtype=torch.long, device=self.device)  # [n_ctx]
+            n_ctx = int(init_ids.numel())
+            if n_ctx < 1:
+                raise ValueError(f"ctx_init {ctx_init!r} has no tokens")
+            if n_ctx + 3 > self.context_length:  # SOT, the context, one label token, EOT
+                raise ValueError(f"ctx_init {ctx_init!r} ({n_ctx} tokens) does not fit the text context "
+                                 f"of {self.context_length} tokens with a label after it")
+            ids = tok([f"{ctx_init} {label}." for label in labels]).to(self.device)  # [C, 77]
+            if not bool((ids[:, 1 : 1 + n_ctx] == init_ids).all()):
+                raise ValueError(f"ctx_init {ctx_init!r} tokenizes differently when a label follows it")
+            eot = tower.pool_positions(ids)  # [C]
+            length = int(eot.max()) + 1  # causal: nothing after the last EOT reaches any pooled token
+            ids = ids[:, :length]  # [C, L]
+            emb = tower.token_embedding(ids).to(tower.cast_dtype)  # [C, L, W]
+            inputs = PromptInputs(
+                labels=labels,
+                ctx_init_text=ctx_init,
+                prefix=emb[:, :1].clone(),
+                ctx_init=emb[0, 1 : 1 + n_ctx].float().clone(),
+                suffix=emb[:, 1 + n_ctx :].clone(),
+                eot=eot,
+                tokens=ids,
+            )
+        self.prompt_cache.put(key, inputs)
+        return inputs
+
+    def encode_text_with_context(self, ctx: torch.Tensor, inputs: PromptInputs) -> torch.Tensor:
+        """Class text features with a learned context spliced in after SOT, differentiable in ``ctx``.
+
+        Runs open_clip's text tower by hand on [SOT] + ctx + suffix, cut to the longest prompt: with
+        ``ctx = inputs.ctx_init`` it equals ``encode_text`` of the tokenized prompts. Call it under
+        ``torch.enable_grad()`` to train ``ctx``; the model's parameters get no gradient.
+
+        Args:
+            ctx: [n_ctx, W] one context, or [R, n_ctx, W] one per stacked request (float32).
+            inputs: from ``prompt_inputs``.
+        Returns:
+            [C, D] or [R, C, D] unit-norm float32 features.
+        """
+        tower = _text_tower(self.model, self.tokenizer)
+        single = ctx.dim() == 2
+        ctx = ctx[None] if single else ctx  # [R, n, W]
+        if tuple(ctx.shape[1:]) != tuple(inputs.ctx_init.shape):
+            raise ValueError(f"ctx has shape {tuple(ctx.shape)}, expected [R, {inputs.n_ctx}, "
+                             f"{inputs.ctx_init.shape[-1]}]")
+        r, c, length = ctx.shape[0], inputs.prefix.shape[0], inputs.context_length
+        ctx = ctx.to(self.device, tower.cast_dtype)
+        x = torch.cat([
+            inputs.prefix[None].expand(r, -1, -1, -1),  # [R, C, 1, W]
+            ctx[:, None].expand(-1, c, -1, -1),  # [R, C, n, W]
+            inputs.suffix[None].expand(r, -1, -1, -1),  # [R, C, L-1-n, W]
+        ], dim=2).flatten(0, 1)  # [R*C, L, W]
+        x = x + tower.positional_embedding[:length].to(tower.cast_dtype)  # [R*C, L, W]
+        # open_clip's text transformer is batch-first and takes the causal mask as an argument.
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])  # [R*C, L, W]
+        x = tower.ln_final(x)  # [R*C, L, W]
+        x = x[torch.arange(r * c, device=x.device), inputs.eot.repeat(r)]  # [R*C, W]
+        proj = tower.text_projection
+        if isinstance(proj, torch.nn.Linear):
+            x = proj(x)
+        elif proj is not None:
+            x = x @ proj  # [R*C, D]
+        feats = torch.nn.functional.normalize(x.float(), dim=-1).view(r, c, -1)  # [R, C, D]
+        return feats[0] if single else feats
+
+
+@dataclass(frozen=True, eq=False)
+class PromptInputs:
+    """The frozen pieces of one label set's prompts ``"{ctx_init} {label}."``, cut to the longest.
+
+    ``prefix + ctx + suffix`` along the token axis is the prompt's token embeddings; the context
+    length L is the largest EOT position + 1, which loses nothing in CLIP's causal text tower.
+    """
+
+    labels: tuple[str, ...]
+    ctx_init_text: str
+    prefix: torch.Tensor  # [C, 1, W] the SOT embedding, in the tower's dtype
+    ctx_init: torch.Tensor  # [n_ctx, W] float32, the embeddings of ctx_init's tokens: TPT's initial ctx
+    suffix: torch.Tensor  # [C, L-1-n_ctx, W] label tokens, ".", EOT, padding
+    eot: torch.Tensor  # [C] int64, where each prompt is pooled
+    tokens: torch.Tensor  # [C, L] int64 token ids, cut
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.ctx_init.shape[0])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.prefix, self.ctx_init, self.suffix, self.eot, self.tokens)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class PromptInputsCache:
+    """An LRU of PromptInputs per (model, labels, ctx_init), bounded by the bytes they hold."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[Any, ...], PromptInputs] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> PromptInputs | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[Any, ...], value: PromptInputs) -> None:
+        if value.nbytes > self.max_bytes:
+            return  # larger than the whole budget: rebuilt per request, never kept
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes
+            self._items[key] = value
+            self.bytes += value.nbytes
+            while self.bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.bytes -= evicted.nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class _TextTower:
+    """The parts of an open_clip text tower that ``encode_text`` uses, wherever the model keeps them."""
+
+    token_embedding: torch.nn.Embedding
+    positional_embedding: torch.Tensor  # [77, W]
+    transformer: torch.nn.Module
+    ln_final: torch.nn.Module
+    text_projection: torch.nn.Module | torch.Tensor | None
+    attn_mask: torch.Tensor  # [77, 77] additive causal mask
+    pool_type: str
+    eos_id: int | None
+
+    @property
+    def cast_dtype(self) -> torch.dtype:
+        return self.transformer.get_cast_dtype()  # type: ignore[no-any-return,operator]
+
+    def pool_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """[C, L] token ids -> [C] the positions open_clip's ``text_global_pool`` reads."""
+        if self.pool_type == "argmax":
+            return ids.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
+        return (ids == self.eos_id).int().argmax(dim=-1)  # 'eos'
+
+
+def _text_tower(model: torch.nn.Module, tokenizer: Any) -> _TextTower:
+    """Find the text tower's parts, or raise ValueError saying why a learned context cannot be used."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from open_clip.transformer import TextTransformer
+
+    if not isinstance(tokenizer, SimpleTokenizer):
+        raise ValueError(f"prompt learning needs CLIP's BPE tokenizer (SOT ... EOT), not {type(tokenizer).__name__}")
+    if isinstance(model, open_clip.CLIP):
+        src: Any = model
+        pool_type, eos_id = model.text_pool_type, getattr(model, "text_eos_id", None)
+    elif isinstance(getattr(model, "text", None), TextTransformer):
+        src = model.text
+        if src.cls_emb is not None or src.use_pad_mask:
+            raise ValueError("prompt learning does not support text towers with a class token or padding mask")
+        pool_type, eos_id = src.pool_type, getattr(src, "eos_id", None)
+    else:
+        raise ValueError(f"prompt learning needs open_clip's own text transformer; {type(model).__name__} "
+                         "has another text tower")
+    if src.attn_mask is None:
+        raise ValueError("prompt learning needs a causal text tower (this one attends in both directions)")
+    if pool_type not in ("argmax", "eos") or (pool_type == "eos" and eos_id is None):
+        raise ValueError(f"prompt learning needs EOT pooling; this text tower pools with {pool_type!r}")
+    return _TextTower(src.token_embedding, src.positional_embedding, src.transformer, src.ln_final,
+                      src.text_projection, src.attn_mask, pool_type, eos_id)
