@@ -4,8 +4,8 @@ Importing this package registers every method; ``get_method`` and ``method_names
 stable way to reach them.
 """
 
-from adapters import zero_shot  # noqa: F401  (registers on import)
-from adapters.base import REGISTRY, Method, OptionsError, register
+from adapters import ctpt, mta, tps, tpt, zero, zero_shot  # noqa: F401  (each registers on import)
+from adapters.base import REGISTRY, AdaptInput, AdaptResult, Method, OptionsError, register
 
 
 def get_method(name: str) -> Method:
@@ -16,4 +16,4 @@ def method_names() -> list[str]:
     return sorted(REGISTRY)
 
 
-__all__ = ["Method", "OptionsError", "get_method", "method_names", "register"]
+__all__ = ["AdaptInput", "AdaptResult", "Method", "OptionsError", "get_method", "method_names", "register"]

@@ -11,13 +11,43 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from abc import ABC, abstractmethod
+from abc import ABC
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import TypeAdapter, ValidationError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass
+class AdaptInput:
+    """What a method is given for one image of one request. Everything here is the request's own."""
+
+    view_features: torch.Tensor  # [V, D] unit-norm, no grad; row 0 is the base (unaugmented) view
+    class_features: torch.Tensor  # [C, D] unit-norm zero-shot classifier (template ensemble)
+    logit_scale: float
+    labels: tuple[str, ...]
+    generator: torch.Generator  # the request's; every random draw of the method comes from it
+    backbone: Any = None  # server.backbone.Backbone, for methods that re-run a tower (TPT: text, TTL: vision)
+    views: torch.Tensor | None = None  # [V, 3, h, w] preprocessed pixels, for methods that re-encode them
+
+    def zero_shot_logits(self) -> torch.Tensor:
+        """[V, C] the frozen model's logits for every view."""
+        return self.logit_scale * self.view_features @ self.class_features.T
+
+
+@dataclass
+class AdaptResult:
+    """A method's answer for one image: final logits of the base view and what it did to get there."""
+
+    logits: torch.Tensor  # [C]
+    steps: int = 0  # optimizer steps (or iterations, for forward-only methods) taken
+    selected_views: int = 1  # views the loss or vote used
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific report fields (ZERO: agreement)
+    order: torch.Tensor | None = None  # [C] class indices best first, when not the order of ``logits`` (ZERO)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapted parameters, detached (for tests)
 
 
 class OptionsError(ValueError):
@@ -51,10 +81,18 @@ class Method(ABC):
     def options_schema(self) -> dict[str, Any]:
         return TypeAdapter(self.Options).json_schema()
 
-    @abstractmethod
+    def n_views(self, options: Any) -> int:
+        """Views (base view included) this method needs per image; 1 means the base view only."""
+        return int(getattr(options, "views", 1))
+
+    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
+        """Adapt to one image and predict it. The default is no adaptation: the base view's zero-shot logits."""
+        return AdaptResult(self.predict(inp.view_features[:1], inp.class_features, inp.logit_scale, options)[0])
+
     def predict(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float,
                 options: Any) -> torch.Tensor:
-        """[B, D] unit-norm image features, [C, D] unit-norm class features -> [B, C] logits."""
+        """[B, D] unit-norm image features, [C, D] unit-norm class features -> [B, C] zero-shot logits."""
+        return logit_scale * image_features @ class_features.T
 
 
 REGISTRY: dict[str, Method] = {}

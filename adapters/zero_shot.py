@@ -8,9 +8,6 @@ the model's learned logit scale. Nothing is adapted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from adapters.base import Method, register
 
@@ -23,7 +20,3 @@ class ZeroShot(Method):
     @dataclass(frozen=True)
     class Options:
         pass
-
-    def predict(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float,
-                options: Any) -> torch.Tensor:
-        return logit_scale * image_features @ class_features.T  # [B, C]

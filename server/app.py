@@ -45,6 +45,17 @@ def _model_label_sets(spec: ModelSpec, settings: Settings) -> dict[str, LabelSet
     return out
 
 
+def _temperatures(spec: ModelSpec) -> dict[str, float]:
+    """Calibration temperatures per method from the model's ttaserve.json; a method without one gets 1."""
+    out = {}
+    for method, entry in (spec.metadata.get("calibration") or {}).items():
+        temperature = float(entry.get("temperature", 1.0)) if isinstance(entry, dict) else float(entry)
+        if not temperature > 0:
+            raise ConfigError(f"{spec.display}: calibration temperature of {method} must be positive")
+        out[method] = temperature
+    return out
+
+
 def check_settings(settings: Settings) -> ModelSpec:
     """Everything about the configuration that can be checked without loading weights; raises ConfigError."""
     if settings.default_method not in method_names():
@@ -82,6 +93,7 @@ def create_app(settings: Settings | None = None, *, load: Loader | None = None) 
         metrics.model_info.labels(model=spec.display, pretrained=spec.pretrained or "", device=str(device),
                                   precision=settings.precision).set(1)
         app.state.spec = spec
+        app.state.calibration = _temperatures(spec)
         app.state.store = store
         app.state.engine = engine
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tta-decode")

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from adapters import get_method
+from adapters import AdaptInput, get_method
+from adapters.views import make_views
 from server.backbone import Backbone
-from server.errors import DeadlineExceeded, NotReady, Overloaded
+from server.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -34,17 +35,19 @@ log = logging.getLogger("ttaserve.engine")
 
 
 @dataclass
-class ZeroShotJob:
+class Job:
     """One request's images and classes, waiting for the worker."""
 
-    images: torch.Tensor  # [N, 3, H, W] preprocessed, CPU
+    images: torch.Tensor  # [N, 3, H, W] base views (the normal preprocessing), CPU
     labels: tuple[str, ...]
     templates: tuple[str, ...]
     method: str
     options: Any
-    future: asyncio.Future[ZeroShotOutput]
+    future: asyncio.Future[JobOutput]
     loop: asyncio.AbstractEventLoop
     deadline: float  # time.monotonic() after which the job is not worth running
+    originals: list[torch.Tensor] | None = None  # [3, H0, W0] uint8 per image, for methods that make views
+    seed: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
@@ -52,12 +55,36 @@ class ZeroShotJob:
     def n_images(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def batchable(self) -> bool:
+        """Zero-shot jobs share encoder batches; adaptation jobs run one at a time."""
+        return self.originals is None
+
 
 @dataclass
-class ZeroShotOutput:
-    logits: torch.Tensor  # [N, C] float32, CPU
-    timings: dict[str, float]  # seconds per stage: queue, encode, classify
+class ImageReport:
+    """What adaptation did for one image (the ``adaptation`` block of a result)."""
+
+    zero_shot_logits: torch.Tensor  # [C] the base view, unadapted
+    steps: int
+    views: int
+    selected_views: int
+    seconds: float
+    order: torch.Tensor | None = None  # [C] class ranking when it is not the logits' (ZERO)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobOutput:
+    logits: torch.Tensor  # [N, C] float32, CPU: the method's final logits
+    timings: dict[str, float]  # seconds per stage: queue, encode, classify (adapt, for adaptation jobs)
     batch_images: int  # images in the forward pass this job shared
+    reports: list[ImageReport] | None = None  # per image, for adaptation jobs
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The generator seed of image ``index`` of a request: distinct per image, fixed by the request's seed."""
+    return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
 
 
 class Engine:
@@ -69,7 +96,7 @@ class Engine:
         self._load = load
         self.backbone: Backbone | None = None
         self.load_error: BaseException | None = None
-        self._queue: deque[ZeroShotJob] = deque()
+        self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._ready = threading.Event()
@@ -121,12 +148,17 @@ class Engine:
             )
 
     async def classify(self, images: torch.Tensor, labels: tuple[str, ...], templates: tuple[str, ...],
-                       method: str, options: Any, timeout_s: float) -> ZeroShotOutput:
-        """Queue a classification and wait for it; raises Overloaded, NotReady or DeadlineExceeded."""
+                       method: str, options: Any, timeout_s: float,
+                       originals: list[torch.Tensor] | None = None, seed: int = 0) -> JobOutput:
+        """Queue a classification and wait for it; raises Overloaded, NotReady or DeadlineExceeded.
+
+        With ``originals`` (the decoded images) the job runs ``method``'s adaptation per image, seeded
+        by ``seed``; without, it is a zero-shot job and may share an encoder batch with others.
+        """
         self.check_capacity()
         loop = asyncio.get_running_loop()
-        job = ZeroShotJob(images, labels, templates, method, options, loop.create_future(), loop,
-                          deadline=time.monotonic() + timeout_s)
+        job = Job(images, labels, templates, method, options, loop.create_future(), loop,
+                  deadline=time.monotonic() + timeout_s, originals=originals, seed=seed)
         with self._cond:
             self.check_capacity()
             self._queue.append(job)
@@ -165,7 +197,7 @@ class Engine:
                 return
             self._run_batch(batch)
 
-    def _next_batch(self) -> list[ZeroShotJob] | None:
+    def _next_batch(self) -> list[Job] | None:
         """Wait for a job, then gather more for up to ``max_batch_delay_ms`` within ``max_batch_size``."""
         limit = self.settings.max_batch_size
         with self._cond:
@@ -174,6 +206,9 @@ class Engine:
             if self._stopping:
                 return None
             batch = [self._queue.popleft()]
+            if not batch[0].batchable:
+                self.metrics.queue_depth.set(len(self._queue))
+                return batch
             n = batch[0].n_images
             until = time.monotonic() + self.settings.max_batch_delay_ms / 1000
             while n < limit:
@@ -183,7 +218,7 @@ class Engine:
                         break
                     self._cond.wait(remaining)
                     continue
-                if n + self._queue[0].n_images > limit:
+                if not self._queue[0].batchable or n + self._queue[0].n_images > limit:
                     break
                 job = self._queue.popleft()
                 batch.append(job)
@@ -191,7 +226,7 @@ class Engine:
             self.metrics.queue_depth.set(len(self._queue))
         return batch
 
-    def _run_batch(self, batch: list[ZeroShotJob]) -> None:
+    def _run_batch(self, batch: list[Job]) -> None:
         now = time.monotonic()
         live = []
         for job in batch:
@@ -205,6 +240,9 @@ class Engine:
             return
         backbone = self.backbone
         assert backbone is not None
+        if not live[0].batchable:
+            self._run_adaptation(live[0], backbone)
+            return
         try:
             images = torch.cat([job.images for job in live])  # [B, 3, H, W]
             started = time.monotonic()
@@ -224,12 +262,48 @@ class Engine:
                 offset += job.n_images
                 timings = {"queue": started - job.enqueued_at, "encode": encode_s,
                            "classify": time.monotonic() - t0}
-                self._resolve(job, ZeroShotOutput(logits, timings, int(images.shape[0])))
+                self._resolve(job, JobOutput(logits, timings, int(images.shape[0])))
             self.metrics.text_cache_bytes.set(backbone.text_cache.bytes)
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
             log.exception("batch of %d job(s) failed", len(live))
             for job in live:
                 self._fail(job, exc)
+
+    def _run_adaptation(self, job: Job, backbone: Backbone) -> None:
+        """Adapt to each image of the job in turn: views, one encoder pass, the method's steps, a prediction."""
+        started = time.monotonic()
+        method = get_method(job.method)
+        n_views = method.n_views(job.options)
+        assert job.originals is not None
+        try:
+            # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
+            classes = backbone.class_features(job.labels, job.templates).clone()  # [C, D]
+            cfg = backbone.preprocess_cfg
+            logits, reports = [], []
+            for i, original in enumerate(job.originals):
+                if job.cancelled or time.monotonic() > job.deadline:
+                    raise DeadlineExceeded("the request passed its deadline during adaptation")
+                t0 = time.monotonic()
+                generator = torch.Generator().manual_seed(image_seed(job.seed, i))
+                views = make_views(original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std,
+                                   generator, base_view=job.images[i])  # [V, 3, h, w]
+                feats = backbone.encode_images(views).clone()  # [V, D]
+                inp = AdaptInput(feats, classes, backbone.logit_scale, job.labels, generator, backbone, views)
+                zero_shot = inp.zero_shot_logits()[0].detach()  # [C]
+                result = method.adapt(inp, job.options)
+                self._sync(backbone)
+                logits.append(result.logits.detach().float().cpu())
+                reports.append(ImageReport(zero_shot.float().cpu(), result.steps, n_views, result.selected_views,
+                                           time.monotonic() - t0, result.order, result.extra))
+                self.metrics.batch_size.observe(n_views)
+            timings = {"queue": started - job.enqueued_at, "adapt": time.monotonic() - started}
+            self._resolve(job, JobOutput(torch.stack(logits), timings, n_views, reports))
+        except ValueError as exc:  # a method that cannot run on this model (e.g. no prompt-learning support)
+            self._fail(job, InvalidInput(str(exc), code="method_unsupported"))
+        except Exception as exc:  # noqa: BLE001 - reported to the request; the worker carries on
+            if not isinstance(exc, DeadlineExceeded):
+                log.exception("adaptation with %s failed", job.method)
+            self._fail(job, exc)
 
     @staticmethod
     def _sync(backbone: Backbone) -> None:
@@ -237,15 +311,15 @@ class Engine:
             torch.cuda.synchronize(backbone.device)
 
     @staticmethod
-    def _resolve(job: ZeroShotJob, output: ZeroShotOutput) -> None:
+    def _resolve(job: Job, output: JobOutput) -> None:
         _settle(job, lambda: job.future.set_result(output))
 
     @staticmethod
-    def _fail(job: ZeroShotJob, exc: BaseException) -> None:
+    def _fail(job: Job, exc: BaseException) -> None:
         _settle(job, lambda: job.future.set_exception(exc))
 
 
-def _settle(job: ZeroShotJob, complete: Callable[[], None]) -> None:
+def _settle(job: Job, complete: Callable[[], None]) -> None:
     """Complete a job's future on its event loop, unless it is done or nobody waits any more."""
 
     def _on_loop() -> None:

@@ -17,8 +17,11 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+ENTROPY_BUCKETS = (-1.0, -0.5, -0.1, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
 OUTCOMES = ("success", "client_error", "rejected", "timeout", "error")
-STAGES = ("queue", "decode", "encode", "classify")
+STAGES = ("queue", "decode", "encode", "classify", "adapt")
 
 
 class Metrics:
@@ -61,6 +64,22 @@ class Metrics:
         )
         self.text_cache_bytes = Gauge(
             "tta_text_cache_bytes", "Bytes held by the class text-feature cache.", registry=r
+        )
+        self.adapt_duration = Histogram(
+            "tta_adapt_duration_seconds", "Time to adapt to one image and predict it, by method.", ["method"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.entropy_reduction = Histogram(
+            "tta_entropy_reduction_nats",
+            "Zero-shot entropy minus adapted entropy of each image's prediction (negative: less sure).",
+            ["method"], buckets=ENTROPY_BUCKETS, registry=r,
+        )
+        self.prediction_changed = Counter(
+            "tta_prediction_changed", "Images whose adapted label differs from zero-shot's.", ["method"], registry=r
+        )
+        self.confidence = Histogram(
+            "tta_confidence", "Calibrated confidence of each prediction: a drift signal.", ["method"],
+            buckets=CONFIDENCE_BUCKETS, registry=r,
         )
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Request, Response
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters import OptionsError, get_method, method_names
 from server.backbone import Backbone
-from server.engine import Engine
+from server.engine import Engine, JobOutput
 from server.errors import BadRequest, InvalidInput, NotReady, TTAError, UnsupportedMediaType
 from server.images import decode_base64, decode_image
 from server.inputs import (
@@ -28,6 +31,7 @@ from server.inputs import (
 )
 from server.metrics import Metrics
 from server.schemas import (
+    Adaptation,
     ClassifyRequest,
     ClassifyResponse,
     ErrorBody,
@@ -36,6 +40,7 @@ from server.schemas import (
     LabelSetOut,
     Prediction,
     Result,
+    ZeroShotView,
 )
 from server.settings import Settings
 from server.store import LabelSet, Store
@@ -134,13 +139,29 @@ async def _read_input(request: Request, settings: Settings) -> ClassifyInput:
     )
 
 
-def _decode_all(images: list[bytes | str], backbone: Backbone, settings: Settings) -> torch.Tensor:
-    """Decode, check and preprocess every image: [N, 3, H, W]. Runs on the decode thread pool."""
-    tensors = []
+ORIGINAL_SIDE_FACTOR = 4  # views are cropped from the image with its short side capped at 4x the model's input
+
+
+def _decode_all(images: list[bytes | str], backbone: Backbone, settings: Settings,
+                keep_originals: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Decode, check and preprocess every image. Runs on the decode thread pool.
+
+    Returns the base views [N, 3, H, W] and, for methods that make augmented views, each decoded image
+    as a uint8 tensor [3, H0, W0]. A crop keeps at least 8% of the area, so capping the short side at
+    four times the model's input loses no detail a view could show, and bounds the cost of a 40 MP upload.
+    """
+    tensors, originals = [], []
+    cap = ORIGINAL_SIDE_FACTOR * max(backbone.image_size)
     for i, item in enumerate(images):
         data = decode_base64(item, i) if isinstance(item, str) else item
-        tensors.append(backbone.preprocess(decode_image(data, i, settings.max_image_pixels)))
-    return torch.stack(tensors)
+        image = decode_image(data, i, settings.max_image_pixels)
+        tensors.append(backbone.preprocess(image))
+        if keep_originals:
+            if min(image.size) > cap:
+                scale = cap / min(image.size)
+                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+            originals.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))  # [3, H0, W0] uint8
+    return torch.stack(tensors), (originals if keep_originals else None)
 
 
 def _resolve_classes(req: ClassifyRequest, request: Request,
@@ -153,17 +174,63 @@ def _resolve_classes(req: ClassifyRequest, request: Request,
     return validate_labels(req.labels, settings), resolve_templates(req.templates, settings)
 
 
-def _results(logits: torch.Tensor, labels: tuple[str, ...], top_k: int) -> list[Result]:
-    log_probs = torch.log_softmax(logits, dim=-1)  # [N, C]
-    probs = log_probs.exp()
-    entropy = -(probs * log_probs).sum(dim=-1)  # [N]
-    top = probs.topk(top_k, dim=-1)
+def _entropy(logits: torch.Tensor) -> float:
+    return float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum())
+
+
+def _predictions(logits: torch.Tensor, temperature: float, labels: tuple[str, ...],
+                 order: torch.Tensor | None, top_k: int) -> tuple[list[Prediction], torch.Tensor]:
+    """[C] logits -> the top_k predictions (ranked by ``order`` or by probability) and calibrated probabilities."""
+    raw = logits.softmax(-1)  # [C]
+    calibrated = (logits / temperature).softmax(-1)  # [C]
+    ranked = order if order is not None else torch.argsort(calibrated, descending=True, stable=True)
+    preds = [Prediction(label=labels[j], probability=float(calibrated[j]), raw_probability=float(raw[j]),
+                        logit=float(logits[j])) for j in ranked[:top_k].tolist()]
+    return preds, calibrated
+
+
+def _results(output: JobOutput, labels: tuple[str, ...], top_k: int, method: str, req: ClassifyRequest,
+             calibration: dict[str, float], seed: int | None, metrics: Metrics) -> list[Result]:
     results = []
-    for i in range(logits.shape[0]):
-        preds = [Prediction(label=labels[j], probability=float(probs[i, j]), logit=float(logits[i, j]))
-                 for j in top.indices[i].tolist()]
-        results.append(Result(label=preds[0].label, confidence=preds[0].probability,
-                              entropy=float(entropy[i]), predictions=preds))
+    temperature = calibration.get(method, 1.0)
+    for i in range(output.logits.shape[0]):
+        logits = output.logits[i]  # [C]
+        report = output.reports[i] if output.reports else None
+        zs_logits = report.zero_shot_logits if report else logits
+        preds, calibrated = _predictions(logits, temperature, labels, report.order if report else None, top_k)
+        zs_preds, zs_calibrated = _predictions(zs_logits, calibration.get("zero_shot", 1.0), labels, None, top_k)
+        confidence = preds[0].probability
+        abstained = req.abstain_below is not None and confidence < req.abstain_below
+        entropy_before, entropy_after = _entropy(zs_logits), _entropy(logits)
+        adaptation = Adaptation(
+            method=method,
+            steps=report.steps if report else 0,
+            views=report.views if report else 1,
+            selected_views=report.selected_views if report else 1,
+            entropy_before=entropy_before,
+            entropy_after=entropy_after,
+            zero_shot_label=zs_preds[0].label,
+            changed=zs_preds[0].label != preds[0].label,
+            seconds=report.seconds if report else output.timings.get("classify", 0.0),
+            seed=seed if report else None,
+            agreement=report.extra.get("agreement") if report else None,
+        )
+        metrics.confidence.labels(method=method).observe(confidence)
+        if report:
+            metrics.adapt_duration.labels(method=method).observe(report.seconds)
+            metrics.entropy_reduction.labels(method=method).observe(entropy_before - entropy_after)
+            if adaptation.changed:
+                metrics.prediction_changed.labels(method=method).inc()
+        results.append(Result(
+            label=None if abstained else preds[0].label,
+            confidence=confidence,
+            entropy=float(-(calibrated * calibrated.clamp_min(1e-30).log()).sum()),
+            abstained=abstained,
+            predictions=preds,
+            adaptation=adaptation,
+            zero_shot=ZeroShotView(label=zs_preds[0].label, confidence=zs_preds[0].probability, predictions=zs_preds)
+            if req.compare else None,
+        ))
     return results
 
 
@@ -196,15 +263,20 @@ async def classify(request: Request) -> ClassifyResponse:
             raise InvalidInput(f"top_k={req.top_k}; the limit is {settings.max_top_k}", code="invalid_top_k")
         top_k = min(req.top_k or settings.default_top_k, len(labels))
 
+        adaptive = method_name != "zero_shot"
+        if adaptive:
+            _check_method_limits(options, settings)
         engine.check_capacity()  # before decoding: a request that will be refused costs no decode
         t0 = time.monotonic()
         backbone = engine.backbone
         assert backbone is not None
-        images = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.decode_pool, _decode_all, parsed.images, backbone, settings)
+        images, originals = await asyncio.get_running_loop().run_in_executor(
+            request.app.state.decode_pool, _decode_all, parsed.images, backbone, settings, adaptive)
         decode_s = time.monotonic() - t0
         remaining = settings.request_timeout_s - (time.monotonic() - started)
-        output = await engine.classify(images, labels, templates, method_name, options, max(remaining, 0.001))
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        output = await engine.classify(images, labels, templates, method_name, options, max(remaining, 0.001),
+                                       originals=originals, seed=seed)
         timings = {"decode": decode_s, **output.timings}
         for stage, seconds in timings.items():
             metrics.stage_duration.labels(stage=stage).observe(seconds)
@@ -215,7 +287,8 @@ async def classify(request: Request) -> ClassifyResponse:
             request_id=request.state.request_id,
             model={"id": backbone.spec.display, "pretrained": backbone.spec.pretrained, "demo": backbone.spec.is_demo},
             method=method_name,
-            results=_results(output.logits, labels, top_k),
+            results=_results(output, labels, top_k, method_name, req, request.app.state.calibration,
+                             seed if adaptive else None, metrics),
             timings=timings,
         )
     except TTAError as exc:
@@ -226,6 +299,17 @@ async def classify(request: Request) -> ClassifyResponse:
         metrics.inflight.dec()
         metrics.requests.labels(method=method_label, outcome=outcome).inc()
         metrics.request_duration.labels(method=method_label).observe(time.monotonic() - started)
+
+
+def _check_method_limits(options: Any, settings: Settings) -> None:
+    views = getattr(options, "views", 1)
+    if views > settings.max_views:
+        raise InvalidInput(f"options.views={views}; the limit is {settings.max_views} (TTA_MAX_VIEWS)",
+                           code="invalid_options")
+    steps = getattr(options, "steps", 0)
+    if steps > settings.max_steps:
+        raise InvalidInput(f"options.steps={steps}; the limit is {settings.max_steps} (TTA_MAX_STEPS)",
+                           code="invalid_options")
 
 
 # -- label sets -------------------------------------------------------------------------------------
@@ -270,6 +354,8 @@ def list_models(request: Request) -> dict[str, Any]:
     info = engine.backbone.info()
     info["ready"] = engine.ready
     info["label_sets"] = sorted(_store(request).builtin)
+    info["calibration"] = {m: {"temperature": request.app.state.calibration.get(m, 1.0),
+                               "fitted": m in request.app.state.calibration} for m in method_names()}
     return {"models": [info]}
 
 
@@ -285,6 +371,8 @@ def list_methods(request: Request) -> dict[str, Any]:
         "max_image_pixels": s.max_image_pixels,
         "max_body_bytes": s.max_body_bytes,
         "request_timeout_s": s.request_timeout_s,
+        "max_views": s.max_views,
+        "max_steps": s.max_steps,
     }
     methods = [{"name": name, "summary": get_method(name).summary, "options_schema": get_method(name).options_schema(),
                 "limits": limits} for name in method_names()]

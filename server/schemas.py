@@ -30,19 +30,49 @@ class ClassifyRequest(BaseModel):
     top_k: int | None = Field(None, ge=1, description="Predictions returned per image (default: server setting).")
     method: str | None = Field(None, description="Test-time method; GET /v1/methods lists them.")
     options: dict[str, Any] | None = Field(None, description="The method's options; see /v1/methods.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="Seeds the augmented views: the same request and seed give the same result.")
+    compare: bool = Field(False, description="Also return the zero-shot predictions beside the adapted ones.")
+    abstain_below: float | None = Field(
+        None, ge=0, le=1, description="Abstain (no label) when the calibrated confidence is below this.")
 
 
 class Prediction(BaseModel):
     label: str
-    probability: float = Field(..., description="Softmax probability over the request's labels.")
+    probability: float = Field(..., description="Calibrated probability: softmax(logit / T), T fitted per method.")
+    raw_probability: float = Field(..., description="Softmax of the logits as the model gives them.")
     logit: float = Field(..., description="Scaled cosine similarity: the model's logit scale times cos(image, class).")
 
 
+class Adaptation(BaseModel):
+    method: str
+    steps: int = Field(..., description="Optimizer steps (iterations, for forward-only methods) taken.")
+    views: int = Field(..., description="Views encoded, the image included.")
+    selected_views: int = Field(..., description="Views the loss or vote used.")
+    entropy_before: float = Field(..., description="Entropy of the zero-shot prediction, nats.")
+    entropy_after: float = Field(..., description="Entropy of the adapted prediction, nats.")
+    zero_shot_label: str
+    changed: bool = Field(..., description="The adapted label differs from zero-shot's.")
+    seconds: float
+    seed: int | None = Field(None, description="The seed the views were drawn with.")
+    agreement: float | None = Field(
+        None, description="ZERO: share of kept views voting for the label (not a probability).")
+
+
+class ZeroShotView(BaseModel):
+    label: str
+    confidence: float
+    predictions: list[Prediction]
+
+
 class Result(BaseModel):
-    label: str = Field(..., description="The top prediction.")
-    confidence: float = Field(..., description="Probability of the top prediction.")
-    entropy: float = Field(..., description="Entropy of the prediction over all labels, in nats.")
-    predictions: list[Prediction] = Field(..., description="The top_k predictions, most probable first.")
+    label: str | None = Field(..., description="The top prediction; null when abstained.")
+    confidence: float = Field(..., description="Calibrated probability of the top prediction.")
+    entropy: float = Field(..., description="Entropy of the calibrated prediction over all labels, in nats.")
+    abstained: bool = Field(False, description="Confidence was below the request's abstain_below.")
+    predictions: list[Prediction] = Field(..., description="The top_k predictions, best first.")
+    adaptation: Adaptation
+    zero_shot: ZeroShotView | None = Field(None, description="With compare=true: the unadapted predictions.")
 
 
 class ClassifyResponse(BaseModel):

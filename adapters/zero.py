@@ -1,0 +1,70 @@
+"""ZERO: test-time augmentation with zero temperature (Farina et al., NeurIPS 2024, https://arxiv.org/abs/2405.18330).
+
+No training: encode the image and 63 augmented views, keep the 30% with the lowest entropy (gamma),
+and let each vote for its arg-max class; the most voted class wins, ties broken greedily by the
+next most confident views. The vote share is reported as ``agreement``: it is not a probability.
+
+How ours differs from the official code (FarinaMatteo/zero):
+
+- Ties that no remaining view breaks (the official fallback has a bitwise-NOT bug) go to the tied
+  class with the highest mean probability over the kept views.
+- ZERO returns only votes. We also return probabilities, from the mean of the kept views' logits,
+  so the result can be calibrated and thresholded; the label is the vote winner, listed first,
+  and the other predictions follow in order of votes, then probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapters.base import AdaptInput, AdaptResult, Method, register
+from adapters.common import MAX_VIEWS, check_range
+from adapters.losses import entropy
+
+
+def vote(logits: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """[V, C] view logits -> (votes [C], class order best first [C], kept view count)."""
+    v, c = logits.shape
+    order = torch.argsort(entropy(logits), stable=True)  # [V] most confident first
+    keep = max(1, int(v * gamma))
+    picks = logits[order].argmax(-1)  # [V] each view's class, in confidence order
+    votes = torch.bincount(picks[:keep], minlength=c)  # [C]
+    mean_prob = logits[order[:keep]].softmax(-1).mean(0)  # [C]
+    tied = (votes == votes.max()).nonzero().flatten()
+    winner = int(tied[mean_prob[tied].argmax()])
+    if len(tied) > 1:
+        for pick in picks[keep:].tolist():  # greedy: the next most confident view that picks a tied class
+            if pick in tied.tolist():
+                winner = pick
+                break
+    # Rank: the winner, then by votes, then by mean probability.
+    score = votes.double() * 2 + mean_prob.double()  # mean_prob < 1 never reorders different vote counts
+    score[winner] = float("inf")
+    return votes, torch.argsort(score, descending=True, stable=True), keep
+
+
+@register
+class Zero(Method):
+    name = "zero"
+    summary = "Majority vote of the most confident augmented views at zero temperature; no training."
+
+    @dataclass(frozen=True)
+    class Options:
+        views: int = 64
+        gamma: float = 0.3
+
+        def __post_init__(self) -> None:
+            check_range("views", self.views, 1, MAX_VIEWS)
+            check_range("gamma", self.gamma, 1e-6, 1.0)
+
+    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
+        logits = inp.zero_shot_logits()  # [V, C]
+        votes, order, keep = vote(logits, options.gamma)
+        kept = torch.argsort(entropy(logits), stable=True)[:keep]
+        mean_logits = logits[kept].mean(0)  # [C]
+        winner = int(order[0])
+        return AdaptResult(mean_logits, steps=0, selected_views=keep, order=order,
+                           extra={"agreement": float(votes[winner]) / keep})

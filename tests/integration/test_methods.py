@@ -1,0 +1,186 @@
+"""Every test-time method through HTTP: contracts, seeding, reports, calibration, limits and metrics."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from adapters import method_names
+from server.app import create_app
+from tests.conftest import wait_ready
+from tests.helpers import b64, png_bytes
+from tests.integration.test_engine import state_hash
+
+LABELS = ["red", "green", "blue", "a cat", "a dog"]
+ADAPTIVE = [m for m in method_names() if m != "zero_shot"]
+# Options under which each method must reduce to plain zero-shot.
+NO_OP = {"tpt": {"steps": 0}, "ctpt": {"steps": 0}, "tps": {"steps": 0}, "zero": {"views": 1},
+         "mta": {"iterations": 0}, "ttl": {"steps": 0}}
+
+
+def classify(client, method: str, seed: int | None = 7, images=None, **extra):
+    body = {"images": images or [b64(png_bytes(seed=1, size=(70, 50))), b64(png_bytes(seed=2))], "labels": LABELS,
+            "method": method, "top_k": len(LABELS), "templates": "simple", **extra}
+    if seed is not None:
+        body["seed"] = seed
+    return client.post("/v1/classify", json=body)
+
+
+def logits(result: dict) -> dict[str, float]:
+    return {p["label"]: p["logit"] for p in result["predictions"]}
+
+
+def test_every_method_is_listed_with_its_options(client):
+    listed = {m["name"]: m for m in client.get("/v1/methods").json()["methods"]}
+    assert set(listed) == set(method_names())
+    assert {"tpt", "ctpt", "tps", "zero", "mta"} <= set(listed)
+    assert listed["tpt"]["options_schema"]["properties"]["lr"]["default"] == 5e-3
+    assert listed["ctpt"]["options_schema"]["properties"]["dispersion_weight"]["default"] == 50.0
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_no_op_options_equal_zero_shot(client, method):
+    reference = classify(client, "zero_shot").json()["results"]
+    r = classify(client, method, options=NO_OP[method])
+    assert r.status_code == 200, r.text
+    for ours, zs in zip(r.json()["results"], reference, strict=True):
+        assert ours["label"] == zs["label"]
+        a, b = logits(ours), logits(zs)
+        assert all(abs(a[k] - b[k]) < 1e-5 for k in LABELS)
+        assert ours["adaptation"]["changed"] is False
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_same_seed_same_result_alone_or_amid_traffic(client, method):
+    alone = classify(client, method, seed=11).json()["results"]
+    again = classify(client, method, seed=11).json()["results"]
+    assert [r["predictions"] for r in alone] == [r["predictions"] for r in again]
+    others = [(m, s) for m in method_names() for s in (1, 2)]
+    with ThreadPoolExecutor(6) as pool:
+        mine = pool.submit(classify, client, method, 11)
+        noise = [pool.submit(classify, client, m, s) for m, s in others]
+        crowded = mine.result().json()["results"]
+        assert all(f.result().status_code == 200 for f in noise)
+    for a, b in zip(alone, crowded, strict=True):
+        assert a["label"] == b["label"]
+        assert all(abs(logits(a)[k] - logits(b)[k]) < 1e-5 for k in LABELS)
+
+
+def test_seed_changes_the_views(client):
+    a = classify(client, "tps", seed=1, options={"lr": 0.5}).json()["results"][0]
+    b = classify(client, "tps", seed=2, options={"lr": 0.5}).json()["results"][0]
+    assert a["adaptation"]["seed"] == 1 and b["adaptation"]["seed"] == 2
+    assert logits(a) != logits(b)
+    unseeded = classify(client, "tps", seed=None).json()["results"][0]
+    assert isinstance(unseeded["adaptation"]["seed"], int)
+
+
+def test_adaptation_report_and_compare(client):
+    r = classify(client, "tpt", compare=True, options={"lr": 0.5})
+    result = r.json()["results"][0]
+    report = result["adaptation"]
+    assert report["method"] == "tpt" and report["steps"] == 1 and report["views"] == 64
+    assert report["selected_views"] == 6 and report["seconds"] > 0
+    assert report["entropy_after"] < report["entropy_before"]
+    zs = classify(client, "zero_shot").json()["results"][0]
+    assert result["zero_shot"]["label"] == zs["label"] == report["zero_shot_label"]
+    assert report["changed"] == (result["label"] != zs["label"])
+    # The same numbers up to the last float bit (the zero-shot lane encodes both images in one batch).
+    assert [p["label"] for p in result["zero_shot"]["predictions"]] == [p["label"] for p in zs["predictions"]]
+    assert all(abs(logits(result["zero_shot"])[k] - logits(zs)[k]) < 1e-5 for k in LABELS)
+    assert classify(client, "tpt").json()["results"][0]["zero_shot"] is None
+
+
+def test_zero_reports_agreement_and_ranks_its_winner_first(client):
+    result = classify(client, "zero").json()["results"][0]
+    assert 0 < result["adaptation"]["agreement"] <= 1
+    assert result["adaptation"]["selected_views"] == 19
+    assert result["label"] == result["predictions"][0]["label"]
+
+
+def test_abstain_below(client):
+    result = classify(client, "zero_shot", abstain_below=1.0).json()["results"][0]
+    assert result["abstained"] is True and result["label"] is None
+    assert result["predictions"]  # still there, to see why
+    result = classify(client, "zero_shot", abstain_below=0.0).json()["results"][0]
+    assert result["abstained"] is False and result["label"] == result["predictions"][0]["label"]
+
+
+def test_calibrated_and_raw_probabilities(settings, tiny_model_dir, tmp_path):
+    calibrated_dir = tmp_path / "calibrated"
+    shutil.copytree(tiny_model_dir, calibrated_dir)
+    meta = json.loads((calibrated_dir / "ttaserve.json").read_text())
+    meta["calibration"] = {"zero_shot": {"temperature": 2.0}, "tpt": {"temperature": 0.5}}
+    (calibrated_dir / "ttaserve.json").write_text(json.dumps(meta))
+    settings.model = f"local-dir:{calibrated_dir}"
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        calibration = c.get("/v1/models").json()["models"][0]["calibration"]
+        assert calibration["zero_shot"] == {"temperature": 2.0, "fitted": True}
+        assert calibration["tps"] == {"temperature": 1.0, "fitted": False}
+        for method, t in (("zero_shot", 2.0), ("tpt", 0.5), ("tps", 1.0)):
+            result = classify(c, method).json()["results"][0]
+            row = torch.tensor([p["logit"] for p in result["predictions"]])
+            probs = [p["probability"] for p in result["predictions"]]
+            raws = [p["raw_probability"] for p in result["predictions"]]
+            assert torch.allclose(torch.tensor(probs), (row / t).softmax(-1), atol=1e-5)
+            assert torch.allclose(torch.tensor(raws), row.softmax(-1), atol=1e-5)
+            assert result["confidence"] == probs[0]
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"views": 0}, "views"),
+    ({"views": 500}, "TTA_MAX_VIEWS"),
+    ({"steps": 50}, "TTA_MAX_STEPS"),
+    ({"lr": -1}, "lr"),
+    ({"selection": "lots"}, "selection"),
+])
+def test_out_of_range_options_are_422(client, options, words):
+    r = classify(client, "tpt", options=options)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_options", r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_multipart_takes_seed_compare_and_abstain(client):
+    r = client.post("/v1/classify", files={"image": ("a.png", png_bytes(seed=3), "image/png")},
+                    data={"labels": LABELS, "method": "tps", "seed": "5", "compare": "true", "abstain_below": "0.99"})
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    assert result["adaptation"]["seed"] == 5 and result["zero_shot"] is not None and result["abstained"] is True
+
+
+def test_backbone_unchanged_and_no_state_left_after_50_mixed_requests(client):
+    model = client.app.state.engine.backbone.model
+    before = state_hash(model)
+    jobs = [(m, s) for s in range(9) for m in method_names()][:50]
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda ms: classify(client, ms[0], ms[1], images=[b64(png_bytes(seed=ms[1]))])
+                                 .status_code, jobs))
+    assert statuses == [200] * 50
+    assert state_hash(model) == before
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on some torch.distributed objects warns of deprecations
+        warnings.simplefilter("ignore")
+        live = gc.get_objects()
+        leftovers = [o for o in live if isinstance(o, torch.Tensor) and (o.requires_grad or o.grad is not None)]
+        optimizers = [o for o in live if isinstance(o, torch.optim.Optimizer)]
+    assert leftovers == [] and optimizers == []
+
+
+def test_adaptation_metrics(client):
+    classify(client, "tpt", options={"lr": 0.5})
+    classify(client, "zero_shot")
+    text = client.get("/metrics").text
+    assert 'tta_adapt_duration_seconds_count{method="tpt"} 2.0' in text
+    assert 'tta_entropy_reduction_nats_count{method="tpt"} 2.0' in text
+    assert 'tta_confidence_count{method="tpt"} 2.0' in text
+    assert 'tta_confidence_count{method="zero_shot"} 2.0' in text
+    assert "tta_prediction_changed_total" in text
+    assert 'tta_stage_duration_seconds_count{stage="adapt"} 1.0' in text
