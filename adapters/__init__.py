@@ -4,7 +4,7 @@ Importing this package registers every method; ``get_method`` and ``method_names
 stable way to reach them.
 """
 
-from adapters import ctpt, mta, tps, tpt, zero, zero_shot  # noqa: F401  (each registers on import)
+from adapters import ctpt, mta, tps, tpt, ttl, zero, zero_shot  # noqa: F401  (each registers on import)
 from adapters.base import REGISTRY, AdaptInput, AdaptResult, Method, OptionsError, register
 
 

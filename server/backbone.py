@@ -9,6 +9,9 @@ methods; ``preprocess`` is safe from any thread.
 For prompt learning (TPT, C-TPT) it also runs the text tower by hand from token embeddings with a
 learned context spliced in (``prompt_inputs``, ``encode_text_with_context``), written against
 open_clip 3.3.0's ``CLIP.encode_text`` and guarded by an equivalence test.
+
+For TTL it splits the vision tower at the first LoRA-adapted block (``lora_targets``,
+``vision_prefix``, ``vision_suffix``); that code is in ``server/lowrank.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
+from server import lowrank
 from server.errors import ConfigError
+from server.lowrank import LoraFactors, LoraTargets
 from server.settings import DEMO_MODEL_DIR, Settings
 from server.templates import render
 
@@ -371,6 +376,48 @@ class Backbone:
             x = x @ proj  # [R*C, D]
         feats = torch.nn.functional.normalize(x.float(), dim=-1).view(r, c, -1)  # [R, C, D]
         return feats[0] if single else feats
+
+    # -- low-rank vision adaptation (TTL) --------------------------------------------------------
+    # The open_clip vision internals live in server/lowrank.py (kept apart for size), pinned by
+    # tests/unit/test_lowrank.py against encode_image.
+    def lora_targets(self, n_blocks: int = 3) -> LoraTargets:
+        """Where TTL's LoRA goes: q and v of the last ``n_blocks`` ViT blocks (all when fewer), or of a
+        ModifiedResNet's attention pool. Raises ValueError for other vision towers (timm, ...)."""
+        return lowrank.lora_targets(self.model.visual, n_blocks)
+
+    def vision_prefix(self, images: torch.Tensor, targets: LoraTargets | None = None) -> torch.Tensor:
+        """The frozen vision tower up to the first adapted block, to cache for all of a request's steps.
+
+        Built under ``no_grad``, never inference mode, so adaptation graphs can use it.
+
+        Args:
+            images: [N, 3, H, W] preprocessed images.
+            targets: from ``lora_targets`` (default: TTL's last three blocks); pass the same to the suffix.
+        Returns:
+            ViT: [N, T, W] tokens entering the first adapted block; ResNet: [N, C, h, w] feature map
+            entering the attention pool. In the model's dtype, on the device.
+        """
+        targets = targets if targets is not None else self.lora_targets()
+        with torch.inference_mode(False), torch.no_grad():
+            x = images.to(self.device, self.dtype, non_blocking=True)
+            if x.is_inference():  # made in inference mode: copy to a normal tensor
+                x = x.clone()
+            return lowrank.vision_prefix(self.model.visual, x, targets)
+
+    def vision_suffix(self, prefix: torch.Tensor, lora: LoraFactors) -> torch.Tensor:
+        """Unit-norm image features with LoRA on the adapted blocks, differentiable in ``lora``'s A and B.
+
+        With B = 0 it equals ``encode_images``; the model's weights are never modified. Call it under
+        ``torch.enable_grad()`` to train the factors.
+
+        Args:
+            prefix: [N, ...] from ``vision_prefix`` with ``lora.targets``, or [R, N, ...] stacked.
+            lora: one request's factors, or R requests' stacked with ``LoraFactors.stack``.
+        Returns:
+            [N, D] or [R, N, D] float32.
+        """
+        feats = lowrank.vision_suffix(self.model.visual, prefix.to(self.device), lora)  # [R, N, D] or [N, D]
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
 @dataclass(frozen=True, eq=False)

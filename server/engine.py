@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from adapters import AdaptInput, get_method
+from adapters import AdaptInput, Method, get_method
 from adapters.views import make_views
 from server.backbone import Backbone
 from server.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
@@ -85,6 +85,35 @@ class JobOutput:
 def image_seed(seed: int, index: int) -> int:
     """The generator seed of image ``index`` of a request: distinct per image, fixed by the request's seed."""
     return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
+
+
+def adapt_image(backbone: Backbone, method: Method, options: Any, original: torch.Tensor, base_view: torch.Tensor,
+                classes: torch.Tensor, labels: tuple[str, ...],
+                generator: torch.Generator) -> tuple[torch.Tensor, ImageReport]:
+    """One image through a test-time method: views, one encoder pass, the method's steps, a prediction.
+
+    Args:
+        original: [3, H0, W0] uint8, the decoded image (views are cropped from it).
+        base_view: [3, h, w] its normal preprocessing (view 0).
+        classes: [C, D] class features, a normal (not inference-mode) tensor.
+        generator: the image's seeded generator; the only source of randomness.
+    Returns:
+        the final logits [C] (float32, CPU) and the report.
+    """
+    started = time.monotonic()
+    n_views = method.n_views(options)
+    cfg = backbone.preprocess_cfg
+    views = make_views(original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std, generator,
+                       base_view=base_view)  # [V, 3, h, w]
+    feats = backbone.encode_images(views).clone()  # [V, D]
+    inp = AdaptInput(feats, classes, backbone.logit_scale, labels, generator, backbone, views)
+    zero_shot = inp.zero_shot_logits()[0].detach()  # [C]
+    result = method.adapt(inp, options)
+    if backbone.device.type == "cuda":
+        torch.cuda.synchronize(backbone.device)
+    report = ImageReport(zero_shot.float().cpu(), result.steps, n_views, result.selected_views,
+                         time.monotonic() - started, result.order, result.extra)
+    return result.logits.detach().float().cpu(), report
 
 
 class Engine:
@@ -270,34 +299,25 @@ class Engine:
                 self._fail(job, exc)
 
     def _run_adaptation(self, job: Job, backbone: Backbone) -> None:
-        """Adapt to each image of the job in turn: views, one encoder pass, the method's steps, a prediction."""
+        """Adapt to each image of the job in turn, checking the deadline between images."""
         started = time.monotonic()
         method = get_method(job.method)
-        n_views = method.n_views(job.options)
         assert job.originals is not None
         try:
             # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
             classes = backbone.class_features(job.labels, job.templates).clone()  # [C, D]
-            cfg = backbone.preprocess_cfg
             logits, reports = [], []
             for i, original in enumerate(job.originals):
                 if job.cancelled or time.monotonic() > job.deadline:
                     raise DeadlineExceeded("the request passed its deadline during adaptation")
-                t0 = time.monotonic()
                 generator = torch.Generator().manual_seed(image_seed(job.seed, i))
-                views = make_views(original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std,
-                                   generator, base_view=job.images[i])  # [V, 3, h, w]
-                feats = backbone.encode_images(views).clone()  # [V, D]
-                inp = AdaptInput(feats, classes, backbone.logit_scale, job.labels, generator, backbone, views)
-                zero_shot = inp.zero_shot_logits()[0].detach()  # [C]
-                result = method.adapt(inp, job.options)
-                self._sync(backbone)
-                logits.append(result.logits.detach().float().cpu())
-                reports.append(ImageReport(zero_shot.float().cpu(), result.steps, n_views, result.selected_views,
-                                           time.monotonic() - t0, result.order, result.extra))
-                self.metrics.batch_size.observe(n_views)
+                final, report = adapt_image(backbone, method, job.options, original, job.images[i], classes,
+                                            job.labels, generator)
+                logits.append(final)
+                reports.append(report)
+                self.metrics.batch_size.observe(report.views)
             timings = {"queue": started - job.enqueued_at, "adapt": time.monotonic() - started}
-            self._resolve(job, JobOutput(torch.stack(logits), timings, n_views, reports))
+            self._resolve(job, JobOutput(torch.stack(logits), timings, reports[0].views, reports))
         except ValueError as exc:  # a method that cannot run on this model (e.g. no prompt-learning support)
             self._fail(job, InvalidInput(str(exc), code="method_unsupported"))
         except Exception as exc:  # noqa: BLE001 - reported to the request; the worker carries on

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from adapters import AdaptInput, get_method
 from adapters.views import make_views
 from server.backbone import Backbone
+from server.lowrank import LoraFactors
 from server.settings import Settings
 
 LABELS = ("red", "green", "blue", "a small cat", "a large striped dog")
@@ -33,11 +34,11 @@ def fixed_views(backbone: Backbone, seed: int, n: int = 64) -> torch.Tensor:
     return make_views(image, n, backbone.image_size, cfg.mean, cfg.std, gen, base_view=base)  # [n, 3, h, w]
 
 
-def run_ours(backbone: Backbone, method: str, views: torch.Tensor, options: dict):
+def run_ours(backbone: Backbone, method: str, views: torch.Tensor, options: dict, seed: int = 0):
     feats = backbone.encode_images(views).clone()
     classes = backbone.class_features(LABELS, ("a photo of a {}.",)).clone()
     impl = get_method(method)
-    inp = AdaptInput(feats, classes, backbone.logit_scale, LABELS, torch.Generator().manual_seed(0), backbone, views)
+    inp = AdaptInput(feats, classes, backbone.logit_scale, LABELS, torch.Generator().manual_seed(seed), backbone, views)
     return impl.adapt(inp, impl.parse_options(options))
 
 
@@ -154,5 +155,60 @@ def test_paper_defaults(backbone):
     assert get_method("ctpt").parse_options({}).dispersion_weight == 50.0
     zero = get_method("zero").parse_options({})
     assert (zero.views, zero.gamma) == (64, 0.3)
+    ttl = get_method("ttl").parse_options({})
+    assert (ttl.views, ttl.steps, ttl.lr, ttl.rank, ttl.alpha, ttl.blocks, ttl.tau) == (64, 1, 5e-3, 16, 32.0, 3, 0.4)
     mta = get_method("mta").parse_options({})
     assert (mta.views, mta.lambda_y, mta.lambda_q, mta.iterations) == (64, 0.2, 4.0, 5)
+
+
+def reference_ttl(backbone: Backbone, views, steps, lr=5e-3, tau=0.4, seed=0, rank=16, alpha=32.0):
+    """TTL's loop: LoRA on q/v of the packed in_proj weights, every view through the whole tower each step."""
+    model = backbone.model
+    targets = backbone.lora_targets(3)
+    init = LoraFactors.init(targets, rank, alpha, generator=torch.Generator().manual_seed(seed))
+    a = [t.detach().clone().requires_grad_(True) for t in init.a]
+    b = [t.detach().clone().requires_grad_(True) for t in init.b]
+    optimizer = torch.optim.AdamW(a + b, lr=lr, weight_decay=0.01)
+    params = dict(model.visual.named_parameters())
+    classes = backbone.class_features(LABELS, ("a photo of a {}.",)).clone()
+    scale = model.logit_scale.exp()
+
+    def adapted_weights() -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for target, a_i, b_i in zip(targets.targets, a, b, strict=True):
+            name = f"transformer.resblocks.{target.block}.attn.in_proj_weight"
+            weight = out.get(name, params[name])
+            width = target.in_features
+            delta = (alpha / rank) * b_i @ a_i  # [out, in]
+            zeros = torch.zeros(width, width)
+            parts = [delta, zeros, zeros] if target.proj == "q" else [zeros, zeros, delta]
+            out[name] = weight + torch.cat(parts)
+        return out
+
+    def encode(x):
+        return F.normalize(torch.func.functional_call(model.visual, adapted_weights(), (x,)), dim=-1)
+
+    for _ in range(steps):
+        logits = scale * encode(views) @ classes.T
+        h = naive_entropy(logits)
+        loss = (h * torch.exp(-(h.detach() - tau))).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        final = scale * encode(views[:1])[0] @ classes.T
+    return a, b, final
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_ttl_matches_the_published_loop(backbone, steps):
+    views = fixed_views(backbone, seed=20 + steps)
+    ours = run_ours(backbone, "ttl", views, {"steps": steps, "lr": 0.05}, seed=5)
+    a, b, final = reference_ttl(backbone, views, steps, lr=0.05, seed=5)
+    assert b[0].abs().max() > 0, "no update happened"
+    for i, (a_i, b_i) in enumerate(zip(a, b, strict=True)):
+        assert torch.allclose(ours.state[f"a{i}"], a_i.detach(), atol=1e-5, rtol=0)
+        assert torch.allclose(ours.state[f"b{i}"], b_i.detach(), atol=1e-5, rtol=0)
+    assert torch.allclose(ours.logits, final, atol=1e-5, rtol=0)
+    assert int(ours.logits.argmax()) == int(final.argmax())
+    assert ours.selected_views == 64
