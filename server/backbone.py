@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from server import lowrank
+from server.cache import ByteLRU, tensor_bytes
 from server.errors import ConfigError
 from server.lowrank import LoraFactors, LoraTargets
 from server.settings import DEMO_MODEL_DIR, Settings
@@ -136,40 +135,6 @@ def _looks_like_download_failure(exc: BaseException) -> bool:
     return any(w in text for w in words)
 
 
-class TextFeatureCache:
-    """An LRU of class text features, bounded by the bytes its tensors hold."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[Any, ...]) -> torch.Tensor | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple[Any, ...], value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes:
-            return  # larger than the whole budget: computed per request, never kept
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.bytes -= old.numel() * old.element_size()
-            self._items[key] = value
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self.bytes -= evicted.numel() * evicted.element_size()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class Backbone:
     """A loaded, frozen open_clip model and what is needed to use it."""
 
@@ -181,7 +146,7 @@ class Backbone:
         self.device = device
         self.precision = precision
         self.dtype = _DTYPES[precision]
-        self.text_cache = TextFeatureCache(text_cache_bytes)
+        self.text_cache: ByteLRU[torch.Tensor] = ByteLRU(text_cache_bytes, tensor_bytes)
         cfg = open_clip.get_model_preprocess_cfg(model)
         self.preprocess_cfg = PreprocessCfg(**cfg)
         self._transform = image_transform_v2(self.preprocess_cfg, is_train=False)
@@ -190,7 +155,7 @@ class Backbone:
         self.logit_scale = float(model.logit_scale.detach().float().exp().item())
         self.embed_dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None
         self.context_length = int(getattr(model, "context_length", 77))
-        self.prompt_cache = PromptInputsCache(text_cache_bytes)
+        self.prompt_cache: ByteLRU[PromptInputs] = ByteLRU(text_cache_bytes, lambda p: p.nbytes)
 
     @classmethod
     def load(cls, settings: Settings, spec: ModelSpec | None = None) -> Backbone:
@@ -448,39 +413,6 @@ class PromptInputs:
     def nbytes(self) -> int:
         tensors = (self.prefix, self.ctx_init, self.suffix, self.eot, self.tokens)
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class PromptInputsCache:
-    """An LRU of PromptInputs per (model, labels, ctx_init), bounded by the bytes they hold."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[tuple[Any, ...], PromptInputs] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[Any, ...]) -> PromptInputs | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple[Any, ...], value: PromptInputs) -> None:
-        if value.nbytes > self.max_bytes:
-            return  # larger than the whole budget: rebuilt per request, never kept
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.bytes -= old.nbytes
-            self._items[key] = value
-            self.bytes += value.nbytes
-            while self.bytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self.bytes -= evicted.nbytes
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from server import backbone as backbone_module
-from server.backbone import Backbone, TextFeatureCache, resolve_device, resolve_model
+from server.backbone import Backbone, resolve_device, resolve_model
+from server.cache import ByteLRU, tensor_bytes
 from server.errors import ConfigError
 from server.settings import Settings
 from tests.conftest import TINY_CONFIG
@@ -133,7 +134,7 @@ def test_class_features_are_cached_and_ensembled(tiny_model_dir):
 
 
 def test_text_cache_is_bounded_in_bytes_and_evicts_least_recently_used():
-    cache = TextFeatureCache(max_bytes=3 * 400)
+    cache = ByteLRU(3 * 400, tensor_bytes)
     tensors = {k: torch.zeros(10, 10) for k in "abcd"}  # 400 bytes each
     for key in "abc":
         cache.put((key,), tensors[key])
