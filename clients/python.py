@@ -73,7 +73,8 @@ class Client:
 
     def classify(self, images: list[ImageLike], labels: list[str] | None = None, *, label_set: str | None = None,
                  templates: list[str] | str | None = None, top_k: int | None = None, method: str | None = None,
-                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+                 options: dict[str, Any] | None = None, seed: int | None = None, compare: bool = False,
+                 abstain_below: float | None = None) -> dict[str, Any]:
         """Classify images (sent as multipart uploads); returns the response body."""
         files = [("image", (f"image{i}", _image_bytes(img), "application/octet-stream"))
                  for i, img in enumerate(images)]
@@ -90,6 +91,12 @@ class Client:
             data["method"] = method
         if options is not None:
             data["options"] = json.dumps(options)
+        if seed is not None:
+            data["seed"] = str(seed)
+        if compare:
+            data["compare"] = "true"
+        if abstain_below is not None:
+            data["abstain_below"] = str(abstain_below)
         return self._request("POST", "/v1/classify", files=files, data=data).json()  # type: ignore[no-any-return]
 
     def create_label_set(self, name: str, labels: list[str], templates: list[str] | str | None = None,

@@ -10,7 +10,8 @@ from PIL import Image
 from benchmarks import accuracy
 from tests.e2e.test_process import free_port, start, wait_ready
 
-ARGS = ["--shifts", "clean,control,gaussian_noise,style", "--max-samples", "24", "--bootstrap", "50", "--threads", "1"]
+ARGS = ["--shifts", "clean,control,gaussian_noise,style", "--max-samples", "16", "--bootstrap", "50", "--threads", "1",
+        "--methods", "zero_shot,tps,zero", "--batch-size", "8"]
 
 
 def test_direct_and_server_runs_agree_and_write_reports(tiny_model_dir, tmp_path):
@@ -23,8 +24,9 @@ def test_direct_and_server_runs_agree_and_write_reports(tiny_model_dir, tmp_path
     finally:
         proc.terminate()
         proc.wait(20)
-    assert [r["shift"] for r in direct["rows"]] == ["clean", "control", "gaussian_noise-3", "style-3",
-                                                   "corruptions (pooled)"]
+    assert [r["shift"] for r in direct["rows"] if r["method"] == "zero_shot"] == [
+        "clean", "control", "gaussian_noise-3", "style-3", "corruptions (pooled)"]
+    assert {r["method"] for r in direct["rows"]} == {"zero_shot", "tps", "zero"}
     for a, b in zip(direct["rows"], served["rows"], strict=True):
         assert (a["shift"], a["method"], a["n"]) == (b["shift"], b["method"], b["n"])
         assert a["top1"] == b["top1"]
@@ -33,7 +35,8 @@ def test_direct_and_server_runs_agree_and_write_reports(tiny_model_dir, tmp_path
     out = tmp_path / "direct"
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == direct["rows"] and "zero_shot" in saved["reliability"]
-    assert "| clean | zero_shot | 24 |" in (out / "results.md").read_text()
+    assert "| clean | zero_shot | 16 |" in (out / "results.md").read_text()
+    assert "| gaussian_noise-3 | tps | 16 |" in (out / "results.md").read_text()
     with Image.open(out / "accuracy.png") as png:
         assert png.size[0] > 500 and png.size[1] > 300
 
@@ -46,6 +49,6 @@ def test_folder_data_with_class_names(tiny_model_dir, tmp_path):
             Image.new("RGB", (20 + i, 20), colour).save(folder / f"{i}.png")
     (tmp_path / "names.txt").write_text("red thing\nblue thing\n")
     result = accuracy.main(["--model", f"local-dir:{tiny_model_dir}", "--data", str(tmp_path / "data"),
-                            "--class-names", str(tmp_path / "names.txt"), "--bootstrap", "20",
+                            "--class-names", str(tmp_path / "names.txt"), "--bootstrap", "20", "--methods", "zero_shot",
                             "--out", str(tmp_path / "out")])
     assert [(r["shift"], r["n"]) for r in result["rows"]] == [("data", 6.0)]

@@ -25,7 +25,7 @@ def pytest_approx(x: float):
 def test_score_top1_nll_changed_and_intervals():
     probs = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
     labels = torch.tensor([0, 1, 1, 0])
-    reference = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]])
+    reference = torch.tensor([0, 0, 0, 0])
     s = score(probs, labels, reference, n_boot=200)
     assert s["top1"] == pytest_approx(75.0)  # argmax of [0.5, 0.5] is class 0: correct
     expected_nll = -(torch.log(torch.tensor([0.7, 0.8, 0.4, 0.5]))).mean().item()
@@ -33,3 +33,11 @@ def test_score_top1_nll_changed_and_intervals():
     assert s["changed"] == pytest_approx(25.0)
     for key in ("top1", "ece", "nll"):
         assert s[f"{key}_lo"] <= s[key] <= s[f"{key}_hi"]
+
+
+def test_score_with_a_label_that_is_not_the_argmax():
+    probs = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
+    s = score(probs, torch.tensor([1, 1]), pred=torch.tensor([1, 1]), n_boot=50)
+    assert s["top1"] == pytest_approx(100.0)
+    # confidences 0.4 and 0.7, both right: ECE = (0.6 + 0.3) / 2
+    assert s["ece"] == pytest_approx(45.0)

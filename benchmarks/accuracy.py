@@ -1,0 +1,340 @@
+"""Accuracy and calibration of test-time methods under distribution shift.
+
+Measures any model (the demo model, or any TTA_MODEL form with --pretrained) on any data (the
+synthetic shift suite, or ImageFolder-style directories) with any registered methods, either
+directly in this process or against a running server (--server URL). For every (shift, method) it
+reports top-1, ECE (15 bins; raw, and at the model's fitted temperature) and NLL with 95% bootstrap
+intervals, and the share of predictions
+that differ from zero-shot; then the same pooled over the corruption shifts. It writes
+results.json, results.md and accuracy.png (accuracy per shift and method, reliability diagrams).
+
+    python -m benchmarks.accuracy --model demo --max-samples 500
+    python -m benchmarks.accuracy --model ViT-B-32 --shifts clean --max-samples 100
+    python -m benchmarks.accuracy --model ViT-B-16-quickgelu --pretrained openai \
+        --data /data/imagenet-a --class-names /data/imagenet-a/classes.txt
+    python -m benchmarks.accuracy --server http://127.0.0.1:8000 --methods zero_shot
+
+Shift rows: ``clean`` (seen compositions), ``control`` (clean with a sigma-0.8 px blur: views made
+by random resized crops are resampled, hence low-pass filtered, so on noise a method can win by
+denoising rather than adapting; compare against this row), ``heldout`` (unseen compositions), each
+corruption at the chosen severities, and ``style`` (unseen backgrounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from adapters import get_method, method_names
+from benchmarks import shifts as shift_suite
+from benchmarks import synthetic
+from benchmarks.scoring import reliability, score
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class Subset:
+    """One row group of the table: images of one shift at one severity, with their labels."""
+
+    name: str
+    images: list[Image.Image]
+    labels: torch.Tensor  # [N]
+    class_names: list[str]
+    templates: list[str]
+    corruption: bool  # pooled into the corruption average
+
+    @property
+    def title(self) -> str:
+        return self.name
+
+
+def tensors_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] in [0, 1] (already on the 8-bit grid) -> RGB PIL images, exactly."""
+    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def synthetic_subsets(names: list[str], severities: list[int], n: int, seed: int) -> list[Subset]:
+    out = []
+    for name in names:
+        levels = severities if name in shift_suite.SHIFTS else [0]
+        for severity in levels:
+            images, labels = shift_suite.make_shifted(name, severity, n, seed)
+            title = f"{name}-{severity}" if severity else name
+            out.append(Subset(title, tensors_to_pil(images), labels, synthetic.CLASS_NAMES, synthetic.TEMPLATES,
+                              corruption=name in shift_suite.CORRUPTIONS))
+    return out
+
+
+def folder_subset(root: Path, class_names_file: Path | None, n: int, seed: int, templates: list[str]) -> Subset:
+    """An ImageFolder-style directory: one sub-folder per class, sorted; names from the file if given."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if class_names_file is not None:
+        names = [line.strip() for line in class_names_file.read_text().splitlines() if line.strip()]
+        if len(names) != len(folders):
+            raise SystemExit(f"{class_names_file} has {len(names)} names for {len(folders)} class folders in {root}")
+    else:
+        names = [f.name.replace("_", " ") for f in folders]
+    files = [(p, i) for i, f in enumerate(folders) for p in sorted(f.rglob("*"))
+             if p.suffix.lower() in IMAGE_EXTENSIONS]
+    rng = np.random.default_rng(seed)
+    if n and len(files) > n:
+        files = [files[i] for i in sorted(rng.choice(len(files), n, replace=False))]
+    images = [Image.open(p).convert("RGB") for p, _ in files]
+    return Subset(root.name, images, torch.tensor([i for _, i in files]), names, templates, corruption=False)
+
+
+@dataclass
+class Outputs:
+    """A method's answers on a subset."""
+
+    logits: torch.Tensor  # [N, C] the method's final logits
+    pred: torch.Tensor  # [N] its labels (ZERO's vote winner need not be the arg-max)
+    temperature: float  # the model's fitted temperature for this method (1 when none)
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)  # [3, H, W]
+
+
+class DirectRunner:
+    """Runs methods in this process, as the server's engine does (``server.engine.adapt_image``)."""
+
+    def __init__(self, model: str, pretrained: str | None, device: str, batch_size: int, seed: int = 0):
+        from server.backbone import Backbone
+        from server.settings import Settings
+
+        settings = Settings(model=model, pretrained=pretrained, device=device, _env_file=None)
+        self.backbone = Backbone.load(settings)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.description = f"{self.backbone.spec.display} (direct, {self.backbone.device})"
+        self.calibration = {m: float(v["temperature"])
+                            for m, v in (self.backbone.spec.metadata.get("calibration") or {}).items()}
+
+    def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
+        from server.engine import adapt_image, image_seed
+
+        bb = self.backbone
+        impl = get_method(method)
+        parsed = impl.parse_options(options)
+        temperature = self.calibration.get(method, 1.0)
+        if method == "zero_shot":
+            classes = bb.class_features(tuple(subset.class_names), tuple(subset.templates))
+            out = []
+            for i in range(0, len(subset.images), self.batch_size):
+                x = torch.stack([bb.preprocess(im) for im in subset.images[i : i + self.batch_size]])
+                out.append(impl.predict(bb.encode_images(x), classes, bb.logit_scale, parsed).float().cpu())
+            logits = torch.cat(out)
+            return Outputs(logits, logits.argmax(-1), temperature)
+        classes = bb.class_features(tuple(subset.class_names), tuple(subset.templates)).clone()
+        rows, preds = [], []
+        for i, image in enumerate(subset.images):
+            # Seeded as the server seeds image i - start of a request of batch_size images with seed + start,
+            # so a direct run and a server run with the same --batch-size see the same views.
+            start = i - i % self.batch_size
+            generator = torch.Generator().manual_seed(image_seed(self.seed + start, i - start))
+            final, report = adapt_image(bb, impl, parsed, pil_to_uint8(image), bb.preprocess(image), classes,
+                                        tuple(subset.class_names), generator)
+            rows.append(final)
+            preds.append(int(report.order[0]) if report.order is not None else int(final.argmax()))
+            if progress is not None and i % 16 == 15:
+                progress.set_postfix_str(f"{i + 1}/{len(subset.images)} images")
+        return Outputs(torch.stack(rows), torch.tensor(preds), temperature)
+
+
+class ServerRunner:
+    """Runs methods through a TTAServe server's HTTP API, images sent as PNG uploads."""
+
+    def __init__(self, url: str, batch_size: int, seed: int = 0):
+        from clients import Client
+
+        self.client = Client(url, timeout_s=600)
+        model = self.client.models()[0]
+        self.batch_size = min(batch_size, self.client.methods()["methods"][0]["limits"]["max_images_per_request"])
+        self.seed = seed
+        self.description = f"{model['id']} (server {url}, {model.get('device')})"
+        self.calibration = {m: v["temperature"] for m, v in model.get("calibration", {}).items()}
+
+    def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
+        index = {name: j for j, name in enumerate(subset.class_names)}
+        rows, preds = [], []
+        for i in range(0, len(subset.images), self.batch_size):
+            payload = []
+            for image in subset.images[i : i + self.batch_size]:
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                payload.append(buf.getvalue())
+            body = self.client.classify(payload, labels=subset.class_names, templates=subset.templates,
+                                        top_k=len(subset.class_names), method=method, options=options or None,
+                                        seed=self.seed + i)
+            for result in body["results"]:
+                row = torch.zeros(len(subset.class_names))
+                for p in result["predictions"]:
+                    row[index[p["label"]]] = p["logit"]
+                rows.append(row)
+                preds.append(index[result["predictions"][0]["label"]])
+        return Outputs(torch.stack(rows), torch.tensor(preds), self.calibration.get(method, 1.0))
+
+
+def markdown(rows: list[dict[str, Any]], methods: list[str]) -> str:
+    lines = ["| shift | method | n | top-1 % [95% CI] | ECE % [95% CI] | ECE % at T [95% CI] | NLL [95% CI] "
+             "| changed % |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        changed = f"{r['changed']:.1f}" if "changed" in r else "-"
+        lines.append(
+            f"| {r['shift']} | {r['method']} | {int(r['n'])} "
+            f"| {r['top1']:.1f} [{r['top1_lo']:.1f}, {r['top1_hi']:.1f}] "
+            f"| {r['ece']:.1f} [{r['ece_lo']:.1f}, {r['ece_hi']:.1f}] "
+            f"| {r['ece_cal']:.1f} [{r['ece_cal_lo']:.1f}, {r['ece_cal_hi']:.1f}] (T={r['temperature']:.2f}) "
+            f"| {r['nll']:.3f} [{r['nll_lo']:.3f}, {r['nll_hi']:.3f}] | {changed} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], diagrams: dict[str, dict[str, list[float]]], methods: list[str],
+         path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shifts = list(dict.fromkeys(r["shift"] for r in rows))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(10, 0.55 * len(shifts) * len(methods) + 6), 4.8),
+                                  gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        mine = {r["shift"]: r for r in rows if r["method"] == method}
+        vals = [mine[s]["top1"] if s in mine else np.nan for s in shifts]
+        lo = [mine[s]["top1"] - mine[s]["top1_lo"] if s in mine else 0 for s in shifts]
+        hi = [mine[s]["top1_hi"] - mine[s]["top1"] if s in mine else 0 for s in shifts]
+        ax.bar(np.arange(len(shifts)) + k * width, vals, width, yerr=[lo, hi], label=method, capsize=2)
+    ax.set_xticks(np.arange(len(shifts)) + 0.4 - width / 2, shifts, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 %")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy per shift (95% bootstrap CI)")
+    ax2.plot([0, 1], [0, 1], "k--", lw=0.8)
+    for method, d in diagrams.items():
+        pts = [(c, a) for c, a, n in zip(d["confidence"], d["accuracy"], d["count"], strict=True) if n > 0]
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=method)
+    ax2.set_xlabel("confidence")
+    ax2.set_ylabel("accuracy")
+    ax2.set_title("Reliability (corruptions pooled)")
+    if diagrams:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for item in items:
+        method, _, text = item.partition("=")
+        out[method] = json.loads(text)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="demo, demo-vit, or any TTA_MODEL form")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--server", default=None, help="measure a running server instead (URL)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", type=Path, action="append", default=[],
+                        help="ImageFolder-style directory (repeatable); default: the synthetic shift suite")
+    parser.add_argument("--class-names", type=Path, default=None, help="one class name per line, in folder order")
+    parser.add_argument("--templates", default=None, help="JSON list of templates for --data (default: CLIP's simple)")
+    parser.add_argument("--methods", default="all", help="comma-separated, or 'all' registered methods")
+    parser.add_argument("--options", action="append", default=[], metavar="METHOD=JSON", help="a method's options")
+    parser.add_argument("--shifts", default="all", help="comma-separated shift names, or 'all'")
+    parser.add_argument("--severities", default="3", help="comma-separated severities 1-5 for corruptions")
+    parser.add_argument("--max-samples", type=int, default=500, help="images per shift")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/accuracy"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    methods = method_names() if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; registered: {method_names()}")
+    methods = ["zero_shot"] + [m for m in methods if m != "zero_shot"]  # the reference for 'changed'
+    options = parse_options(args.options)
+
+    if args.data:
+        templates = json.loads(args.templates) if args.templates else ["a photo of a {}."]
+        subsets = [folder_subset(d, args.class_names, args.max_samples, args.seed, templates) for d in args.data]
+    else:
+        names = (["clean", "control", "heldout", *shift_suite.SHIFTS] if args.shifts == "all"
+                 else args.shifts.split(","))
+        subsets = synthetic_subsets(names, [int(s) for s in args.severities.split(",")], args.max_samples, args.seed)
+
+    runner = ServerRunner(args.server, args.batch_size, args.seed) if args.server else DirectRunner(
+        args.model, args.pretrained, args.device, args.batch_size, args.seed)
+    print(f"model: {runner.description}; methods: {', '.join(methods)}; {len(subsets)} subsets x "
+          f"{args.max_samples} images", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    pooled: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+        m: [] for m in methods}
+    started = time.perf_counter()
+
+    def scored(shift: str, method: str, logits, pred, labels, reference, temperature) -> dict[str, Any]:
+        ref = None if method == "zero_shot" else reference
+        raw = score(logits.softmax(-1), labels, ref, args.bootstrap, args.seed, pred=pred)
+        cal = score((logits / temperature).softmax(-1), labels, ref, args.bootstrap, args.seed, pred=pred)
+        return {"shift": shift, "method": method, **raw, "temperature": temperature,
+                "ece_cal": cal["ece"], "ece_cal_lo": cal["ece_lo"], "ece_cal_hi": cal["ece_hi"], "nll_cal": cal["nll"]}
+
+    with tqdm(total=len(subsets) * len(methods), unit="run", dynamic_ncols=True) as bar:
+        for subset in subsets:
+            reference = None
+            for method in methods:
+                bar.set_description(f"{subset.title} / {method}")
+                out = runner.run(subset, method, options.get(method, {}), bar)
+                reference = out.pred if method == "zero_shot" else reference
+                rows.append(scored(subset.title, method, out.logits, out.pred, subset.labels, reference,
+                                   out.temperature))
+                if subset.corruption:
+                    pooled[method].append((out.logits, out.pred, subset.labels, reference,
+                                           torch.tensor(out.temperature)))
+                bar.update()
+    diagrams = {}
+    for method in methods:
+        if pooled[method]:
+            logits, pred, labels, ref = (torch.cat([p[k] for p in pooled[method]]) for k in range(4))
+            temperature = float(pooled[method][0][4])
+            rows.append(scored("corruptions (pooled)", method, logits, pred, labels, ref, temperature))
+            probs = logits.softmax(-1)
+            diagrams[method] = reliability(probs.gather(1, pred[:, None]).squeeze(1), (pred == labels).float())
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, methods)
+    meta = {"model": runner.description, "methods": methods, "options": options, "max_samples": args.max_samples,
+            "severities": args.severities, "seed": args.seed, "seconds": time.perf_counter() - started}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "reliability": diagrams}, indent=1))
+    (args.out / "results.md").write_text(f"Model: {runner.description}\n\n{table}")
+    plot(rows, diagrams, methods, args.out / "accuracy.png")
+    print(table)
+    print(f"wrote {args.out}/results.json, results.md, accuracy.png in {meta['seconds']:.0f} s")
+    return {"meta": meta, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()

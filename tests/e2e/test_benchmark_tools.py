@@ -1,0 +1,45 @@
+"""The calibration, tuning and latency tools run end to end on a tiny model and do what they say."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import torch
+
+from benchmarks import calibrate, method_latency, tune
+from benchmarks.calibrate import fit_temperature
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    gen = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 10, generator=gen) * 3
+    labels = torch.multinomial(true_logits.softmax(-1), 1, generator=gen).squeeze(1)
+    # The model is over-confident by a factor 2.5: the fitted T must undo it.
+    t = fit_temperature(true_logits * 2.5, labels)
+    assert math.isclose(t, 2.5, rel_tol=0.08)
+
+
+def test_calibrate_writes_temperatures_into_the_model_folder(tiny_model_dir, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    fitted = calibrate.main(["--model", f"local-dir:{folder}", "--methods", "zero_shot,tps", "--max-samples", "24",
+                             "--threads", "1", "--options", 'tps={"views": 8}', "--write"])
+    meta = json.loads((folder / "ttaserve.json").read_text())
+    assert set(meta["calibration"]) == {"zero_shot", "tps"}
+    assert meta["calibration"]["tps"]["temperature"] == fitted["tps"]["temperature"] > 0
+    assert meta["calibration"]["tps"]["options"] == {"views": 8}
+    assert meta["label_sets"]  # the rest of the file is kept
+    assert "ECE" in capsys.readouterr().out
+
+
+def test_tune_and_latency_report_every_method(tiny_model_dir, capsys):
+    chosen = tune.main(["--model", f"local-dir:{tiny_model_dir}", "--methods", "tps", "--max-samples", "8",
+                        "--threads", "1"])
+    assert set(chosen) == {"tps"} and chosen["tps"]["lr"] in tune.LRS and chosen["tps"]["steps"] in tune.STEPS
+    assert "--options 'tps=" in capsys.readouterr().out
+    result = method_latency.main(["--model", f"local-dir:{tiny_model_dir}", "--methods", "zero_shot,zero,tps",
+                                  "--images", "2", "--threads", "1"])
+    assert set(result) == {"zero_shot", "zero", "tps"}
+    assert all(r["p95_s"] >= r["p50_s"] > 0 for r in result.values())
