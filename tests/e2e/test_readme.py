@@ -56,7 +56,7 @@ def test_readme_curl_examples_work_against_the_default_server(tmp_path):
         multipart = subprocess.run(["bash", "-c", blocks[0].replace("localhost:8000", f"127.0.0.1:{port}")],
                                    cwd=ROOT, capture_output=True, text=True, timeout=60)
         labels = [r["label"] for r in json.loads(multipart.stdout)["results"]]
-        assert labels == ["red star", "blue circle"]
+        assert labels == ["red star", "blue square"]
     finally:
         proc.terminate()
         proc.wait(20)
