@@ -198,7 +198,7 @@ def _results(output: JobOutput, labels: tuple[str, ...], top_k: int, method: str
         report = output.reports[i] if output.reports else None
         zs_logits = report.zero_shot_logits if report else logits
         preds, calibrated = _predictions(logits, temperature, labels, report.order if report else None, top_k)
-        zs_preds, zs_calibrated = _predictions(zs_logits, calibration.get("zero_shot", 1.0), labels, None, top_k)
+        zs_preds, _ = _predictions(zs_logits, calibration.get("zero_shot", 1.0), labels, None, top_k)
         confidence = preds[0].probability
         abstained = req.abstain_below is not None and confidence < req.abstain_below
         entropy_before, entropy_after = _entropy(zs_logits), _entropy(logits)
