@@ -65,15 +65,26 @@ def tensors_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
 
+BLURRED = "+blur"  # suffix: the shift, then the control's slight blur (e.g. gaussian_noise+blur)
+
+
 def synthetic_subsets(names: list[str], severities: list[int], n: int, seed: int) -> list[Subset]:
+    """Subsets of the shift suite. ``NAME+blur`` rows blur the shifted images as the control does: on
+    noise, zero-shot on them shows how much of a view-based method's gain plain low-pass filtering gets."""
     out = []
-    for name in names:
+    for entry in names:
+        name, blurred = entry.removesuffix(BLURRED), entry.endswith(BLURRED)
+        if name not in shift_suite.SHIFTS and name not in ("clean", "control", "heldout"):
+            raise SystemExit(f"unknown shift {entry!r}; known: clean, control, heldout, "
+                             f"{', '.join(shift_suite.SHIFTS)} (each may end in {BLURRED})")
         levels = severities if name in shift_suite.SHIFTS else [0]
         for severity in levels:
             images, labels = shift_suite.make_shifted(name, severity, n, seed)
-            title = f"{name}-{severity}" if severity else name
+            if blurred:
+                images = shift_suite.control(images)
+            title = (f"{name}-{severity}" if severity else name) + (BLURRED if blurred else "")
             out.append(Subset(title, tensors_to_pil(images), labels, synthetic.CLASS_NAMES, synthetic.TEMPLATES,
-                              corruption=name in shift_suite.CORRUPTIONS))
+                              corruption=name in shift_suite.CORRUPTIONS and not blurred))
     return out
 
 
@@ -260,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--templates", default=None, help="JSON list of templates for --data (default: CLIP's simple)")
     parser.add_argument("--methods", default="all", help="comma-separated, or 'all' registered methods")
     parser.add_argument("--options", action="append", default=[], metavar="METHOD=JSON", help="a method's options")
-    parser.add_argument("--shifts", default="all", help="comma-separated shift names, or 'all'")
+    parser.add_argument("--shifts", default="all",
+                        help="comma-separated shift names (NAME+blur adds the control's blur), or 'all'")
     parser.add_argument("--severities", default="3", help="comma-separated severities 1-5 for corruptions")
     parser.add_argument("--max-samples", type=int, default=500, help="images per shift")
     parser.add_argument("--seed", type=int, default=0)

@@ -52,3 +52,15 @@ def test_folder_data_with_class_names(tiny_model_dir, tmp_path):
                             "--class-names", str(tmp_path / "names.txt"), "--bootstrap", "20", "--methods", "zero_shot",
                             "--out", str(tmp_path / "out")])
     assert [(r["shift"], r["n"]) for r in result["rows"]] == [("data", 6.0)]
+
+
+def test_blurred_control_rows_and_unknown_shifts(tiny_model_dir, tmp_path):
+    result = accuracy.main(["--model", f"local-dir:{tiny_model_dir}", "--shifts", "gaussian_noise,gaussian_noise+blur",
+                            "--methods", "zero_shot", "--max-samples", "8", "--bootstrap", "20",
+                            "--out", str(tmp_path / "out")])
+    shifts = [r["shift"] for r in result["rows"]]
+    # The blurred row is a control: it is not pooled into the corruption average.
+    assert shifts == ["gaussian_noise-3", "gaussian_noise-3+blur", "corruptions (pooled)"]
+    assert result["rows"][2]["n"] == 8
+    with pytest.raises(SystemExit, match="unknown shift"):
+        accuracy.main(["--model", f"local-dir:{tiny_model_dir}", "--shifts", "rain", "--out", str(tmp_path)])

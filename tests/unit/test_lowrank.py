@@ -28,6 +28,8 @@ from tests.conftest import TINY_CONFIG, TINY_PREPROCESS
 ATOL = 1e-5
 # Stacked requests run the same ops on a larger batch; only batched-matmul blocking can differ.
 STACK_ATOL = 1e-6
+# Gradients sum over a batch of R*N images instead of N: a different reduction order, seen up to 1.7e-6 apart.
+STACK_GRAD_ATOL = 1e-5
 
 VIT_LS_AVG = {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "layers": 3, "ls_init_value": 0.5,
                                             "pool_type": "avg"}}
@@ -191,7 +193,7 @@ def test_stacked_requests_equal_separate_calls_values_and_gradients(backbones, n
             loss(alone).backward()
             torch.testing.assert_close(stacked[r], alone, atol=STACK_ATOL, rtol=0)
             for s, a in zip(stack_req[r].parameters(), alone_req[r].parameters(), strict=True):
-                torch.testing.assert_close(s.grad, a.grad, atol=STACK_ATOL, rtol=1e-5)
+                torch.testing.assert_close(s.grad, a.grad, atol=STACK_GRAD_ATOL, rtol=1e-5)
 
 
 def test_same_seed_same_init(backbones):
