@@ -4,10 +4,12 @@ One worker thread owns the device. It loads the backbone, warms it up, then serv
 bounded queue. Async request handlers submit a job and await its future; they never touch the
 model. Consecutive zero-shot jobs are micro-batched: the worker takes the first waiting job, waits
 up to ``max_batch_delay_ms`` for more, encodes up to ``max_batch_size`` images in one forward
-pass, then classifies each job against its own class features.
+pass, then classifies each job against its own class features. Adaptation jobs (any other method)
+run alone, image by image, through ``adapt_image``: views from the image's seeded generator, one
+encoder pass, the method's steps on state that lives only for that image.
 
-A full queue raises ``Overloaded`` (429); a job whose deadline passes is dropped before it runs and
-its handler answers 504.
+A full queue raises ``Overloaded`` (429); a job whose deadline passes is dropped before it runs (or
+between the images of an adaptation job) and its handler answers 504.
 """
 
 from __future__ import annotations
