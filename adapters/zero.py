@@ -25,8 +25,8 @@ from adapters.common import MAX_VIEWS, check_range
 from adapters.losses import entropy
 
 
-def vote(logits: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """[V, C] view logits -> (votes [C], class order best first [C], kept view count)."""
+def vote(logits: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[V, C] view logits -> (votes [C], class order best first [C], kept view indices [K])."""
     v, c = logits.shape
     order = torch.argsort(entropy(logits), stable=True)  # [V] most confident first
     keep = max(1, int(v * gamma))
@@ -43,7 +43,7 @@ def vote(logits: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor
     # Rank: the winner, then by votes, then by mean probability.
     score = votes.double() * 2 + mean_prob.double()  # mean_prob < 1 never reorders different vote counts
     score[winner] = float("inf")
-    return votes, torch.argsort(score, descending=True, stable=True), keep
+    return votes, torch.argsort(score, descending=True, stable=True), order[:keep]
 
 
 @register
@@ -62,9 +62,8 @@ class Zero(Method):
 
     def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
         logits = inp.zero_shot_logits()  # [V, C]
-        votes, order, keep = vote(logits, options.gamma)
-        kept = torch.argsort(entropy(logits), stable=True)[:keep]
+        votes, order, kept = vote(logits, options.gamma)
         mean_logits = logits[kept].mean(0)  # [C]
         winner = int(order[0])
-        return AdaptResult(mean_logits, steps=0, selected_views=keep, order=order,
-                           extra={"agreement": float(votes[winner]) / keep})
+        return AdaptResult(mean_logits, steps=0, selected_views=len(kept), order=order,
+                           extra={"agreement": float(votes[winner]) / len(kept)})

@@ -39,6 +39,7 @@ from adapters import get_method, method_names
 from benchmarks import shifts as shift_suite
 from benchmarks import synthetic
 from benchmarks.scoring import reliability, score
+from server.images import to_uint8_tensor
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -115,10 +116,6 @@ class Outputs:
     temperature: float  # the model's fitted temperature for this method (1 when none)
 
 
-def pil_to_uint8(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)  # [3, H, W]
-
-
 class DirectRunner:
     """Runs methods in this process, as the server's engine does (``server.engine.adapt_image``)."""
 
@@ -156,7 +153,7 @@ class DirectRunner:
             # so a direct run and a server run with the same --batch-size see the same views.
             start = i - i % self.batch_size
             generator = torch.Generator().manual_seed(image_seed(self.seed + start, i - start))
-            final, report = adapt_image(bb, impl, parsed, pil_to_uint8(image), bb.preprocess(image), classes,
+            final, report = adapt_image(bb, impl, parsed, to_uint8_tensor(image), bb.preprocess(image), classes,
                                         tuple(subset.class_names), generator)
             rows.append(final)
             preds.append(int(report.order[0]) if report.order is not None else int(final.argmax()))

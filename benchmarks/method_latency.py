@@ -20,9 +20,10 @@ import torch
 
 from adapters import get_method, method_names
 from benchmarks import synthetic
-from benchmarks.accuracy import pil_to_uint8, tensors_to_pil
+from benchmarks.accuracy import tensors_to_pil
 from server.backbone import Backbone
 from server.engine import adapt_image, image_seed
+from server.images import to_uint8_tensor
 from server.settings import Settings
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"model={backbone.spec.display} device={backbone.device} threads={args.threads} images={args.images} "
           f"classes={len(labels)}", flush=True)
     for i, image in enumerate([images[0], *images]):  # the first image warms every method up, unrecorded
-        original, base = pil_to_uint8(image), backbone.preprocess(image)
+        original, base = to_uint8_tensor(image), backbone.preprocess(image)
         for method in methods:
             impl = get_method(method)
             options = impl.parse_options({})

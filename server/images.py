@@ -12,6 +12,8 @@ import io
 import re
 import warnings
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from server.errors import InvalidInput
@@ -70,3 +72,8 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
     with contextlib.suppress(Exception):
         image = ImageOps.exif_transpose(image) or image
     return image.convert("RGB")
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 tensor [3, H, W], the form augmented views are cropped from."""
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)

@@ -7,7 +7,6 @@ import secrets
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import APIRouter, Request, Response
 from PIL import Image
@@ -15,10 +14,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters import OptionsError, get_method, method_names
+from adapters.losses import entropy
 from server.backbone import Backbone
 from server.engine import Engine, JobOutput
 from server.errors import BadRequest, InvalidInput, NotReady, TTAError, UnsupportedMediaType
-from server.images import decode_base64, decode_image
+from server.images import decode_base64, decode_image, to_uint8_tensor
 from server.inputs import (
     ClassifyInput,
     check_image_count,
@@ -160,7 +160,7 @@ def _decode_all(images: list[bytes | str], backbone: Backbone, settings: Setting
             if min(image.size) > cap:
                 scale = cap / min(image.size)
                 image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-            originals.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))  # [3, H0, W0] uint8
+            originals.append(to_uint8_tensor(image))  # [3, H0, W0]
     return torch.stack(tensors), (originals if keep_originals else None)
 
 
@@ -172,10 +172,6 @@ def _resolve_classes(req: ClassifyRequest, request: Request,
         label_set = _store(request).get_label_set(req.label_set)
         return label_set.labels, resolve_templates(req.templates, settings, fallback=label_set.templates)
     return validate_labels(req.labels, settings), resolve_templates(req.templates, settings)
-
-
-def _entropy(logits: torch.Tensor) -> float:
-    return float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum())
 
 
 def _predictions(logits: torch.Tensor, temperature: float, labels: tuple[str, ...],
@@ -197,11 +193,11 @@ def _results(output: JobOutput, labels: tuple[str, ...], top_k: int, method: str
         logits = output.logits[i]  # [C]
         report = output.reports[i] if output.reports else None
         zs_logits = report.zero_shot_logits if report else logits
-        preds, calibrated = _predictions(logits, temperature, labels, report.order if report else None, top_k)
+        preds, _ = _predictions(logits, temperature, labels, report.order if report else None, top_k)
         zs_preds, _ = _predictions(zs_logits, calibration.get("zero_shot", 1.0), labels, None, top_k)
         confidence = preds[0].probability
         abstained = req.abstain_below is not None and confidence < req.abstain_below
-        entropy_before, entropy_after = _entropy(zs_logits), _entropy(logits)
+        entropy_before, entropy_after = float(entropy(zs_logits)), float(entropy(logits))
         adaptation = Adaptation(
             method=method,
             steps=report.steps if report else 0,
@@ -224,7 +220,7 @@ def _results(output: JobOutput, labels: tuple[str, ...], top_k: int, method: str
         results.append(Result(
             label=None if abstained else preds[0].label,
             confidence=confidence,
-            entropy=float(-(calibrated * calibrated.clamp_min(1e-30).log()).sum()),
+            entropy=float(entropy(logits / temperature)),
             abstained=abstained,
             predictions=preds,
             adaptation=adaptation,
