@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from abc import ABC
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,6 +33,8 @@ class AdaptInput:
     generator: torch.Generator  # the request's; every random draw of the method comes from it
     backbone: Any = None  # server.backbone.Backbone, for methods that re-run a tower (TPT: text, TTL: vision)
     views: torch.Tensor | None = None  # [V, 3, h, w] preprocessed pixels, for methods that re-encode them
+    cache: dict[str, Any] = field(default_factory=dict)  # what the method's ``encode_views`` kept (TTL: prefix)
+    stop: Callable[[], bool] = lambda: False  # True once nobody waits for this image (deadline, disconnect)
 
     def zero_shot_logits(self) -> torch.Tensor:
         """[V, C] the frozen model's logits for every view."""
@@ -52,6 +55,22 @@ class AdaptResult:
 
 class OptionsError(ValueError):
     """Raised for options a method does not accept; the message is shown to the client."""
+
+
+class Stopped(Exception):
+    """Raised between steps when every image of a batch has lost its caller (deadline or disconnect)."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What adapting one image costs, in forward-pass equivalents (a backward pass counts as two).
+
+    The engine turns these into seconds with per-image and per-prompt encode times it measures, and
+    admits adaptation work against a budget in seconds.
+    """
+
+    image_passes: float  # images through the vision tower
+    prompt_passes: float = 0.0  # prompts through the text tower (TPT, C-TPT)
 
 
 class Method(ABC):
@@ -85,9 +104,36 @@ class Method(ABC):
         """Views (base view included) this method needs per image; 1 means the base view only."""
         return int(getattr(options, "views", 1))
 
+    def cost(self, options: Any, n_classes: int) -> Cost:
+        """The forward passes adapting one image takes; the default encodes its views once."""
+        return Cost(image_passes=float(self.n_views(options)))
+
+    def encode_views(self, backbone: Any, views: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """Encode each image's views in one pass: per image, [V, D] unit-norm features and a cache for ``adapt``.
+
+        TTL overrides it to keep the activations that enter its adapted blocks.
+        """
+        sizes = [v.shape[0] for v in views]
+        feats = backbone.encode_images(torch.cat(list(views))).clone()  # [sum V, D], a normal tensor
+        return [(f, {}) for f in feats.split(sizes)]
+
     def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
         """Adapt to one image and predict it. The default is no adaptation: the base view's zero-shot logits."""
         return AdaptResult(self.predict(inp.view_features[:1], inp.class_features, inp.logit_scale, options)[0])
+
+    def adapt_batch(self, inputs: Sequence[AdaptInput], options: Any) -> list[AdaptResult]:
+        """Adapt to several images (of one or many requests) with the same options.
+
+        Each image's result must be what ``adapt`` gives it alone. Gradient methods override this
+        to stack the images' parameters into one computation; the default runs them in turn.
+        """
+        results = []
+        for inp in inputs:
+            if inp.stop():
+                results.append(AdaptResult(inp.zero_shot_logits()[0].detach(), selected_views=0))
+                continue
+            results.append(self.adapt(inp, options))
+        return results
 
     def predict(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float,
                 options: Any) -> torch.Tensor:

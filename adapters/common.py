@@ -1,11 +1,13 @@
-"""Pieces the test-time methods share: view options, a fresh per-request optimizer, step loops."""
+"""Pieces the test-time methods share: view options, and a fresh optimizer over one or many stacked images."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from adapters.base import Stopped
 
 MAX_VIEWS = 1024  # a sanity bound; the server's TTA_MAX_VIEWS is the operational one
 MAX_STEPS = 100
@@ -32,24 +34,40 @@ class EpisodicOptions:
         check_range("lr", self.lr, 0.0, 10.0)
 
 
-def optimize(params: list[torch.Tensor], lr: float, steps: int,
-             loss_fn: Callable[[int], torch.Tensor | None]) -> int:
-    """Run ``steps`` AdamW steps on ``params`` with a fresh optimizer (TPT: torch defaults, weight decay 0.01).
+def optimize(params: Sequence[Sequence[torch.Tensor]], lr: float, steps: int,
+             loss_fn: Callable[[int], Sequence[torch.Tensor | None]],
+             stop: Callable[[], bool] = lambda: False) -> list[int]:
+    """Run ``steps`` AdamW steps for R stacked images at once, each as if it were alone.
 
-    ``loss_fn(step)`` returns the loss to minimise, or None to skip that step (no view passed a filter).
-    The optimizer state lives and dies here, with the request. Returns the number of steps taken.
+    TPT's optimizer: torch's AdamW defaults (weight decay 0.01), fresh per request. ``params[r]`` are
+    image r's own leaf tensors; ``loss_fn(step)`` returns one loss per image, or None for an image
+    that skips the step (no view passed a filter). The losses are summed, so each image's gradient
+    is exactly its own loss's; AdamW is elementwise and keeps state per tensor, so one optimizer over
+    all images' leaves takes for each the step a separate optimizer would. An image that skips has
+    its gradients cleared, which AdamW treats as no step at all (no weight decay either).
+
+    ``stop()`` is checked before each step; when it says so, ``Stopped`` is raised. The optimizer
+    state lives and dies here. Returns the steps each image took.
     """
+    taken = [0] * len(params)
     if steps == 0:
-        return 0
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    taken = 0
+        return taken
+    optimizer = torch.optim.AdamW([p for group in params for p in group], lr=lr, weight_decay=0.01)
     with torch.enable_grad():
         for step in range(steps):
-            loss = loss_fn(step)
-            if loss is None:
+            if stop():
+                raise Stopped(f"stopped before step {step + 1} of {steps}")
+            losses = loss_fn(step)
+            live = [loss for loss in losses if loss is not None]
+            if not live:
                 continue
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.stack(live).sum().backward()
+            for r, loss in enumerate(losses):
+                if loss is None:
+                    for p in params[r]:
+                        p.grad = None
+                else:
+                    taken[r] += 1
             optimizer.step()
-            taken += 1
     return taken

@@ -13,10 +13,13 @@ How ours differs from the official code (elaine-sui/TPS):
 - The view features are encoded once and reused by every step (TPS re-encodes them each step,
   which changes nothing but the cost); views are re-selected every step, as TPS does.
 - The model's own logit scale, not a hard-coded 100; fp32 throughout on CPU.
+- Images of concurrent requests are adapted together (``adapt_batch``), each with its own shift and
+  loss; the summed loss gives each shift exactly its own gradient.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,19 +41,29 @@ class TPS(Method):
         pass
 
     def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
-        feats = inp.view_features  # [V, D]
-        protos = F.normalize(inp.class_features, dim=-1)  # [C, D]
-        shift = torch.zeros_like(protos, requires_grad=True)  # [C, D], the request's only parameter
-        selected = [1]
+        return self.adapt_batch([inp], options)[0]
 
-        def loss(step: int) -> torch.Tensor:
-            logits = inp.logit_scale * feats @ F.normalize(protos + shift, dim=-1).T  # [V, C]
-            idx = select_confident(logits.detach(), options.selection)
-            selected[0] = len(idx)
-            return marginal_entropy(logits[idx])
+    def adapt_batch(self, inputs: Sequence[AdaptInput], options: Any) -> list[AdaptResult]:
+        """Each image's own shift, one optimizer over all of them (see ``adapters.common.optimize``)."""
+        protos = [F.normalize(inp.class_features, dim=-1) for inp in inputs]  # each [C_r, D]
+        shifts = [torch.zeros_like(p, requires_grad=True) for p in protos]  # each [C_r, D], the image's parameter
+        selected = [1] * len(inputs)
 
-        steps = optimize([shift], options.lr, options.steps, loss)
+        def logits(r: int, rows: slice | int = slice(None)) -> torch.Tensor:
+            inp = inputs[r]
+            return inp.logit_scale * inp.view_features[rows] @ F.normalize(protos[r] + shifts[r], dim=-1).T
+
+        def loss(step: int) -> list[torch.Tensor | None]:
+            out: list[torch.Tensor | None] = []
+            for r in range(len(inputs)):
+                view_logits = logits(r)  # [V, C_r]
+                idx = select_confident(view_logits.detach(), options.selection)
+                selected[r] = len(idx)
+                out.append(marginal_entropy(view_logits[idx]))
+            return out
+
+        steps = optimize([[s] for s in shifts], options.lr, options.steps, loss,
+                         stop=lambda: all(inp.stop() for inp in inputs))
         with torch.no_grad():
-            final = inp.logit_scale * feats[0] @ F.normalize(protos + shift, dim=-1).T  # [C]
-        return AdaptResult(final, steps=steps, selected_views=selected[0] if steps else 1,
-                           state={"shift": shift.detach()})
+            return [AdaptResult(logits(r, 0), steps=steps[r], selected_views=selected[r] if steps[r] else 1,
+                                state={"shift": shifts[r].detach()}) for r in range(len(inputs))]

@@ -14,18 +14,22 @@ How ours differs from the official code (azshue/TPT):
 - The text context is cut to the longest prompt of the label set, which is exact for CLIP's
   causal text tower; class prompts are ``"a photo of a {label}."`` whatever templates the request
   names, as in TPT, so zero steps equal zero-shot with the ``simple`` template.
+- Images of concurrent requests are tuned together (``adapt_batch``): each has its own context and
+  loss, their label sets' prompts run through the text tower as one batch, and the summed loss gives
+  each context exactly its own gradient.
 - Views are cropped from a tensor without PIL's antialiasing (see adapters/views.py); no AMP grad
   scaler (CPU fp32; on GPU the context and optimizer stay fp32).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from adapters.base import AdaptInput, AdaptResult, Method, register
+from adapters.base import AdaptInput, AdaptResult, Cost, Method, register
 from adapters.common import EpisodicOptions, optimize
 from adapters.losses import dispersion, marginal_entropy, select_confident
 
@@ -46,33 +50,42 @@ class PromptTuning(Method):
     def dispersion_weight(self, options: Any) -> float:
         return 0.0
 
+    def cost(self, options: Any, n_classes: int) -> Cost:
+        # Views once; the text tower forward and backward per step, and forward once more to predict.
+        return Cost(image_passes=float(options.views), prompt_passes=float(n_classes * (3 * options.steps + 1)))
+
     def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
-        backbone = inp.backbone
+        return self.adapt_batch([inp], options)[0]
+
+    def adapt_batch(self, inputs: Sequence[AdaptInput], options: Any) -> list[AdaptResult]:
+        """Each image's own context, all label sets through the text tower in one batch per step."""
+        backbone = inputs[0].backbone
         try:
-            prompts = backbone.prompt_inputs(inp.labels, options.ctx_init)
+            prompts = [backbone.prompt_inputs(inp.labels, options.ctx_init) for inp in inputs]
         except ValueError as exc:
             raise ValueError(f"{self.name}: {exc}") from exc
-        ctx = prompts.ctx_init.clone().requires_grad_(True)  # [n_ctx, W]
-        feats = inp.view_features  # [V, D]
+        ctxs = [p.ctx_init.clone().requires_grad_(True) for p in prompts]  # each [n_ctx, W], the image's parameter
         weight = self.dispersion_weight(options)
-        chosen: list[torch.Tensor] = []
+        chosen: list[torch.Tensor | None] = [None] * len(inputs)
 
-        def loss(step: int) -> torch.Tensor:
-            text = backbone.encode_text_with_context(ctx, prompts)  # [C, D]
-            logits = inp.logit_scale * feats @ text.T  # [V, C]
-            if not chosen:  # TPT selects on the first step and keeps the selection
-                chosen.append(select_confident(logits.detach(), options.selection))
-            value = marginal_entropy(logits[chosen[0]])
-            if weight:
-                value = value - weight * dispersion(text)
-            return value
+        def loss(step: int) -> list[torch.Tensor | None]:
+            texts = backbone.encode_text_with_contexts(torch.stack(ctxs), prompts)  # R x [C_r, D]
+            out: list[torch.Tensor | None] = []
+            for r, inp in enumerate(inputs):
+                logits = inp.logit_scale * inp.view_features @ texts[r].T  # [V, C_r]
+                if chosen[r] is None:  # TPT selects on the first step and keeps the selection
+                    chosen[r] = select_confident(logits.detach(), options.selection)
+                value = marginal_entropy(logits[chosen[r]])
+                out.append(value - weight * dispersion(texts[r]) if weight else value)
+            return out
 
-        steps = optimize([ctx], options.lr, options.steps, loss)
+        steps = optimize([[c] for c in ctxs], options.lr, options.steps, loss,
+                         stop=lambda: all(inp.stop() for inp in inputs))
         with torch.no_grad():
-            text = backbone.encode_text_with_context(ctx, prompts)  # [C, D]
-            final = inp.logit_scale * feats[0] @ text.T  # [C]
-        return AdaptResult(final, steps=steps, selected_views=len(chosen[0]) if chosen else 1,
-                           state={"ctx": ctx.detach()})
+            texts = backbone.encode_text_with_contexts(torch.stack(ctxs), prompts)
+            return [AdaptResult(inp.logit_scale * inp.view_features[0] @ texts[r].T, steps=steps[r],
+                                selected_views=len(chosen[r]) if chosen[r] is not None else 1,
+                                state={"ctx": ctxs[r].detach()}) for r, inp in enumerate(inputs)]
 
 
 @register

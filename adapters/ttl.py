@@ -15,17 +15,21 @@ How ours differs from the official code (Razaimam45/TTL-Test-Time-Low-Rank-Adapt
 - A is drawn per request from the request's seeded generator; TTL draws it once per process from
   the global generator and resets every image to it. Text features are the request's template
   ensemble, cached (TTL re-encodes "a photo of a {label}." every step, under no_grad).
+- One pass of the views: the engine keeps the activations entering the first adapted block, and
+  the zero-shot features come from the adapted blocks with B = 0. Images of concurrent requests
+  are adapted together, each with its own factors and loss (``adapt_batch``).
 - No LoRA dropout: TTL's 0.05 is inactive anyway, since its model is in eval mode.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from adapters.base import AdaptInput, AdaptResult, Method, register
+from adapters.base import AdaptInput, AdaptResult, Cost, Method, register
 from adapters.common import MAX_STEPS, MAX_VIEWS, check_range, optimize
 from adapters.losses import TTL_MAX_ENTROPY, entropy, ttl_weighted_entropy
 from server.lowrank import LoraFactors
@@ -55,27 +59,63 @@ class TTL(Method):
             check_range("blocks", self.blocks, 1, 64)
             check_range("tau", self.tau, 0.0, 100.0)
 
-    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
-        backbone = inp.backbone
-        assert inp.views is not None, "ttl re-runs the vision tower: the engine passes the views"
-        targets = backbone.lora_targets(options.blocks)
-        prefix = backbone.vision_prefix(inp.views, targets)  # [V, ...] frozen up to the first adapted block
-        lora = LoraFactors.init(targets, options.rank, options.alpha, generator=inp.generator,
-                                device=backbone.device)
-        classes = inp.class_features  # [C, D]
-        kept = [inp.view_features.shape[0]]
+    def cost(self, options: Any, n_classes: int) -> Cost:
+        # One pass of the views; per step the adapted blocks forward and backward (at most the tower).
+        return Cost(image_passes=float(options.views * (1 + 3 * options.steps * min(1.0, options.blocks / 12))))
 
-        def loss(step: int) -> torch.Tensor | None:
-            logits = inp.logit_scale * backbone.vision_suffix(prefix, lora) @ classes.T  # [V, C]
-            passing = int((entropy(logits.detach()) <= TTL_MAX_ENTROPY).sum())
-            kept[0] = passing
-            if passing == 0:  # TTL skips the step; AdamW's weight decay would still move A
-                return None
-            return ttl_weighted_entropy(logits, options.tau)
+    def encode_views(self, backbone: Any, views: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """One pass: the frozen prefix, kept for every step, then the suffix with B = 0 for the features.
 
-        steps = optimize(lora.parameters(), options.lr, options.steps, loss)
+        ``encode_views`` options are not known here, so the prefix is cut at TTL's default three blocks
+        and ``adapt`` recomputes it when a request asks for another count.
+        """
+        targets = backbone.lora_targets(self.Options.blocks)
+        sizes = [v.shape[0] for v in views]
+        prefix = backbone.vision_prefix(torch.cat(list(views)), targets)  # [sum V, ...]
         with torch.no_grad():
-            final = inp.logit_scale * backbone.vision_suffix(prefix[:1], lora)[0] @ classes.T  # [C]
-        state = {f"a{i}": a.detach() for i, a in enumerate(lora.a)}
-        state |= {f"b{i}": b.detach() for i, b in enumerate(lora.b)}
-        return AdaptResult(final, steps=steps, selected_views=kept[0], state=state)
+            feats = backbone.vision_suffix(prefix, LoraFactors.frozen(targets, backbone.device))  # [sum V, D]
+        return [(f, {"prefix": p, "blocks": self.Options.blocks})
+                for f, p in zip(feats.split(sizes), prefix.split(sizes), strict=True)]
+
+    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
+        return self.adapt_batch([inp], options)[0]
+
+    def adapt_batch(self, inputs: Sequence[AdaptInput], options: Any) -> list[AdaptResult]:
+        """Each image's own factors, stacked; the adapted blocks run once per step for all images."""
+        backbone = inputs[0].backbone
+        targets = backbone.lora_targets(options.blocks)
+        prefixes = []
+        for inp in inputs:
+            cached = inp.cache.get("prefix") if inp.cache.get("blocks") == options.blocks else None
+            if cached is None:
+                assert inp.views is not None, "ttl re-runs the vision tower: the engine passes the views"
+                cached = backbone.vision_prefix(inp.views, targets)
+            prefixes.append(cached)
+        prefix = torch.stack(prefixes)  # [R, V, ...] frozen up to the first adapted block
+        loras = [LoraFactors.init(targets, options.rank, options.alpha, generator=inp.generator,
+                                  device=backbone.device) for inp in inputs]
+        stacked = [LoraFactors.stack(loras)]  # rebuilt from the leaves at every step
+        kept = [inp.view_features.shape[0] for inp in inputs]
+
+        def loss(step: int) -> list[torch.Tensor | None]:
+            stacked[0] = LoraFactors.stack(loras)
+            feats = backbone.vision_suffix(prefix, stacked[0])  # [R, V, D]
+            out: list[torch.Tensor | None] = []
+            for r, inp in enumerate(inputs):
+                logits = inp.logit_scale * feats[r] @ inp.class_features.T  # [V, C_r]
+                kept[r] = int((entropy(logits.detach()) <= TTL_MAX_ENTROPY).sum())
+                # TTL skips the step when no view passes; AdamW's weight decay would still move A.
+                out.append(ttl_weighted_entropy(logits, options.tau) if kept[r] else None)
+            return out
+
+        steps = optimize([lora.parameters() for lora in loras], options.lr, options.steps, loss,
+                         stop=lambda: all(inp.stop() for inp in inputs))
+        with torch.no_grad():
+            feats = backbone.vision_suffix(prefix[:, :1], LoraFactors.stack(loras))[:, 0]  # [R, D] base views
+            results = []
+            for r, (inp, lora) in enumerate(zip(inputs, loras, strict=True)):
+                state = {f"a{i}": a.detach() for i, a in enumerate(lora.a)}
+                state |= {f"b{i}": b.detach() for i, b in enumerate(lora.b)}
+                results.append(AdaptResult(inp.logit_scale * feats[r] @ inp.class_features.T, steps=steps[r],
+                                           selected_views=kept[r], state=state))
+            return results

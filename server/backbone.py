@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,8 @@ class Backbone:
         self.embed_dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None
         self.context_length = int(getattr(model, "context_length", 77))
         self.prompt_cache: ByteLRU[PromptInputs] = ByteLRU(text_cache_bytes, lambda p: p.nbytes)
+        self.image_s = 0.0  # seconds to encode one image, one prompt: measured by warm_up
+        self.prompt_s = 0.0
 
     @classmethod
     def load(cls, settings: Settings, spec: ModelSpec | None = None) -> Backbone:
@@ -227,10 +231,23 @@ class Backbone:
         return classes
 
     def warm_up(self) -> None:
-        """One forward pass of each tower, so the first request does not pay for lazy initialisation."""
+        """One forward pass of each tower, so the first request does not pay for lazy initialisation; then
+        time an 8-image and an 8-prompt encode (``image_s``, ``prompt_s``: seconds each), which price
+        adaptation work for the engine's admission."""
         h, w = self.image_size
         self.encode_images(torch.zeros(1, 3, h, w))
         self.encode_prompts(["a photo of a warm-up."])
+        self._sync()
+        started = time.perf_counter()
+        self.encode_images(torch.zeros(8, 3, h, w))
+        self._sync()
+        self.image_s = (time.perf_counter() - started) / 8
+        started = time.perf_counter()
+        self.encode_prompts([f"a photo of a measured prompt number {i}." for i in range(8)])
+        self._sync()
+        self.prompt_s = (time.perf_counter() - started) / 8
+
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -316,31 +333,51 @@ class Backbone:
         Returns:
             [C, D] or [R, C, D] unit-norm float32 features.
         """
-        tower = _text_tower(self.model, self.tokenizer)
         single = ctx.dim() == 2
         ctx = ctx[None] if single else ctx  # [R, n, W]
-        if tuple(ctx.shape[1:]) != tuple(inputs.ctx_init.shape):
-            raise ValueError(f"ctx has shape {tuple(ctx.shape)}, expected [R, {inputs.n_ctx}, "
-                             f"{inputs.ctx_init.shape[-1]}]")
-        r, c, length = ctx.shape[0], inputs.prefix.shape[0], inputs.context_length
+        feats = torch.stack(self.encode_text_with_contexts(ctx, [inputs] * ctx.shape[0]))  # [R, C, D]
+        return feats[0] if single else feats
+
+    def encode_text_with_contexts(self, ctx: torch.Tensor, inputs: Sequence[PromptInputs]) -> list[torch.Tensor]:
+        """R contexts, each with its own label set, through the text tower as one batch.
+
+        The prompts of all label sets are stacked, padded after their EOT to the longest (which changes
+        nothing in a causal tower), and each row gets its request's context; the rows are split back
+        per request. Differentiable in ``ctx``.
+
+        Args:
+            ctx: [R, n_ctx, W] float32, one context per request.
+            inputs: R ``prompt_inputs`` results with the same ``n_ctx`` (the same one may repeat).
+        Returns:
+            R tensors [C_r, D], unit-norm float32.
+        """
+        tower = _text_tower(self.model, self.tokenizer)
+        if ctx.dim() != 3 or ctx.shape[0] != len(inputs):
+            raise ValueError(f"ctx has shape {tuple(ctx.shape)}; expected [{len(inputs)}, n_ctx, W]")
+        for inp in inputs:
+            if tuple(ctx.shape[1:]) != tuple(inp.ctx_init.shape):
+                raise ValueError(f"ctx has shape {tuple(ctx.shape)}, expected [R, {inp.n_ctx}, "
+                                 f"{inp.ctx_init.shape[-1]}]")
+        length = max(inp.context_length for inp in inputs)
+        sizes = [inp.prefix.shape[0] for inp in inputs]
         ctx = ctx.to(self.device, tower.cast_dtype)
-        x = torch.cat([
-            inputs.prefix[None].expand(r, -1, -1, -1),  # [R, C, 1, W]
-            ctx[:, None].expand(-1, c, -1, -1),  # [R, C, n, W]
-            inputs.suffix[None].expand(r, -1, -1, -1),  # [R, C, L-1-n, W]
-        ], dim=2).flatten(0, 1)  # [R*C, L, W]
-        x = x + tower.positional_embedding[:length].to(tower.cast_dtype)  # [R*C, L, W]
+        rows = []
+        for r, inp in enumerate(inputs):
+            c, pad = sizes[r], length - inp.context_length
+            suffix = inp.suffix if pad == 0 else torch.nn.functional.pad(inp.suffix, (0, 0, 0, pad))
+            rows.append(torch.cat([inp.prefix, ctx[r][None].expand(c, -1, -1), suffix], dim=1))  # [C_r, L, W]
+        x = torch.cat(rows) + tower.positional_embedding[:length].to(tower.cast_dtype)  # [P, L, W]
+        eot = torch.cat([inp.eot for inp in inputs])  # [P]
         # open_clip's text transformer is batch-first and takes the causal mask as an argument.
-        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])  # [R*C, L, W]
-        x = tower.ln_final(x)  # [R*C, L, W]
-        x = x[torch.arange(r * c, device=x.device), inputs.eot.repeat(r)]  # [R*C, W]
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])  # [P, L, W]
+        x = tower.ln_final(x)  # [P, L, W]
+        x = x[torch.arange(x.shape[0], device=x.device), eot]  # [P, W]
         proj = tower.text_projection
         if isinstance(proj, torch.nn.Linear):
             x = proj(x)
         elif proj is not None:
-            x = x @ proj  # [R*C, D]
-        feats = torch.nn.functional.normalize(x.float(), dim=-1).view(r, c, -1)  # [R, C, D]
-        return feats[0] if single else feats
+            x = x @ proj  # [P, D]
+        return list(torch.nn.functional.normalize(x.float(), dim=-1).split(sizes))
 
     # -- low-rank vision adaptation (TTL) --------------------------------------------------------
     # The open_clip vision internals live in server/lowrank.py (kept apart for size), pinned by

@@ -1,15 +1,23 @@
 """The engine: the only code that runs the model.
 
-One worker thread owns the device. It loads the backbone, warms it up, then serves jobs from a
-bounded queue. Async request handlers submit a job and await its future; they never touch the
-model. Consecutive zero-shot jobs are micro-batched: the worker takes the first waiting job, waits
-up to ``max_batch_delay_ms`` for more, encodes up to ``max_batch_size`` images in one forward
-pass, then classifies each job against its own class features. Adaptation jobs (any other method)
-run alone, image by image, through ``adapt_image``: views from the image's seeded generator, one
-encoder pass, the method's steps on state that lives only for that image.
+One process, one device, two lanes. The zero-shot lane's worker thread loads the backbone, warms
+it up and measures what an image and a prompt cost to encode, then serves zero-shot jobs: it takes
+the first waiting job, waits up to ``max_batch_delay_ms`` for more, encodes up to
+``max_batch_size`` images in one forward pass and classifies each job against its own class
+features. The adaptation lane's worker thread gathers waiting adaptation jobs with the same method
+and options (label sets may differ) and adapts up to ``adapt_max_batch`` of their images together:
+each image's views are made from its decoded tensor with its own seeded generator, all views are
+encoded in one pass, and the method's ``adapt_batch`` trains every image's own parameters in one
+stacked computation whose summed loss gives each image exactly its own gradient. Async request
+handlers submit a job and await its future; they never touch the model.
 
-A full queue raises ``Overloaded`` (429); a job whose deadline passes is dropped before it runs (or
-between the images of an adaptation job) and its handler answers 504.
+Admission: a full zero-shot queue raises ``Overloaded`` (429). An adaptation job is admitted when
+its estimated cost (the method's forward passes times the measured per-image and per-prompt
+seconds, corrected by what batches really took) fits in the lane's budget beside the work already
+admitted; otherwise it is served zero-shot with ``skipped = "overload"``. With a confidence gate,
+images whose calibrated zero-shot margin is already high are not adapted (``"confident"``).
+Deadlines and disconnects are checked before a job runs and between adaptation steps; the work of
+a request nobody waits for stops there.
 """
 
 from __future__ import annotations
@@ -27,18 +35,19 @@ from typing import Any
 import torch
 
 from adapters import AdaptInput, Method, get_method
+from adapters.base import Stopped
 from adapters.views import make_views
 from server.backbone import Backbone
-from server.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
+from server.errors import ClientClosed, DeadlineExceeded, InvalidInput, NotReady, Overloaded
 from server.metrics import Metrics
 from server.settings import Settings
 
 log = logging.getLogger("ttaserve.engine")
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """One request's images and classes, waiting for the worker."""
+    """One request's images and classes, waiting for a lane."""
 
     images: torch.Tensor  # [N, 3, H, W] base views (the normal preprocessing), CPU
     labels: tuple[str, ...]
@@ -50,8 +59,12 @@ class Job:
     deadline: float  # time.monotonic() after which the job is not worth running
     originals: list[torch.Tensor] | None = None  # [3, H0, W0] uint8 per image, for methods that make views
     seed: int = 0
+    gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
+    gate_temperature: float = 1.0  # the zero-shot temperature that calibrates the margin
+    cost_s: float = 0.0  # estimated adaptation seconds, held against the lane's budget while admitted
+    skipped: str | None = None  # "overload": adaptation was refused and the job runs zero-shot
     enqueued_at: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
+    cancelled: bool = False  # the client went away
 
     @property
     def n_images(self) -> int:
@@ -59,8 +72,16 @@ class Job:
 
     @property
     def batchable(self) -> bool:
-        """Zero-shot jobs share encoder batches; adaptation jobs run one at a time."""
+        """Zero-shot jobs share encoder batches in the zero-shot lane; the others go to the adaptation lane."""
         return self.originals is None
+
+    def stopped(self) -> bool:
+        return self.cancelled or time.monotonic() > self.deadline
+
+    def stop_error(self) -> Exception:
+        if self.cancelled:
+            return ClientClosed("the client closed the connection")
+        return DeadlineExceeded("the request passed its deadline during adaptation")
 
 
 @dataclass
@@ -74,14 +95,17 @@ class ImageReport:
     seconds: float
     order: torch.Tensor | None = None  # [C] class ranking when it is not the logits' (ZERO)
     extra: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None  # "confident": the zero-shot margin passed the gate, nothing was adapted
+    batch_images: int = 1  # images adapted together with this one (itself included)
 
 
 @dataclass
 class JobOutput:
     logits: torch.Tensor  # [N, C] float32, CPU: the method's final logits
     timings: dict[str, float]  # seconds per stage: queue, encode, classify (adapt, for adaptation jobs)
-    batch_images: int  # images in the forward pass this job shared
+    batch_images: int  # images in the forward pass (or stacked adaptation) this job shared
     reports: list[ImageReport] | None = None  # per image, for adaptation jobs
+    skipped: str | None = None  # "overload": served zero-shot because the adaptation lane was full
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -89,37 +113,73 @@ def image_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
 
 
+@dataclass
+class ImageTask:
+    """One image to adapt: its decoded tensor, base view, classes and seeded generator."""
+
+    original: torch.Tensor  # [3, H0, W0] uint8
+    base_view: torch.Tensor  # [3, h, w]
+    classes: torch.Tensor  # [C, D] a normal (not inference-mode) tensor
+    labels: tuple[str, ...]
+    generator: torch.Generator
+    stop: Callable[[], bool] = lambda: False
+
+
+def adapt_images(backbone: Backbone, method: Method, options: Any,
+                 tasks: list[ImageTask]) -> list[tuple[torch.Tensor, ImageReport]]:
+    """Images through a test-time method together: views, one encoder pass, stacked steps, predictions.
+
+    Each image's result is what it gets alone: its views come from its own generator and its
+    parameters and loss are its own. Raises ``adapters.base.Stopped`` when every image's ``stop``
+    says so between steps.
+
+    Returns:
+        per image, the final logits [C] (float32, CPU) and the report.
+    """
+    started = time.monotonic()
+    n_views = method.n_views(options)
+    cfg = backbone.preprocess_cfg
+    views = [make_views(t.original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std,
+                        t.generator, base_view=t.base_view) for t in tasks]  # each [V, 3, h, w]
+    encoded = method.encode_views(backbone, views)
+    inputs = [AdaptInput(feats, t.classes, backbone.logit_scale, t.labels, t.generator, backbone, v, cache, t.stop)
+              for t, v, (feats, cache) in zip(tasks, views, encoded, strict=True)]
+    zero_shot = [inp.zero_shot_logits()[0].detach() for inp in inputs]  # each [C]
+    results = method.adapt_batch(inputs, options)
+    if backbone.device.type == "cuda":
+        torch.cuda.synchronize(backbone.device)
+    seconds = time.monotonic() - started
+    return [(r.logits.detach().float().cpu(),
+             ImageReport(zs.float().cpu(), r.steps, n_views, r.selected_views, seconds, r.order, r.extra,
+                         batch_images=len(tasks)))
+            for r, zs in zip(results, zero_shot, strict=True)]
+
+
 def adapt_image(backbone: Backbone, method: Method, options: Any, original: torch.Tensor, base_view: torch.Tensor,
                 classes: torch.Tensor, labels: tuple[str, ...],
                 generator: torch.Generator) -> tuple[torch.Tensor, ImageReport]:
-    """One image through a test-time method: views, one encoder pass, the method's steps, a prediction.
+    """One image through a test-time method (``adapt_images`` of one): the final logits [C] and the report.
 
     Args:
         original: [3, H0, W0] uint8, the decoded image (views are cropped from it).
         base_view: [3, h, w] its normal preprocessing (view 0).
         classes: [C, D] class features, a normal (not inference-mode) tensor.
         generator: the image's seeded generator; the only source of randomness.
-    Returns:
-        the final logits [C] (float32, CPU) and the report.
     """
-    started = time.monotonic()
-    n_views = method.n_views(options)
-    cfg = backbone.preprocess_cfg
-    views = make_views(original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std, generator,
-                       base_view=base_view)  # [V, 3, h, w]
-    feats = backbone.encode_images(views).clone()  # [V, D]
-    inp = AdaptInput(feats, classes, backbone.logit_scale, labels, generator, backbone, views)
-    zero_shot = inp.zero_shot_logits()[0].detach()  # [C]
-    result = method.adapt(inp, options)
-    if backbone.device.type == "cuda":
-        torch.cuda.synchronize(backbone.device)
-    report = ImageReport(zero_shot.float().cpu(), result.steps, n_views, result.selected_views,
-                         time.monotonic() - started, result.order, result.extra)
-    return result.logits.detach().float().cpu(), report
+    return adapt_images(backbone, method, options, [ImageTask(original, base_view, classes, labels, generator)])[0]
+
+
+def margin(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N, C] logits -> [N] calibrated top-1 minus top-2 probability (1 with a single class)."""
+    probs = (logits / temperature).softmax(-1)
+    if probs.shape[-1] < 2:
+        return torch.ones(probs.shape[0])
+    top = probs.topk(2, dim=-1).values  # [N, 2]
+    return top[:, 0] - top[:, 1]
 
 
 class Engine:
-    """Owns the device: loads the backbone on its worker thread and runs every job there."""
+    """Owns the device: loads the backbone and runs every job on its two lane threads."""
 
     def __init__(self, settings: Settings, metrics: Metrics, load: Callable[[], Backbone]):
         self.settings = settings
@@ -127,17 +187,23 @@ class Engine:
         self._load = load
         self.backbone: Backbone | None = None
         self.load_error: BaseException | None = None
-        self._queue: deque[Job] = deque()
+        self._queue: deque[Job] = deque()  # the zero-shot lane
+        self._adapt_queue: deque[Job] = deque()  # the adaptation lane
         self._cond = threading.Condition()
         self._stopping = False
         self._ready = threading.Event()
         self._loaded = threading.Event()  # set once loading ended, successfully or not
         self._thread = threading.Thread(target=self._run, name="tta-engine", daemon=True)
+        self._adapt_thread = threading.Thread(target=self._run_adapt_lane, name="tta-adapt", daemon=True)
         self.on_fatal: Callable[[BaseException], None] | None = None
+        # Admission: per method, the ratio of what batches took to what was estimated (a moving average)
+        # of the backbone's per-image and per-prompt seconds, measured at warm-up.
+        self._correction: dict[str, float] = {}
+        self.pending_s = 0.0  # estimated seconds of admitted, unfinished adaptation work
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the worker; loading and warm-up happen on it, in the background."""
+        """Start the workers; loading and warm-up happen in the background."""
         self._thread.start()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
@@ -149,52 +215,97 @@ class Engine:
         return self._ready.is_set() and not self._stopping
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs, let the worker finish the batch it runs, fail what is still queued."""
+        """Stop taking jobs, let the workers finish what they run, fail what is still queued."""
         with self._cond:
             self._stopping = True
             self._ready.clear()
-            pending = list(self._queue)
+            pending = list(self._queue) + list(self._adapt_queue)
             self._queue.clear()
+            self._adapt_queue.clear()
             self._cond.notify_all()
         for job in pending:
             self._fail(job, NotReady("the server is shutting down"))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for thread in (self._thread, self._adapt_thread):
+            if thread.is_alive():
+                thread.join(timeout)
         self.metrics.queue_depth.set(0)
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._adapt_queue)
 
-    # -- submitting -----------------------------------------------------------------------------
-    def check_capacity(self) -> None:
-        """Raise NotReady or Overloaded now, so a request that would be refused is not decoded first."""
+    # -- admission ------------------------------------------------------------------------------
+    def estimate_s(self, method: str, options: Any, n_images: int, n_classes: int) -> float:
+        """Estimated seconds to adapt ``n_images`` images with ``method`` against ``n_classes`` classes."""
+        cost = get_method(method).cost(options, n_classes)
+        backbone = self.backbone
+        if backbone is None:
+            return 0.0
+        seconds = cost.image_passes * backbone.image_s + cost.prompt_passes * backbone.prompt_s
+        return n_images * seconds * self._correction.get(method, 1.0)
+
+    def _admits(self, cost_s: float, timeout_s: float) -> bool:
+        """Whether the adaptation lane takes work of ``cost_s`` seconds that must end within ``timeout_s``.
+
+        An idle lane takes anything (the deadline still applies); a busy one what fits beside its
+        admitted work within the budget and the request's own deadline.
+        """
+        if not self._adapt_queue and self.pending_s <= 0:
+            return True
+        if len(self._adapt_queue) >= self.settings.max_queue_size:
+            return False
+        budget = self.settings.adapt_budget_s or self.settings.request_timeout_s
+        return self.pending_s + cost_s <= min(budget, timeout_s)
+
+    def check_capacity(self, adaptation: tuple[str, Any, int, int] | None = None, timeout_s: float = 0.0) -> None:
+        """Raise NotReady or Overloaded now, so a request that would be refused is not decoded first.
+
+        ``adaptation`` is ``(method, options, n_images, n_classes)`` of an adaptation request: it is
+        refused only when it would be served zero-shot and the zero-shot lane is full too.
+        """
         if not self.ready:
             raise NotReady("the model is still loading; retry shortly", headers={"Retry-After": "1"})
-        if len(self._queue) >= self.settings.max_queue_size:
-            raise Overloaded(
-                f"the queue is full ({self.settings.max_queue_size} jobs waiting); retry later",
-                code="queue_full",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
-            )
+        if len(self._queue) < self.settings.max_queue_size:
+            return
+        if adaptation is not None and self._admits(self.estimate_s(*adaptation), timeout_s):
+            return
+        raise Overloaded(
+            f"the queue is full ({self.settings.max_queue_size} jobs waiting); retry later",
+            code="queue_full",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
 
+    # -- submitting -----------------------------------------------------------------------------
     async def classify(self, images: torch.Tensor, labels: tuple[str, ...], templates: tuple[str, ...],
                        method: str, options: Any, timeout_s: float,
-                       originals: list[torch.Tensor] | None = None, seed: int = 0) -> JobOutput:
-        """Queue a classification and wait for it; raises Overloaded, NotReady or DeadlineExceeded.
+                       originals: list[torch.Tensor] | None = None, seed: int = 0,
+                       gate: float | None = None, gate_temperature: float = 1.0) -> JobOutput:
+        """Queue a classification and wait for it; raises Overloaded, NotReady, DeadlineExceeded or ClientClosed.
 
-        With ``originals`` (the decoded images) the job runs ``method``'s adaptation per image, seeded
-        by ``seed``; without, it is a zero-shot job and may share an encoder batch with others.
+        With ``originals`` (the decoded images) the job adapts each image with ``method``, seeded by
+        ``seed``, unless the adaptation lane is over its budget: then it runs zero-shot and its
+        output says ``skipped = "overload"``. Without, it is a zero-shot job.
         """
-        self.check_capacity()
         loop = asyncio.get_running_loop()
         job = Job(images, labels, templates, method, options, loop.create_future(), loop,
-                  deadline=time.monotonic() + timeout_s, originals=originals, seed=seed)
+                  deadline=time.monotonic() + timeout_s, originals=originals, seed=seed, gate=gate,
+                  gate_temperature=gate_temperature)
         with self._cond:
-            self.check_capacity()
-            self._queue.append(job)
-            self.metrics.queue_depth.set(len(self._queue))
-            self._cond.notify()
+            if job.originals is not None:
+                job.cost_s = self.estimate_s(method, options, job.n_images, len(labels))
+                if self.ready and self._admits(job.cost_s, timeout_s):
+                    self._adapt_queue.append(job)
+                    self.pending_s += job.cost_s
+                    self.metrics.adapt_pending.set(self.pending_s)
+                else:
+                    job.originals, job.skipped, job.cost_s = None, "overload", 0.0
+            if job.originals is None:
+                self.check_capacity()
+                self._queue.append(job)
+            self.metrics.queue_depth.set(self.queue_depth)
+            self._cond.notify_all()
+        if job.skipped:
+            self.metrics.adapt_skipped.labels(reason=job.skipped).inc(job.n_images)
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout=timeout_s)
         except asyncio.TimeoutError:
@@ -204,7 +315,7 @@ class Engine:
             job.cancelled = True  # the client went away: do not spend the device on it
             raise
 
-    # -- the worker -----------------------------------------------------------------------------
+    # -- the zero-shot lane ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
             if self.settings.torch_threads:
@@ -212,8 +323,8 @@ class Engine:
             started = time.monotonic()
             self.backbone = self._load()
             self.backbone.warm_up()
-            log.info("model loaded and warmed up in %.2f s", time.monotonic() - started)
-            self._ready.set()
+            log.info("model loaded and warmed up in %.2f s (%.1f ms per image, %.2f ms per prompt)",
+                     time.monotonic() - started, self.backbone.image_s * 1e3, self.backbone.prompt_s * 1e3)
         except BaseException as exc:  # noqa: BLE001 - reported through /readyz and on_fatal
             self.load_error = exc
             log.error("model failed to load: %s", exc)
@@ -221,6 +332,8 @@ class Engine:
             if self.on_fatal is not None:
                 self.on_fatal(exc)
             return
+        self._adapt_thread.start()
+        self._ready.set()
         self._loaded.set()
         while True:
             batch = self._next_batch()
@@ -237,9 +350,6 @@ class Engine:
             if self._stopping:
                 return None
             batch = [self._queue.popleft()]
-            if not batch[0].batchable:
-                self.metrics.queue_depth.set(len(self._queue))
-                return batch
             n = batch[0].n_images
             until = time.monotonic() + self.settings.max_batch_delay_ms / 1000
             while n < limit:
@@ -249,31 +359,33 @@ class Engine:
                         break
                     self._cond.wait(remaining)
                     continue
-                if not self._queue[0].batchable or n + self._queue[0].n_images > limit:
+                if n + self._queue[0].n_images > limit:
                     break
                 job = self._queue.popleft()
                 batch.append(job)
                 n += job.n_images
-            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.queue_depth.set(self.queue_depth)
         return batch
 
-    def _run_batch(self, batch: list[Job]) -> None:
-        now = time.monotonic()
+    def _live(self, batch: list[Job]) -> list[Job]:
+        """The jobs still worth running; the others are failed (deadline) or dropped (client gone)."""
         live = []
         for job in batch:
-            if job.cancelled or job.future.done():
+            if job.future.done():
                 continue
-            if now > job.deadline:
-                self._fail(job, DeadlineExceeded("the request waited in the queue past its deadline"))
+            if job.stopped():
+                self._fail(job, job.stop_error() if job.cancelled else
+                           DeadlineExceeded("the request waited in the queue past its deadline"))
                 continue
             live.append(job)
+        return live
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        live = self._live(batch)
         if not live:
             return
         backbone = self.backbone
         assert backbone is not None
-        if not live[0].batchable:
-            self._run_adaptation(live[0], backbone)
-            return
         try:
             images = torch.cat([job.images for job in live])  # [B, 3, H, W]
             started = time.monotonic()
@@ -293,39 +405,154 @@ class Engine:
                 offset += job.n_images
                 timings = {"queue": started - job.enqueued_at, "encode": encode_s,
                            "classify": time.monotonic() - t0}
-                self._resolve(job, JobOutput(logits, timings, int(images.shape[0])))
+                self._resolve(job, JobOutput(logits, timings, int(images.shape[0]), skipped=job.skipped))
             self.metrics.text_cache_bytes.set(backbone.text_cache.bytes)
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
             log.exception("batch of %d job(s) failed", len(live))
             for job in live:
                 self._fail(job, exc)
 
-    def _run_adaptation(self, job: Job, backbone: Backbone) -> None:
-        """Adapt to each image of the job in turn, checking the deadline between images."""
-        started = time.monotonic()
-        method = get_method(job.method)
-        assert job.originals is not None
+    # -- the adaptation lane --------------------------------------------------------------------
+    def _run_adapt_lane(self) -> None:
+        while True:
+            batch = self._next_adapt_batch()
+            if batch is None:
+                return
+            try:
+                self._run_adapt_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - the lane must outlive any one batch
+                log.exception("adaptation batch failed")
+                for job in batch:
+                    self._fail(job, exc)
+            finally:
+                with self._cond:
+                    self.pending_s = max(0.0, self.pending_s - sum(job.cost_s for job in batch))
+                    if not self._adapt_queue:
+                        self.pending_s = 0.0  # nothing admitted is left: no estimate drift carries over
+                    self.metrics.adapt_pending.set(self.pending_s)
+
+    def _next_adapt_batch(self) -> list[Job] | None:
+        """The first waiting adaptation job and, for up to ``max_batch_delay_ms``, later ones with the same
+        method and options, within ``adapt_max_batch`` images (a larger job runs in chunks, alone)."""
+        limit = self.settings.adapt_max_batch
+        with self._cond:
+            while not self._adapt_queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._adapt_queue.popleft()
+            batch, n = [first], first.n_images
+            until = time.monotonic() + self.settings.max_batch_delay_ms / 1000
+            while n < limit and not self._stopping:
+                match = next((j for j in self._adapt_queue if j.method == first.method and j.options == first.options
+                              and n + j.n_images <= limit), None)
+                if match is not None:
+                    self._adapt_queue.remove(match)
+                    batch.append(match)
+                    n += match.n_images
+                    continue
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self.metrics.queue_depth.set(self.queue_depth)
+        return batch
+
+    def _run_adapt_batch(self, batch: list[Job]) -> None:
+        """Adapt the images of ``batch`` together; if a stacked batch fails, each job is retried alone."""
+        live = self._live(batch)
+        if not live:
+            return
         try:
-            # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
-            classes = backbone.class_features(job.labels, job.templates).clone()  # [C, D]
-            logits, reports = [], []
-            for i, original in enumerate(job.originals):
-                if job.cancelled or time.monotonic() > job.deadline:
-                    raise DeadlineExceeded("the request passed its deadline during adaptation")
-                generator = torch.Generator().manual_seed(image_seed(job.seed, i))
-                final, report = adapt_image(backbone, method, job.options, original, job.images[i], classes,
-                                            job.labels, generator)
-                logits.append(final)
-                reports.append(report)
-                self.metrics.batch_size.observe(report.views)
-            timings = {"queue": started - job.enqueued_at, "adapt": time.monotonic() - started}
-            self._resolve(job, JobOutput(torch.stack(logits), timings, reports[0].views, reports))
-        except ValueError as exc:  # a method that cannot run on this model (e.g. no prompt-learning support)
-            self._fail(job, InvalidInput(str(exc), code="method_unsupported"))
+            outputs = self._adapt_jobs(live)
+        except Stopped:  # raised only once every image's caller is gone
+            for job in live:
+                self._fail(job, job.stop_error())
+            return
         except Exception as exc:  # noqa: BLE001 - reported to the request; the worker carries on
-            if not isinstance(exc, DeadlineExceeded):
-                log.exception("adaptation with %s failed", job.method)
-            self._fail(job, exc)
+            if len(live) > 1:  # find the job that cannot run, without failing the others
+                log.warning("a stacked adaptation batch of %d jobs failed (%s); running them one by one",
+                            len(live), exc)
+                for job in live:
+                    self._run_adapt_batch([job])
+            elif isinstance(exc, ValueError):  # a method this model cannot run (no prompt-learning support)
+                self._fail(live[0], InvalidInput(str(exc), code="method_unsupported"))
+            else:
+                log.exception("adaptation with %s failed", live[0].method)
+                self._fail(live[0], exc)
+            return
+        for job in live:
+            self._settle_adapted(job, outputs.get(id(job)))
+
+    def _settle_adapted(self, job: Job, output: JobOutput | None) -> None:
+        if output is None or job.stopped():
+            self._fail(job, job.stop_error())
+        else:
+            self._resolve(job, output)
+
+    def _adapt_jobs(self, jobs: list[Job]) -> dict[int, JobOutput]:
+        """Adapt every image of ``jobs`` (same method and options) in chunks of ``adapt_max_batch``."""
+        backbone = self.backbone
+        assert backbone is not None
+        started = time.monotonic()
+        method = get_method(jobs[0].method)
+        options = jobs[0].options
+        # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
+        classes = {id(job): backbone.class_features(job.labels, job.templates).clone() for job in jobs}  # [C, D]
+        items = [(job, i) for job in jobs for i in range(job.n_images)]
+        done: dict[tuple[int, int], tuple[torch.Tensor, ImageReport]] = {}
+        limit = self.settings.adapt_max_batch
+        for start in range(0, len(items), limit):
+            chunk = [(job, i) for job, i in items[start : start + limit] if not job.stopped()]
+            if not chunk:
+                continue
+            chunk = self._gate(chunk, classes, done, backbone)
+            if not chunk:
+                continue
+            tasks = [ImageTask(job.originals[i], job.images[i], classes[id(job)], job.labels,  # type: ignore[index]
+                               torch.Generator().manual_seed(image_seed(job.seed, i)), job.stopped)
+                     for job, i in chunk]
+            for (job, i), out in zip(chunk, adapt_images(backbone, method, options, tasks), strict=True):
+                done[(id(job), i)] = out
+            self.metrics.adapt_batch_size.observe(len(chunk))
+        elapsed = time.monotonic() - started
+        self._learn_cost(jobs[0].method, sum(job.cost_s for job in jobs), elapsed, any(j.gate for j in jobs))
+        outputs = {}
+        for job in jobs:
+            if any((id(job), i) not in done for i in range(job.n_images)):
+                continue  # stopped part-way: its caller is gone
+            logits, reports = zip(*(done[(id(job), i)] for i in range(job.n_images)), strict=True)
+            timings = {"queue": started - job.enqueued_at, "adapt": elapsed}
+            outputs[id(job)] = JobOutput(torch.stack(logits), timings, max(r.batch_images for r in reports),
+                                         list(reports))
+        return outputs
+
+    def _gate(self, chunk: list[tuple[Job, int]], classes: dict[int, torch.Tensor],
+              done: dict[tuple[int, int], tuple[torch.Tensor, ImageReport]],
+              backbone: Backbone) -> list[tuple[Job, int]]:
+        """Answer zero-shot the gated images whose calibrated margin passes their gate; return the others."""
+        gated = [(job, i) for job, i in chunk if job.gate is not None]
+        if not gated:
+            return chunk
+        t0 = time.monotonic()
+        feats = backbone.encode_images(torch.stack([job.images[i] for job, i in gated]))  # [G, D]
+        confident = set()
+        for row, (job, i) in enumerate(gated):
+            logits = (backbone.logit_scale * feats[row] @ classes[id(job)].T).float().cpu()  # [C]
+            if float(margin(logits[None], job.gate_temperature)[0]) >= job.gate:  # type: ignore[operator]
+                confident.add((id(job), i))
+                report = ImageReport(logits, 0, 1, 1, time.monotonic() - t0, skipped="confident")
+                done[(id(job), i)] = (logits, report)
+        if confident:
+            self.metrics.adapt_skipped.labels(reason="confident").inc(len(confident))
+        return [(job, i) for job, i in chunk if (id(job), i) not in confident]
+
+    def _learn_cost(self, method: str, estimated_s: float, actual_s: float, gated: bool) -> None:
+        """Move the method's cost correction towards what this batch took (gated batches say little)."""
+        if estimated_s <= 0 or gated:
+            return
+        ratio = min(10.0, max(0.1, actual_s / estimated_s * self._correction.get(method, 1.0)))
+        self._correction[method] = 0.7 * self._correction.get(method, 1.0) + 0.3 * ratio
 
     @staticmethod
     def _sync(backbone: Backbone) -> None:

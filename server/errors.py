@@ -83,6 +83,13 @@ class DeadlineExceeded(TTAError):
     code = "timeout"
 
 
+class ClientClosed(TTAError):
+    """The client went away before its answer was ready; nginx's 499, which nobody will read."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class ConfigError(Exception):
     """The server cannot start with this configuration; the message names the setting to change."""
 

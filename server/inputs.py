@@ -20,7 +20,7 @@ from server.templates import PLACEHOLDER, TEMPLATE_SETS
 
 _LABEL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FORM_FIELDS = {"image", "labels", "label_set", "templates", "top_k", "method", "options", "seed", "compare",
-                "abstain_below"}
+                "abstain_below", "confidence_gate"}
 
 
 @dataclass
@@ -168,7 +168,7 @@ async def parse_form(form: FormData) -> ClassifyInput:
     texts = {k: [v for v in form.getlist(k) if isinstance(v, str)] for k in _FORM_FIELDS - {"image"}}
     if texts["labels"]:
         data["labels"] = _json_list_or_values(texts["labels"], "labels")
-    for single in ("label_set", "method", "top_k", "seed", "compare", "abstain_below"):
+    for single in ("label_set", "method", "top_k", "seed", "compare", "abstain_below", "confidence_gate"):
         if len(texts[single]) > 1:
             raise InvalidInput(f"form field {single!r} given {len(texts[single])} times", code="invalid_form")
         if texts[single]:

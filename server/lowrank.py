@@ -125,6 +125,13 @@ class LoraFactors:
         return cls(targets, tuple(a), tuple(b), float(alpha))
 
     @classmethod
+    def frozen(cls, targets: LoraTargets, device: torch.device | str | None = None) -> LoraFactors:
+        """Rank-1 zero factors: the suffix they give is the frozen tower's (no random draw, no gradient)."""
+        a = tuple(torch.zeros(1, t.in_features, device=device) for t in targets.targets)
+        b = tuple(torch.zeros(t.out_features, 1, device=device) for t in targets.targets)
+        return cls(targets, a, b, 1.0)
+
+    @classmethod
     def stack(cls, factors: Sequence[LoraFactors]) -> LoraFactors:
         """R requests' factors as one [R, ...] set; differentiable, so each request's leaves get its gradient."""
         first = factors[0]

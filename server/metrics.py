@@ -20,7 +20,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ENTROPY_BUCKETS = (-1.0, -0.5, -0.1, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
-OUTCOMES = ("success", "client_error", "rejected", "timeout", "error")
+OUTCOMES = ("success", "client_error", "rejected", "timeout", "cancelled", "error")
+SKIP_REASONS = ("overload", "confident")
 STAGES = ("queue", "decode", "encode", "classify", "adapt")
 
 
@@ -81,5 +82,25 @@ class Metrics:
             "tta_confidence", "Calibrated confidence of each prediction: a drift signal.", ["method"],
             buckets=CONFIDENCE_BUCKETS, registry=r,
         )
+        self.adapt_batch_size = Histogram(
+            "tta_adapt_batch_size", "Images adapted together in one stacked computation.", buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.adapt_skipped = Counter(
+            "tta_adapt_skipped", "Images served zero-shot instead of adapted, by reason (overload, confident).",
+            ["reason"], registry=r,
+        )
+        self.adapt_pending = Gauge(
+            "tta_adapt_pending_seconds", "Estimated seconds of adaptation work admitted and not finished.", registry=r
+        )
+        self.gpu_memory_allocated = Gauge(
+            "tta_gpu_memory_allocated_bytes", "Bytes of GPU memory held by tensors now (0 on the CPU).", registry=r
+        )
+        self.gpu_memory_peak = Gauge(
+            "tta_gpu_memory_peak_bytes", "Most bytes of GPU memory held by tensors since start (0 on the CPU).",
+            registry=r,
+        )
+        for reason in SKIP_REASONS:
+            self.adapt_skipped.labels(reason=reason)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)

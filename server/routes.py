@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from typing import Any
@@ -17,7 +18,7 @@ from adapters import OptionsError, get_method, method_names
 from adapters.losses import entropy
 from server.backbone import Backbone
 from server.engine import Engine, JobOutput
-from server.errors import BadRequest, InvalidInput, NotReady, TTAError, UnsupportedMediaType
+from server.errors import BadRequest, ClientClosed, InvalidInput, NotReady, TTAError, UnsupportedMediaType
 from server.images import decode_base64, decode_image, to_uint8_tensor
 from server.inputs import (
     ClassifyInput,
@@ -58,7 +59,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         422: "Invalid input: each problem has its own error code.",
         429: "Queue full; retry after the Retry-After header's seconds.",
         503: "The model is still loading.",
-        504: "The request did not finish within TTA_REQUEST_TIMEOUT_S.",
+        504: "The request did not finish within its deadline (TTA_REQUEST_TIMEOUT_S or X-Request-Timeout).",
     }.items()
 }
 
@@ -188,11 +189,13 @@ def _predictions(logits: torch.Tensor, temperature: float, labels: tuple[str, ..
 def _results(output: JobOutput, labels: tuple[str, ...], top_k: int, method: str, req: ClassifyRequest,
              calibration: dict[str, float], seed: int | None, metrics: Metrics) -> list[Result]:
     results = []
-    temperature = calibration.get(method, 1.0)
     for i in range(output.logits.shape[0]):
         logits = output.logits[i]  # [C]
         report = output.reports[i] if output.reports else None
         zs_logits = report.zero_shot_logits if report else logits
+        skipped = output.skipped or (report.skipped if report else None)
+        # An image answered zero-shot is calibrated as zero-shot, whatever method was asked for.
+        temperature = calibration.get("zero_shot" if skipped else method, 1.0)
         preds, _ = _predictions(logits, temperature, labels, report.order if report else None, top_k)
         zs_preds, _ = _predictions(zs_logits, calibration.get("zero_shot", 1.0), labels, None, top_k)
         confidence = preds[0].probability
@@ -210,9 +213,11 @@ def _results(output: JobOutput, labels: tuple[str, ...], top_k: int, method: str
             seconds=report.seconds if report else output.timings.get("classify", 0.0),
             seed=seed if report else None,
             agreement=report.extra.get("agreement") if report else None,
+            skipped=skipped,
+            batch_images=report.batch_images if report else 1,
         )
         metrics.confidence.labels(method=method).observe(confidence)
-        if report:
+        if report and not skipped:
             metrics.adapt_duration.labels(method=method).observe(report.seconds)
             metrics.entropy_reduction.labels(method=method).observe(entropy_before - entropy_after)
             if adaptation.changed:
@@ -262,17 +267,23 @@ async def classify(request: Request) -> ClassifyResponse:
         adaptive = method_name != "zero_shot"
         if adaptive:
             _check_method_limits(options, settings)
-        engine.check_capacity()  # before decoding: a request that will be refused costs no decode
+        timeout_s = _timeout(request, settings)
+        # Before decoding: a request that will be refused costs no decode.
+        engine.check_capacity((method_name, options, len(parsed.images), len(labels)) if adaptive else None,
+                              timeout_s)
         t0 = time.monotonic()
         backbone = engine.backbone
         assert backbone is not None
         images, originals = await asyncio.get_running_loop().run_in_executor(
             request.app.state.decode_pool, _decode_all, parsed.images, backbone, settings, adaptive)
         decode_s = time.monotonic() - t0
-        remaining = settings.request_timeout_s - (time.monotonic() - started)
+        remaining = timeout_s - (time.monotonic() - started)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        output = await engine.classify(images, labels, templates, method_name, options, max(remaining, 0.001),
-                                       originals=originals, seed=seed)
+        calibration = request.app.state.calibration
+        gate = req.confidence_gate if req.confidence_gate is not None else settings.confidence_gate
+        output = await _until_disconnect(request, engine.classify(
+            images, labels, templates, method_name, options, max(remaining, 0.001), originals=originals, seed=seed,
+            gate=gate if adaptive else None, gate_temperature=calibration.get("zero_shot", 1.0)))
         timings = {"decode": decode_s, **output.timings}
         for stage, seconds in timings.items():
             metrics.stage_duration.labels(stage=stage).observe(seconds)
@@ -283,18 +294,59 @@ async def classify(request: Request) -> ClassifyResponse:
             request_id=request.state.request_id,
             model={"id": backbone.spec.display, "pretrained": backbone.spec.pretrained, "demo": backbone.spec.is_demo},
             method=method_name,
-            results=_results(output, labels, top_k, method_name, req, request.app.state.calibration,
-                             seed if adaptive else None, metrics),
+            results=_results(output, labels, top_k, method_name, req, calibration, seed if adaptive else None,
+                             metrics),
             timings=timings,
         )
     except TTAError as exc:
-        outcome = {429: "rejected", 503: "rejected", 504: "timeout"}.get(
+        outcome = {429: "rejected", 503: "rejected", 504: "timeout", 499: "cancelled"}.get(
             exc.status, "client_error" if exc.status < 500 else "error")
         raise
     finally:
         metrics.inflight.dec()
         metrics.requests.labels(method=method_label, outcome=outcome).inc()
         metrics.request_duration.labels(method=method_label).observe(time.monotonic() - started)
+
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+DISCONNECT_POLL_S = 0.1
+
+
+def _timeout(request: Request, settings: Settings) -> float:
+    """The request's deadline in seconds: ``X-Request-Timeout`` when it is shorter than the server's."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return settings.request_timeout_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}",
+                         code="invalid_timeout")
+    return min(value, settings.request_timeout_s)
+
+
+async def _until_disconnect(request: Request, work: Any) -> Any:
+    """Await ``work`` (the engine's job); if the client disconnects first, cancel it and raise ClientClosed.
+
+    Cancelling the await marks the job cancelled, so the engine drops it before it runs or stops it
+    between adaptation steps.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TTAError):
+                    await task
+                raise ClientClosed("the client closed the connection before the answer was ready")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def _check_method_limits(options: Any, settings: Settings) -> None:
@@ -398,5 +450,11 @@ def readyz(request: Request) -> dict[str, str]:
 def metrics(request: Request) -> Response:
     """Prometheus metrics in the text exposition format."""
     m = _metrics(request)
-    m.queue_depth.set(_engine(request).queue_depth)
+    engine = _engine(request)
+    m.queue_depth.set(engine.queue_depth)
+    m.adapt_pending.set(engine.pending_s)
+    backbone = engine.backbone
+    if backbone is not None and backbone.device.type == "cuda":
+        m.gpu_memory_allocated.set(torch.cuda.memory_allocated(backbone.device))
+        m.gpu_memory_peak.set(torch.cuda.max_memory_allocated(backbone.device))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -35,6 +35,10 @@ class ClassifyRequest(BaseModel):
     compare: bool = Field(False, description="Also return the zero-shot predictions beside the adapted ones.")
     abstain_below: float | None = Field(
         None, ge=0, le=1, description="Abstain (no label) when the calibrated confidence is below this.")
+    confidence_gate: float | None = Field(
+        None, ge=0, le=1, description="Do not adapt an image whose calibrated zero-shot margin (top-1 minus top-2 "
+        "probability) is at least this; it is answered zero-shot with adaptation.skipped = 'confident'. "
+        "Default: the server's TTA_CONFIDENCE_GATE.")
 
 
 class Prediction(BaseModel):
@@ -57,6 +61,10 @@ class Adaptation(BaseModel):
     seed: int | None = Field(None, description="The seed the views were drawn with.")
     agreement: float | None = Field(
         None, description="ZERO: share of kept views voting for the label (not a probability).")
+    skipped: str | None = Field(
+        None, description="Why the image was answered zero-shot instead: 'overload' (the adaptation lane was "
+        "over its budget) or 'confident' (the zero-shot margin passed the confidence gate).")
+    batch_images: int = Field(1, description="Images adapted together in one stacked computation, this one included.")
 
 
 class ZeroShotView(BaseModel):

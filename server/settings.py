@@ -74,6 +74,19 @@ class Settings(BaseSettings):
     decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (unset: torch's default).")
 
+    # The adaptation lane
+    adapt_max_batch: int = Field(
+        8, ge=1, description="Most images (of one or many requests) adapted together in one stacked computation."
+    )
+    adapt_budget_s: float | None = Field(
+        None, gt=0, description="Most estimated seconds of adaptation work admitted and unfinished; beyond it, "
+        "requests are served zero-shot (adaptation.skipped = overload). Unset: TTA_REQUEST_TIMEOUT_S.",
+    )
+    confidence_gate: float | None = Field(
+        None, ge=0, le=1, description="Skip adaptation of images whose calibrated zero-shot margin (top-1 minus "
+        "top-2 probability) is at least this (adaptation.skipped = confident). Unset: never skip.",
+    )
+
     # Defaults for requests
     default_method: str = Field("zero_shot", description="Method used when a request names none.")
     default_templates: str = Field("simple", description="Template set used when a request names none.")
@@ -90,6 +103,11 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("adapt_budget_s", "confidence_gate", "torch_threads", mode="before")
+    @classmethod
+    def _blank_number_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration with secrets replaced by '***', for the start-up log."""

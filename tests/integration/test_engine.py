@@ -120,15 +120,15 @@ def test_deadline_answers_504_and_the_server_recovers(settings):
 
 
 def test_a_failing_batch_fails_its_requests_not_the_worker(settings):
-    calls = []
+    fail_next = threading.Event()
 
     def flaky(settings_, spec):
         backbone = Backbone.load(settings_, spec)
         encode = backbone.encode_images
 
         def sometimes(images):
-            calls.append(1)
-            if len(calls) == 2:  # the call after warm-up
+            if fail_next.is_set():
+                fail_next.clear()
                 raise RuntimeError("CUDA error: out of memory (simulated)")
             return encode(images)
 
@@ -138,6 +138,7 @@ def test_a_failing_batch_fails_its_requests_not_the_worker(settings):
     with TestClient(create_app(settings, load=flaky), raise_server_exceptions=False) as c:
         wait_ready(c)
         body = {"images": [b64(png_bytes())], "labels": LABELS}
+        fail_next.set()
         r = c.post("/v1/classify", json=body)
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         assert c.post("/v1/classify", json=body).status_code == 200

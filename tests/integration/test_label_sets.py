@@ -59,11 +59,13 @@ def test_label_sets_survive_a_restart(settings):
                                               "templates": ["{} here"]}).status_code == 201
         assert c.post("/v1/label-sets", json={"name": "gone", "labels": ["x"]}).status_code == 201
         assert c.delete("/v1/label-sets/gone").status_code == 204
-        before = c.post("/v1/classify", json={"images": [image], "label_set": "kept"}).json()["results"][0]["predictions"]
+        before = c.post("/v1/classify", json={"images": [image], "label_set": "kept"}).json()["results"][0]
+        before = before["predictions"]
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
         kept = c.get("/v1/label-sets/kept").json()
         assert kept["labels"] == ["x", "y", "z"] and kept["templates"] == ["{} here"]
         assert c.get("/v1/label-sets/gone").status_code == 404
-        after = c.post("/v1/classify", json={"images": [image], "label_set": "kept"}).json()["results"][0]["predictions"]
+        after = c.post("/v1/classify", json={"images": [image], "label_set": "kept"}).json()["results"][0]
+        after = after["predictions"]
         assert after == before

@@ -1,0 +1,185 @@
+"""The adaptation lane through HTTP: requests adapted together, admission under overload, the confidence
+gate, per-request deadlines, and the lane's metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.backbone import Backbone
+from tests.conftest import wait_ready
+from tests.helpers import b64, png_bytes
+from tests.integration.test_engine import metric
+
+LABEL_SETS = [["red", "green", "blue", "a cat", "a dog"], ["a square", "a circle", "a star"],
+              ["apple", "banana", "cherry", "grape"]]
+BATCHED = ["tpt", "ctpt", "tps", "ttl", "zero", "mta"]
+
+
+# A large learning rate makes the adaptation visible on the tiny model. Not for TTL: Adam's first step is
+# about lr * sign(gradient) per weight, so with thousands of LoRA weights whose gradients are ~0, rounding
+# differences of a larger matmul flip signs and lr 0.5 turns them into 1e-4 logit differences.
+STRONG = {"tpt": {"lr": 0.5}, "ctpt": {"lr": 0.5}, "tps": {"lr": 0.5}}
+
+
+def body(method: str, seed: int, labels: list[str], **extra) -> dict:
+    return {"images": [b64(png_bytes(seed=seed, size=(60 + seed, 48)))], "labels": labels, "method": method,
+            "seed": seed, "top_k": len(labels), "options": STRONG.get(method, {}), **extra}
+
+
+def logits(result: dict) -> dict[str, float]:
+    return {p["label"]: p["logit"] for p in result["predictions"]}
+
+
+@pytest.mark.parametrize("method", BATCHED)
+def test_a_request_gets_the_same_answer_alone_and_in_a_batch_of_8_mixed_requests(settings, method):
+    settings.adapt_max_batch = 8
+    settings.max_batch_delay_ms = 2000  # the lane waits for company, so the 8 requests share one batch
+    requests = [body(method, seed, LABEL_SETS[seed % 3]) for seed in range(8)]
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        alone = [c.post("/v1/classify", json=r).json()["results"][0] for r in requests]
+        assert all(a["adaptation"]["batch_images"] == 1 for a in alone)
+        with ThreadPoolExecutor(8) as pool:
+            batched = [r.json()["results"][0] for r in pool.map(lambda r: c.post("/v1/classify", json=r), requests)]
+        sizes = [b["adaptation"]["batch_images"] for b in batched]
+        assert max(sizes) >= 4, f"the requests were not adapted together: batch sizes {sizes}"
+        for a, b in zip(alone, batched, strict=True):
+            assert a["label"] == b["label"]
+            assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+            la, lb = logits(a), logits(b)
+            assert max(abs(la[k] - lb[k]) for k in la) < 1e-4
+        text = c.get("/metrics").text
+        assert metric(text, "tta_adapt_batch_size_count") < 16  # 8 alone + fewer than 8 batches
+
+
+def held_views_loader(gate: threading.Event, entered: threading.Event, hold_all: bool = False):
+    """A loader whose backbone holds encoder calls of several images (view batches) until ``gate`` opens;
+    with ``hold_all``, single images too (the zero-shot lane)."""
+
+    def load(settings, spec):
+        backbone = Backbone.load(settings, spec)
+        backbone.warm_up()
+        encode = backbone.encode_images
+
+        def held(images):
+            if hold_all or images.shape[0] > 1:
+                entered.set()
+                gate.wait(30)
+            return encode(images)
+
+        backbone.encode_images = held
+        backbone.warm_up = lambda: None
+        return backbone
+
+    return load
+
+
+def test_over_budget_adaptation_is_served_zero_shot_and_counted(settings):
+    settings.adapt_budget_s = 1e-6  # any admitted work fills the lane
+    gate, entered = threading.Event(), threading.Event()
+    labels = LABEL_SETS[0]
+    with TestClient(create_app(settings, load=held_views_loader(gate, entered))) as c:
+        wait_ready(c)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c.post, "/v1/classify", json=body("tpt", 1, labels))
+            assert entered.wait(10)  # the lane is busy with the first request's views
+            second = c.post("/v1/classify", json=body("tpt", 2, labels, compare=True))
+            assert second.status_code == 200, second.text
+            result = second.json()["results"][0]
+            assert result["adaptation"]["skipped"] == "overload"
+            assert result["adaptation"]["steps"] == 0 and result["adaptation"]["views"] == 1
+            assert result["label"] == result["zero_shot"]["label"]
+            assert result["confidence"] == pytest.approx(result["zero_shot"]["confidence"])
+            gate.set()
+            assert first.result().status_code == 200
+            assert first.result().json()["results"][0]["adaptation"]["skipped"] is None
+        text = c.get("/metrics").text
+        assert metric(text, 'tta_adapt_skipped_total{reason="overload"}') == 1
+        assert metric(text, 'tta_adapt_skipped_total{reason="confident"}') == 0
+        assert metric(text, 'tta_requests_total{method="tpt",outcome="success"}') == 2
+
+
+def test_429_only_when_the_zero_shot_lane_is_full_too(settings):
+    settings.adapt_budget_s = 1e-6
+    settings.max_queue_size = 1
+    gate, entered = threading.Event(), threading.Event()
+    labels = LABEL_SETS[0]
+    with TestClient(create_app(settings, load=held_views_loader(gate, entered, hold_all=True))) as c:
+        wait_ready(c)
+        engine = c.app.state.engine
+        with ThreadPoolExecutor(3) as pool:
+            adapting = pool.submit(c.post, "/v1/classify", json=body("zero", 1, labels))
+            assert entered.wait(10)  # the adaptation lane holds its job
+            held = pool.submit(c.post, "/v1/classify", json={"images": [b64(png_bytes())], "labels": labels})
+            deadline = time.monotonic() + 10
+            while engine._queue and time.monotonic() < deadline:  # the zero-shot worker takes it and blocks
+                time.sleep(0.01)
+            waiting = pool.submit(c.post, "/v1/classify", json={"images": [b64(png_bytes())], "labels": labels})
+            while len(engine._queue) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused = c.post("/v1/classify", json=body("tpt", 2, labels))
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["Retry-After"] == str(settings.retry_after_s)
+            gate.set()
+            assert [f.result().status_code for f in (adapting, held, waiting)] == [200, 200, 200]
+
+
+def test_confidence_gate_skips_confident_images(settings):
+    labels = LABEL_SETS[0]
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        gated = c.post("/v1/classify", json=body("tps", 3, labels, confidence_gate=0.0, compare=True)).json()
+        result = gated["results"][0]
+        assert result["adaptation"]["skipped"] == "confident"
+        assert result["adaptation"]["steps"] == 0
+        assert result["label"] == result["zero_shot"]["label"]
+        open_gate = c.post("/v1/classify", json=body("tps", 3, labels, confidence_gate=1.0)).json()
+        assert open_gate["results"][0]["adaptation"]["skipped"] is None
+        assert open_gate["results"][0]["adaptation"]["steps"] == 1
+        bad = c.post("/v1/classify", json=body("tps", 3, labels, confidence_gate=1.5))
+        assert bad.status_code == 422 and "confidence_gate" in bad.json()["error"]["message"]
+        text = c.get("/metrics").text
+        assert metric(text, 'tta_adapt_skipped_total{reason="confident"}') == 1
+
+
+def test_server_wide_confidence_gate(settings):
+    settings.confidence_gate = 0.0
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        result = c.post("/v1/classify", json=body("tpt", 4, LABEL_SETS[1])).json()["results"][0]
+        assert result["adaptation"]["skipped"] == "confident"
+
+
+def test_request_timeout_header(settings):
+    gate, entered = threading.Event(), threading.Event()
+    labels = LABEL_SETS[0]
+    with TestClient(create_app(settings, load=held_views_loader(gate, entered))) as c:
+        wait_ready(c)
+        for bad in ("soon", "0", "-1", "inf", "nan"):
+            r = c.post("/v1/classify", json=body("zero", 1, labels), headers={"X-Request-Timeout": bad})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_timeout", bad
+        started = time.monotonic()
+        r = c.post("/v1/classify", json=body("zero", 1, labels), headers={"X-Request-Timeout": "0.3"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - started < 5
+        gate.set()
+        ok = c.post("/v1/classify", json=body("zero", 1, labels), headers={"X-Request-Timeout": "60"})
+        assert ok.status_code == 200
+        text = c.get("/metrics").text
+        assert metric(text, 'tta_requests_total{method="zero",outcome="timeout"}') == 1
+
+
+def test_lane_metrics_are_exposed(client):
+    client.post("/v1/classify", json=body("tps", 1, LABEL_SETS[0]))
+    text = client.get("/metrics").text
+    for name in ("tta_adapt_batch_size_count", "tta_adapt_pending_seconds", "tta_gpu_memory_allocated_bytes",
+                 "tta_gpu_memory_peak_bytes"):
+        metric(text, name)
+    assert metric(text, "tta_adapt_batch_size_count") == 1
+    assert metric(text, "tta_gpu_memory_allocated_bytes") == 0  # the CPU
