@@ -465,7 +465,9 @@ class Engine:
             return
         try:
             outputs = self._adapt_jobs(live)
-        except Stopped:  # raised only once every image's caller is gone
+        except Stopped as exc:  # raised only once every image's caller is gone
+            log.info("adaptation of %d request(s) with %s %s: %s", len(live), live[0].method, exc,
+                     "the client went away" if all(j.cancelled for j in live) else "past the deadline")
             for job in live:
                 self._fail(job, job.stop_error())
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import socket
@@ -160,3 +162,30 @@ def test_python_client_against_the_live_server(served, tmp_path):
         else:
             raise AssertionError("expected ApiError")
         assert tta.models()[0]["ready"] is True and "zero_shot" in [m["name"] for m in tta.methods()["methods"]]
+
+
+def test_a_client_that_disconnects_stops_its_adaptation(served):
+    url, proc = served
+    port = int(url.rsplit(":", 1)[1])
+    images = [base64.b64encode(png_bytes(seed=i, size=(80, 64))).decode() for i in range(32)]
+    body = json.dumps({"images": images, "labels": ["red", "green", "blue"], "method": "tpt",
+                       "options": {"views": 128, "steps": 10}}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(1.0)  # the adaptation is under way; then the client goes away
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        if 'tta_requests_total{method="tpt",outcome="cancelled"} 1.0' in text:
+            break
+        time.sleep(0.2)
+    assert 'tta_requests_total{method="tpt",outcome="cancelled"} 1.0' in text
+    # The lane is free again long before 32 images x 10 steps x 128 views would have finished.
+    r = httpx.post(f"{url}/v1/classify", json={"images": images[:1], "labels": ["red", "green"], "method": "tpt"},
+                   timeout=60)
+    assert r.status_code == 200
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    assert "the client went away" in out

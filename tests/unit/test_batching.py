@@ -1,0 +1,64 @@
+"""Stacked adaptation at the method level: each image as if alone, skipped steps, stopping between steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters import AdaptInput, get_method
+from adapters.base import Stopped
+from adapters.common import optimize
+from server.backbone import Backbone
+from server.engine import ImageTask, adapt_image, adapt_images
+from server.settings import Settings
+
+LABEL_SETS = [("red", "green", "blue"), ("a cat", "a dog"), ("a square", "a circle", "a star", "a heart")]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_model_dir) -> Backbone:
+    return Backbone.load(Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", _env_file=None))
+
+
+def task(backbone: Backbone, i: int) -> ImageTask:
+    gen = torch.Generator().manual_seed(100 + i)
+    original = torch.randint(0, 256, (3, 40 + i, 36), generator=gen, dtype=torch.uint8)
+    base = torch.randn(3, *backbone.image_size, generator=gen)
+    labels = LABEL_SETS[i % 3]
+    classes = backbone.class_features(labels, ("a photo of a {}.",)).clone()
+    return ImageTask(original, base, classes, labels, torch.Generator().manual_seed(i))
+
+
+@pytest.mark.parametrize("method", ["tpt", "ctpt", "tps", "ttl"])
+def test_stacked_images_with_different_label_sets_get_their_alone_result(backbone, method):
+    impl = get_method(method)
+    options = impl.parse_options({"steps": 2, "views": 16})
+    alone = [adapt_image(backbone, impl, options, t.original, t.base_view, t.classes, t.labels, t.generator)
+             for t in (task(backbone, i) for i in range(5))]
+    together = adapt_images(backbone, impl, options, [task(backbone, i) for i in range(5)])
+    for (la, ra), (lb, rb) in zip(alone, together, strict=True):
+        torch.testing.assert_close(lb, la, atol=1e-4, rtol=0)  # the issue's bound on CPU
+        assert (ra.steps, ra.selected_views, ra.batch_images, rb.batch_images) == (rb.steps, rb.selected_views, 1, 5)
+
+
+def test_an_image_that_skips_a_step_is_not_moved_by_weight_decay():
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    taken = optimize([[a], [b]], lr=0.1, steps=2, loss_fn=lambda step: [(a * 2).sum(), None])
+    assert taken == [2, 0]
+    assert torch.equal(b.detach(), torch.ones(3))  # AdamW's decoupled weight decay would have shrunk it
+    assert bool((a < 1).all())
+
+
+def test_work_stops_between_steps_once_nobody_waits(backbone):
+    impl = get_method("tps")
+    t = task(backbone, 0)
+    feats = backbone.encode_images(t.base_view[None].expand(4, -1, -1, -1)).clone()
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 1  # the caller leaves after the first step
+
+    inp = AdaptInput(feats, t.classes, backbone.logit_scale, t.labels, t.generator, backbone, stop=stop)
+    with pytest.raises(Stopped, match="before step 2 of 5"):
+        impl.adapt(inp, impl.parse_options({"steps": 5, "views": 4}))
