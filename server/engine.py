@@ -44,6 +44,8 @@ from server.settings import Settings
 
 log = logging.getLogger("ttaserve.engine")
 
+MAX_STACKED_PROMPTS = 4096  # prompts through the text tower in one stacked step (8 images x 512 classes)
+
 
 @dataclass(eq=False)
 class Job:
@@ -503,9 +505,8 @@ class Engine:
         classes = {id(job): backbone.class_features(job.labels, job.templates).clone() for job in jobs}  # [C, D]
         items = [(job, i) for job in jobs for i in range(job.n_images)]
         done: dict[tuple[int, int], tuple[torch.Tensor, ImageReport]] = {}
-        limit = self.settings.adapt_max_batch
-        for start in range(0, len(items), limit):
-            chunk = [(job, i) for job, i in items[start : start + limit] if not job.stopped()]
+        for chunk in self._chunks(items, method, options):
+            chunk = [(job, i) for job, i in chunk if not job.stopped()]
             if not chunk:
                 continue
             chunk = self._gate(chunk, classes, done, backbone)
@@ -528,6 +529,22 @@ class Engine:
             outputs[id(job)] = JobOutput(torch.stack(logits), timings, max(r.batch_images for r in reports),
                                          list(reports))
         return outputs
+
+    def _chunks(self, items: list[tuple[Job, int]], method: Method, options: Any) -> list[list[tuple[Job, int]]]:
+        """Split images into stacked batches of at most ``adapt_max_batch`` images and, for methods that
+        run the text tower (prompt tuning), at most ``MAX_STACKED_PROMPTS`` prompts: its activations,
+        kept for the backward pass, grow with the prompts of every stacked image."""
+        text = method.cost(options, 1).prompt_passes > 0
+        chunks: list[list[tuple[Job, int]]] = [[]]
+        prompts = 0
+        for job, i in items:
+            n = len(job.labels) if text else 0
+            if chunks[-1] and (len(chunks[-1]) >= self.settings.adapt_max_batch or prompts + n > MAX_STACKED_PROMPTS):
+                chunks.append([])
+                prompts = 0
+            chunks[-1].append((job, i))
+            prompts += n
+        return chunks
 
     def _gate(self, chunk: list[tuple[Job, int]], classes: dict[int, torch.Tensor],
               done: dict[tuple[int, int], tuple[torch.Tensor, ImageReport]],

@@ -183,3 +183,15 @@ def test_lane_metrics_are_exposed(client):
         metric(text, name)
     assert metric(text, "tta_adapt_batch_size_count") == 1
     assert metric(text, "tta_gpu_memory_allocated_bytes") == 0  # the CPU
+
+
+def test_prompt_tuning_stacks_no_more_prompts_than_the_cap(settings, monkeypatch):
+    monkeypatch.setattr("server.engine.MAX_STACKED_PROMPTS", 8)  # two images of 3-4 labels, not three
+    settings.adapt_max_batch = 8
+    settings.max_batch_delay_ms = 2000
+    requests = [body("tpt", seed, LABEL_SETS[1 + seed % 2]) for seed in range(4)]
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        with ThreadPoolExecutor(4) as pool:
+            results = [r.json()["results"][0] for r in pool.map(lambda r: c.post("/v1/classify", json=r), requests)]
+    assert max(r["adaptation"]["batch_images"] for r in results) == 2
