@@ -11,10 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.backbone import Backbone
 from tests.conftest import wait_ready
 from tests.helpers import b64, png_bytes
-from tests.integration.test_engine import metric
+from tests.integration.test_engine import gated_loader, metric
 
 LABEL_SETS = [["red", "green", "blue", "a cat", "a dog"], ["a square", "a circle", "a star"],
               ["apple", "banana", "cherry", "grape"]]
@@ -59,25 +58,9 @@ def test_a_request_gets_the_same_answer_alone_and_in_a_batch_of_8_mixed_requests
 
 
 def held_views_loader(gate: threading.Event, entered: threading.Event, hold_all: bool = False):
-    """A loader whose backbone holds encoder calls of several images (view batches) until ``gate`` opens;
-    with ``hold_all``, single images too (the zero-shot lane)."""
-
-    def load(settings, spec):
-        backbone = Backbone.load(settings, spec)
-        backbone.warm_up()
-        encode = backbone.encode_images
-
-        def held(images):
-            if hold_all or images.shape[0] > 1:
-                entered.set()
-                gate.wait(30)
-            return encode(images)
-
-        backbone.encode_images = held
-        backbone.warm_up = lambda: None
-        return backbone
-
-    return load
+    """Hold encoder calls of several images (view batches) until ``gate`` opens; with ``hold_all``, single
+    images too (the zero-shot lane)."""
+    return gated_loader(gate, entered, hold=lambda images: hold_all or images.shape[0] > 1)
 
 
 def test_over_budget_adaptation_is_served_zero_shot_and_counted(settings):

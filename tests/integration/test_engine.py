@@ -6,9 +6,11 @@ import hashlib
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
@@ -33,8 +35,9 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
-def gated_loader(gate: threading.Event, entered: threading.Event | None = None):
-    """A loader whose backbone holds every encoder call until ``gate`` opens."""
+def gated_loader(gate: threading.Event, entered: threading.Event | None = None,
+                 hold: Callable[[torch.Tensor], bool] = lambda images: True):
+    """A loader whose backbone holds the encoder calls ``hold`` picks (all, by default) until ``gate`` opens."""
 
     def load(settings, spec):
         backbone = Backbone.load(settings, spec)
@@ -42,9 +45,10 @@ def gated_loader(gate: threading.Event, entered: threading.Event | None = None):
         backbone.warm_up()  # warm up before the gate is installed
 
         def held(images):
-            if entered is not None:
-                entered.set()
-            gate.wait(30)
+            if hold(images):
+                if entered is not None:
+                    entered.set()
+                gate.wait(30)
             return encode(images)
 
         backbone.encode_images = held
