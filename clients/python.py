@@ -74,8 +74,13 @@ class Client:
     def classify(self, images: list[ImageLike], labels: list[str] | None = None, *, label_set: str | None = None,
                  templates: list[str] | str | None = None, top_k: int | None = None, method: str | None = None,
                  options: dict[str, Any] | None = None, seed: int | None = None, compare: bool = False,
-                 abstain_below: float | None = None) -> dict[str, Any]:
-        """Classify images (sent as multipart uploads); returns the response body."""
+                 abstain_below: float | None = None, confidence_gate: float | None = None,
+                 timeout_s: float | None = None) -> dict[str, Any]:
+        """Classify images (sent as multipart uploads); returns the response body.
+
+        ``timeout_s`` is sent as ``X-Request-Timeout``: the server gives up (504) and stops the work
+        after that many seconds, if it is shorter than the server's own deadline.
+        """
         files = [("image", (f"image{i}", _image_bytes(img), "application/octet-stream"))
                  for i, img in enumerate(images)]
         data: dict[str, Any] = {}
@@ -97,7 +102,11 @@ class Client:
             data["compare"] = "true"
         if abstain_below is not None:
             data["abstain_below"] = str(abstain_below)
-        return self._request("POST", "/v1/classify", files=files, data=data).json()  # type: ignore[no-any-return]
+        if confidence_gate is not None:
+            data["confidence_gate"] = str(confidence_gate)
+        headers = {"X-Request-Timeout": str(timeout_s)} if timeout_s is not None else {}
+        return self._request(  # type: ignore[no-any-return]
+            "POST", "/v1/classify", files=files, data=data, headers=headers).json()
 
     def create_label_set(self, name: str, labels: list[str], templates: list[str] | str | None = None,
                          descriptions: dict[str, list[str]] | None = None) -> dict[str, Any]:

@@ -162,6 +162,14 @@ def test_python_client_against_the_live_server(served, tmp_path):
         else:
             raise AssertionError("expected ApiError")
         assert tta.models()[0]["ready"] is True and "zero_shot" in [m["name"] for m in tta.methods()["methods"]]
+        gated = tta.classify([path], labels=["red", "green"], method="tps", confidence_gate=0.0, timeout_s=20)
+        assert gated["results"][0]["adaptation"]["skipped"] == "confident"
+        try:
+            tta.classify([path], labels=["red", "green"], timeout_s=-1)
+        except ApiError as exc:
+            assert (exc.status, exc.code) == (400, "invalid_timeout")
+        else:
+            raise AssertionError("expected ApiError")
 
 
 def test_a_client_that_disconnects_stops_its_adaptation(served):
