@@ -6,6 +6,11 @@ next most confident views. The vote share is reported as ``agreement``: it is no
 
 How ours differs from the official code (FarinaMatteo/zero):
 
+- Ties are broken by the next most confident views, in entropy order, as the paper and our research
+  notes describe. The official code passes ``l[k:]``, the views after the first k by position (the
+  augmented views in the order they were drawn, some of them kept ones), which differs when a tie
+  occurs; benchmarks/reference.py runs the published order and the latency benchmark counts those
+  disagreements as ties, not errors.
 - Ties that no remaining view breaks (the official fallback has a bitwise-NOT bug) go to the tied
   class with the highest mean probability over the kept views.
 - ZERO returns only votes. We also return probabilities, from the mean of the kept views' logits,

@@ -19,6 +19,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -31,6 +32,19 @@ from server.app import create_app
 from server.settings import Settings
 
 LABELS = [f"class number {i}" for i in range(10)]
+
+
+def wait_until_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll ``url``/readyz until it answers 200 (True), ``alive()`` turns False or time runs out (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def make_jpegs(n: int, size: int, seed: int) -> list[bytes]:
@@ -113,15 +127,7 @@ def main() -> None:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{args.port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
+    if not wait_until_ready(url, 600):
         raise SystemExit("server did not become ready")
 
     engine = app.state.engine

@@ -8,7 +8,7 @@ import shutil
 
 import torch
 
-from benchmarks import calibrate, method_latency, tune
+from benchmarks import adaptation_latency, calibrate, method_latency, tune
 from benchmarks.calibrate import fit_temperature
 
 
@@ -43,3 +43,30 @@ def test_tune_and_latency_report_every_method(tiny_model_dir, capsys):
                                   "--images", "2", "--threads", "1"])
     assert set(result) == {"zero_shot", "zero", "tps"}
     assert all(r["p95_s"] >= r["p50_s"] > 0 for r in result.values())
+
+
+def test_adaptation_latency_runs_reference_ours_and_server_side_by_side(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "adaptation_latency.json"
+    adaptation_latency.main(["--model", f"local-dir:{tiny_model_dir}", "--classes", "5", "--images", "2",
+                             "--views", "8", "--concurrency", "1,2", "--threads", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["agreement_ok"]
+    result = saved["results"]["5"]
+    # Every method: the published loop and ours predict the same class on both images, and so does the server.
+    assert set(result["agreement"]) == set(adaptation_latency.METHODS)
+    for method, check in result["agreement"].items():
+        assert check["agree"] == check["images"] == 2 and check["ok"], method
+        assert check["max_logit_diff"] < 1e-4, method
+        assert f"top-1 agreement {method:5s} (a) vs (b): 2/2 " in printed
+        assert result["http_agreement"][method] == "2/2"
+    rows = {(r["method"], r["setup"]): r for r in result["setups"]}
+    for method in adaptation_latency.METHODS:
+        for setup in ("ours", "http c1", "http c2"):
+            row = rows[(method, setup)]
+            assert row["p95_s"] >= row["p50_s"] > 0 and row["images_per_s"] > 0
+            assert row["p50_over_reference"] > 0 and row["images_per_s_over_reference"] > 0
+        assert rows[(method, "reference")]["p50_over_reference"] is None
+    assert rows[("zero", "ours")]["p50_over_forward"] > 0
+    assert rows[("zero_shot", "http c2")]["p50_over_forward"] > 0
+    assert "p50/(a)" in printed and "targets (reported, not enforced)" in printed
