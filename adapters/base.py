@@ -79,6 +79,7 @@ class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type]  # a frozen dataclass with defaults for every field
+    uses_descriptions: ClassVar[bool] = False  # class features include the label set's descriptions (TPS)
 
     def parse_options(self, raw: dict[str, Any] | None) -> Any:
         """Validate a request's ``options`` into this method's Options; unknown keys are errors."""

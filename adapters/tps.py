@@ -8,8 +8,11 @@ view against the shifted prototypes.
 How ours differs from the official code (elaine-sui/TPS):
 
 - Prototypes are the request's class features: the renormalised mean over its templates, so the
-  zero-step prediction equals zero-shot. TPS averages 80 templates without renormalising, and
-  adds GPT-4 descriptor means; label-set descriptions are not used yet.
+  zero-step prediction equals zero-shot. When the request names a label set with descriptions, a
+  described label's prototype is TPS's "micro" pooling, (template mean + description mean) / 2,
+  renormalised, with description prompts "{label}, which is/has {description}" (the engine builds
+  them; ``uses_descriptions``). TPS averages 80 templates and GPT-4 descriptors without
+  renormalising; we use the request's templates and the label set's own descriptions.
 - The view features are encoded once and reused by every step (TPS re-encodes them each step,
   which changes nothing but the cost); views are re-selected every step, as TPS does.
 - The model's own logit scale, not a hard-coded 100; fp32 throughout on CPU.
@@ -35,6 +38,7 @@ from adapters.losses import marginal_entropy, select_confident
 class TPS(Method):
     name = "tps"
     summary = "Shift each class prototype in embedding space by entropy minimisation over confident views."
+    uses_descriptions = True
 
     @dataclass(frozen=True)
     class Options(EpisodicOptions):

@@ -35,7 +35,7 @@ from server.cache import ByteLRU, tensor_bytes
 from server.errors import ConfigError
 from server.lowrank import LoraFactors, LoraTargets
 from server.settings import DEMO_MODEL_DIR, Settings
-from server.templates import render
+from server.templates import describe, render
 
 log = logging.getLogger("ttaserve.backbone")
 
@@ -218,15 +218,26 @@ class Backbone:
                 out.append(torch.nn.functional.normalize(feats.float(), dim=-1))
         return torch.cat(out)
 
-    def class_features(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
-        """[C, D] class embeddings: per class, the renormalised mean of its unit-norm template features."""
-        key = (self.spec.display, labels, templates)
+    def class_features(self, labels: tuple[str, ...], templates: tuple[str, ...],
+                       descriptions: tuple[tuple[str, ...], ...] | None = None) -> torch.Tensor:
+        """[C, D] class embeddings: per class, the renormalised mean of its unit-norm template features.
+
+        With ``descriptions`` (one tuple per label, possibly empty), a label that has some gets TPS's
+        prototype instead: the mean of its template mean and the mean of its description prompts
+        (``templates.describe``), renormalised.
+        """
+        key = (self.spec.display, labels, templates, descriptions if descriptions and any(descriptions) else None)
         cached = self.text_cache.get(key)
         if cached is not None:
             return cached
         prompts = [render(t, label) for label in labels for t in templates]
-        feats = self.encode_prompts(prompts).view(len(labels), len(templates), -1)  # [C, T, D]
-        classes = torch.nn.functional.normalize(feats.mean(dim=1), dim=-1)  # [C, D]
+        means = self.encode_prompts(prompts).view(len(labels), len(templates), -1).mean(dim=1)  # [C, D]
+        if key[3] is not None:
+            assert descriptions is not None
+            sentences = [describe(label, d) for label, ds in zip(labels, descriptions, strict=True) for d in ds]
+            described = self.encode_prompts(sentences).split([len(ds) for ds in descriptions])  # C x [n_c, D]
+            means = torch.stack([(m + d.mean(0)) / 2 if len(d) else m for m, d in zip(means, described, strict=True)])
+        classes = torch.nn.functional.normalize(means, dim=-1)  # [C, D]
         self.text_cache.put(key, classes)
         return classes
 

@@ -61,6 +61,7 @@ class Job:
     deadline: float  # time.monotonic() after which the job is not worth running
     originals: list[torch.Tensor] | None = None  # [3, H0, W0] uint8 per image, for methods that make views
     seed: int = 0
+    descriptions: tuple[tuple[str, ...], ...] | None = None  # per label, from its label set (TPS's prototypes)
     gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
     gate_temperature: float = 1.0  # the zero-shot temperature that calibrates the margin
     cost_s: float = 0.0  # estimated adaptation seconds, held against the lane's budget while admitted
@@ -281,7 +282,8 @@ class Engine:
     async def classify(self, images: torch.Tensor, labels: tuple[str, ...], templates: tuple[str, ...],
                        method: str, options: Any, timeout_s: float,
                        originals: list[torch.Tensor] | None = None, seed: int = 0,
-                       gate: float | None = None, gate_temperature: float = 1.0) -> JobOutput:
+                       gate: float | None = None, gate_temperature: float = 1.0,
+                       descriptions: tuple[tuple[str, ...], ...] | None = None) -> JobOutput:
         """Queue a classification and wait for it; raises Overloaded, NotReady, DeadlineExceeded or ClientClosed.
 
         With ``originals`` (the decoded images) the job adapts each image with ``method``, seeded by
@@ -290,8 +292,8 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         job = Job(images, labels, templates, method, options, loop.create_future(), loop,
-                  deadline=time.monotonic() + timeout_s, originals=originals, seed=seed, gate=gate,
-                  gate_temperature=gate_temperature)
+                  deadline=time.monotonic() + timeout_s, originals=originals, seed=seed, descriptions=descriptions,
+                  gate=gate, gate_temperature=gate_temperature)
         with self._cond:
             if job.originals is not None:
                 job.cost_s = self.estimate_s(method, options, job.n_images, len(labels))
@@ -502,7 +504,9 @@ class Engine:
         method = get_method(jobs[0].method)
         options = jobs[0].options
         # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
-        classes = {id(job): backbone.class_features(job.labels, job.templates).clone() for job in jobs}  # [C, D]
+        classes = {id(job): backbone.class_features(job.labels, job.templates,  # [C, D]
+                                                    job.descriptions if method.uses_descriptions else None).clone()
+                   for job in jobs}
         items = [(job, i) for job in jobs for i in range(job.n_images)]
         done: dict[tuple[int, int], tuple[torch.Tensor, ImageReport]] = {}
         for chunk in self._chunks(items, method, options):

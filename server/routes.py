@@ -165,14 +165,18 @@ def _decode_all(images: list[bytes | str], backbone: Backbone, settings: Setting
     return torch.stack(tensors), (originals if keep_originals else None)
 
 
-def _resolve_classes(req: ClassifyRequest, request: Request,
-                     settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _resolve_classes(req: ClassifyRequest, request: Request, settings: Settings
+                     ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, ...], ...] | None]:
+    """Labels, templates and, for a label set with descriptions, each label's descriptions."""
     if req.labels is not None and req.label_set is not None:
         raise InvalidInput("give labels or label_set, not both", code="labels_and_label_set")
     if req.label_set is not None:
         label_set = _store(request).get_label_set(req.label_set)
-        return label_set.labels, resolve_templates(req.templates, settings, fallback=label_set.templates)
-    return validate_labels(req.labels, settings), resolve_templates(req.templates, settings)
+        described = label_set.descriptions
+        descriptions = tuple(tuple(described.get(label, ())) for label in label_set.labels) if described else None
+        return (label_set.labels, resolve_templates(req.templates, settings, fallback=label_set.templates),
+                descriptions)
+    return validate_labels(req.labels, settings), resolve_templates(req.templates, settings), None
 
 
 def _predictions(logits: torch.Tensor, temperature: float, labels: tuple[str, ...],
@@ -259,7 +263,7 @@ async def classify(request: Request) -> ClassifyResponse:
         except OptionsError as exc:
             raise InvalidInput(str(exc), code="invalid_options") from exc
         check_image_count(len(parsed.images), settings)
-        labels, templates = _resolve_classes(req, request, settings)
+        labels, templates, descriptions = _resolve_classes(req, request, settings)
         if req.top_k is not None and req.top_k > settings.max_top_k:
             raise InvalidInput(f"top_k={req.top_k}; the limit is {settings.max_top_k}", code="invalid_top_k")
         top_k = min(req.top_k or settings.default_top_k, len(labels))
@@ -283,7 +287,8 @@ async def classify(request: Request) -> ClassifyResponse:
         gate = req.confidence_gate if req.confidence_gate is not None else settings.confidence_gate
         output = await _until_disconnect(request, engine.classify(
             images, labels, templates, method_name, options, max(remaining, 0.001), originals=originals, seed=seed,
-            gate=gate if adaptive else None, gate_temperature=calibration.get("zero_shot", 1.0)))
+            gate=gate if adaptive else None, gate_temperature=calibration.get("zero_shot", 1.0),
+            descriptions=descriptions))
         timings = {"decode": decode_s, **output.timings}
         for stage, seconds in timings.items():
             metrics.stage_duration.labels(stage=stage).observe(seconds)

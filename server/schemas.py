@@ -105,7 +105,7 @@ class LabelSetIn(BaseModel):
     labels: list[str]
     templates: list[str] | str | None = Field(None, description="Templates to use by default with this set.")
     descriptions: dict[str, list[str]] | None = Field(
-        None, description="Per-label descriptions (used by later methods).")
+        None, description="Per-label descriptive phrases; TPS averages them into the label's prototype.")
 
 
 class LabelSetOut(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 import shutil
 import warnings
@@ -11,9 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from adapters import method_names
 from server.app import create_app
+from server.templates import describe
 from tests.conftest import wait_ready
 from tests.helpers import b64, png_bytes
 from tests.integration.test_engine import state_hash
@@ -184,3 +187,30 @@ def test_adaptation_metrics(client):
     assert 'tta_confidence_count{method="zero_shot"} 2.0' in text
     assert "tta_prediction_changed_total" in text
     assert 'tta_stage_duration_seconds_count{stage="adapt"} 1.0' in text
+
+
+def test_tps_prototypes_use_the_label_sets_descriptions(client):
+    descriptions = {"red": ["a warm colour like blood"], "a cat": ["has whiskers", "small furry pet"]}
+    assert client.post("/v1/label-sets", json={"name": "described", "labels": LABELS, "templates": "simple",
+                                               "descriptions": descriptions}).status_code == 201
+    image = png_bytes(seed=1, size=(70, 50))
+    body = {"images": [b64(image)], "label_set": "described", "top_k": len(LABELS), "seed": 3}
+    tps = client.post("/v1/classify", json=body | {"method": "tps", "options": {"steps": 0}}).json()["results"][0]
+    plain = client.post("/v1/classify", json=body | {"method": "zero_shot"}).json()["results"][0]
+    backbone = client.app.state.engine.backbone
+    feat = backbone.encode_images(backbone.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None])[0]
+    for label in LABELS:
+        template = backbone.encode_prompts([f"a photo of a {label}."])[0]
+        if label in descriptions:
+            described = backbone.encode_prompts([describe(label, d) for d in descriptions[label]]).mean(0)
+            proto = torch.nn.functional.normalize((template + described) / 2, dim=-1)
+        else:
+            proto = template
+        expected = backbone.logit_scale * float(feat @ proto)
+        assert logits(tps)[label] == pytest.approx(expected, abs=1e-4)
+        if label not in descriptions:
+            assert logits(tps)[label] == pytest.approx(logits(plain)[label], abs=1e-5)
+    assert logits(tps)["a cat"] != pytest.approx(logits(plain)["a cat"], abs=1e-3)
+    assert describe("a cat", "has whiskers") == "a cat, which has whiskers"
+    assert describe("a cat", "small furry pet") == "a cat, which has small furry pet"
+    assert describe("red", "a warm colour") == "red, which is a warm colour"
