@@ -27,13 +27,15 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import ResidualAttentionBlock
 from PIL import Image
 
 from server import lowrank
 from server.cache import ByteLRU, tensor_bytes
 from server.errors import ConfigError
-from server.lowrank import LoraFactors, LoraTargets
+from server.lowrank import LoraFactors, LoraTargets, heads_attention
 from server.settings import DEMO_MODEL_DIR, Settings
 from server.templates import describe, render
 
@@ -354,7 +356,8 @@ class Backbone:
 
         The prompts of all label sets are stacked, padded after their EOT to the longest (which changes
         nothing in a causal tower), and each row gets its request's context; the rows are split back
-        per request. Differentiable in ``ctx``.
+        per request. SOT and the context, shared by every prompt of a request, run once per request
+        (``_shared_prefix_block``). Differentiable in ``ctx``.
 
         Args:
             ctx: [R, n_ctx, W] float32, one context per request.
@@ -372,16 +375,29 @@ class Backbone:
         length = max(inp.context_length for inp in inputs)
         sizes = [inp.prefix.shape[0] for inp in inputs]
         ctx = ctx.to(self.device, tower.cast_dtype)
-        rows = []
-        for r, inp in enumerate(inputs):
-            c, pad = sizes[r], length - inp.context_length
-            suffix = inp.suffix if pad == 0 else torch.nn.functional.pad(inp.suffix, (0, 0, 0, pad))
-            rows.append(torch.cat([inp.prefix, ctx[r][None].expand(c, -1, -1), suffix], dim=1))  # [C_r, L, W]
-        x = torch.cat(rows) + tower.positional_embedding[:length].to(tower.cast_dtype)  # [P, L, W]
+        pos = tower.positional_embedding[:length].to(tower.cast_dtype)  # [L, W]
         eot = torch.cat([inp.eot for inp in inputs])  # [P]
-        # open_clip's text transformer is batch-first and takes the causal mask as an argument.
-        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])  # [P, L, W]
-        x = tower.ln_final(x)  # [P, L, W]
+        tails = torch.cat([torch.nn.functional.pad(inp.suffix, (0, 0, 0, length - inp.context_length))
+                           for inp in inputs])  # [P, L-1-n, W] label tokens, ".", EOT, padding
+        mask = tower.attn_mask[:length, :length]
+        if _shares_prefix(tower):
+            # SOT and the context are the same tokens in every prompt of a request: in a causal tower their
+            # states are too, so they run once per request and each prompt attends to its request's copy.
+            head = 1 + ctx.shape[1]
+            shared = torch.cat([torch.stack([inp.prefix[0] for inp in inputs]), ctx], dim=1) + pos[:head]  # [R, h, W]
+            x = tails + pos[head:]  # [P, L-h, W]
+            owner = torch.repeat_interleave(torch.arange(len(inputs), device=x.device),
+                                            torch.tensor(sizes, device=x.device))  # [P] request of each prompt
+            for blk in tower.transformer.resblocks:
+                shared, x = _shared_prefix_block(blk, shared, x, owner, mask)
+            eot = eot - head
+        else:
+            x = torch.cat([torch.cat([inp.prefix, ctx[r][None].expand(c, -1, -1)], dim=1)
+                           for r, (inp, c) in enumerate(zip(inputs, sizes, strict=True))])  # [P, 1+n, W]
+            x = torch.cat([x, tails], dim=1) + pos  # [P, L, W]
+            # open_clip's text transformer is batch-first and takes the causal mask as an argument.
+            x = tower.transformer(x, attn_mask=mask)  # [P, L, W]
+        x = tower.ln_final(x)  # [P, T, W]
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # [P, W]
         proj = tower.text_projection
         if isinstance(proj, torch.nn.Linear):
@@ -511,3 +527,36 @@ def _text_tower(model: torch.nn.Module, tokenizer: Any) -> _TextTower:
         raise ValueError(f"prompt learning needs EOT pooling; this text tower pools with {pool_type!r}")
     return _TextTower(src.token_embedding, src.positional_embedding, src.transformer, src.ln_final,
                       src.text_projection, src.attn_mask, pool_type, eos_id)
+
+
+def _shares_prefix(tower: _TextTower) -> bool:
+    """Whether the tower's blocks are open_clip's plain self-attention blocks, which the shared-prefix path runs."""
+    blocks = getattr(tower.transformer, "resblocks", None)
+    return blocks is not None and all(
+        isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, torch.nn.MultiheadAttention)
+        and b.attn.in_proj_weight is not None and not hasattr(b, "ln_1_kv") for b in blocks)
+
+
+def _shared_prefix_block(blk: ResidualAttentionBlock, shared: torch.Tensor, x: torch.Tensor, owner: torch.Tensor,
+                         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``ResidualAttentionBlock.forward`` for prompts whose first h tokens are shared per request.
+
+    Args:
+        shared: [R, h, W] the shared tokens' states, once per request.
+        x: [P, S, W] the other tokens of every prompt; prompt p belongs to request ``owner[p]``.
+        mask: [h+S, h+S] the causal mask.
+    Returns:
+        the next block's ``shared`` and ``x``: each prompt attends to its request's shared keys and values,
+        then (causally) to its own, exactly as its full [h+S] sequence would.
+    """
+    attn = blk.attn
+    width, h = shared.shape[-1], shared.shape[1]
+    mask = mask.to(x.dtype)  # as ResidualAttentionBlock.attention casts it
+    qs, ks, vs = F.linear(blk.ln_1(shared), attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)  # [R, h, W]
+    qx, kx, vx = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)  # [P, S, W]
+    out_s = heads_attention(qs, ks, vs, attn.num_heads, mask[:h, :h])  # [R, h, W]
+    keys, values = torch.cat([ks[owner], kx], dim=1), torch.cat([vs[owner], vx], dim=1)  # [P, h+S, W]
+    out_x = heads_attention(qx, keys, values, attn.num_heads, mask[h:])  # [P, S, W]
+    shared = shared + blk.ls_1(F.linear(out_s, attn.out_proj.weight, attn.out_proj.bias))
+    x = x + blk.ls_1(F.linear(out_x, attn.out_proj.weight, attn.out_proj.bias))
+    return shared + blk.ls_2(blk.mlp(blk.ln_2(shared))), x + blk.ls_2(blk.mlp(blk.ln_2(x)))

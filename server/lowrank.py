@@ -262,11 +262,11 @@ def _lora_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor, r: int,
         q = q + _delta(xq, r, *lq, scaling)  # [B, T', W]
     if lv is not None:
         v = v + _delta(x, r, *lv, scaling)  # [B, T, W]
-    out = _heads_attention(q, k, v, heads, attn_mask)  # [B, T', W]
+    out = heads_attention(q, k, v, heads, attn_mask)  # [B, T', W]
     return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)  # [B, T', W]
 
 
-def _heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                      attn_mask: torch.Tensor | None) -> torch.Tensor:
     """Multi-head scaled dot-product attention, batch-first: [B, Tq, W], [B, T, W] x2 -> [B, Tq, W]."""
     bsz, tq, width = q.shape
@@ -328,5 +328,5 @@ def _attnpool(pool: AttentionPool2d, x: torch.Tensor, r: int, lq: tuple[torch.Te
     q = F.linear(xq, pool.q_proj.weight, pool.q_proj.bias) + _delta(xq, r, *lq, scaling)  # [R*N, 1, C]
     k = F.linear(x, pool.k_proj.weight, pool.k_proj.bias)  # [R*N, hw+1, C]
     v = F.linear(x, pool.v_proj.weight, pool.v_proj.bias) + _delta(x, r, *lv, scaling)  # [R*N, hw+1, C]
-    out = _heads_attention(q, k, v, pool.num_heads, None)  # [R*N, 1, C]
+    out = heads_attention(q, k, v, pool.num_heads, None)  # [R*N, 1, C]
     return F.linear(out[:, 0], pool.c_proj.weight, pool.c_proj.bias)  # [R*N, D]
