@@ -92,20 +92,30 @@ def test_429_only_when_the_zero_shot_lane_is_full_too(settings):
     settings.adapt_budget_s = 1e-6
     settings.max_queue_size = 1
     gate, entered = threading.Event(), threading.Event()
+    holding: list[int] = []  # encoder calls held at the gate: one per lane once both lanes are busy
+
+    def hold(images) -> bool:
+        holding.append(images.shape[0])
+        return True
+
     labels = LABEL_SETS[0]
-    with TestClient(create_app(settings, load=held_views_loader(gate, entered, hold_all=True))) as c:
+    with TestClient(create_app(settings, load=gated_loader(gate, entered, hold=hold))) as c:
         wait_ready(c)
         engine = c.app.state.engine
+
+        def wait_for(condition) -> None:
+            deadline = time.monotonic() + 10
+            while not condition() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert condition()
+
         with ThreadPoolExecutor(3) as pool:
             adapting = pool.submit(c.post, "/v1/classify", json=body("zero", 1, labels))
-            assert entered.wait(10)  # the adaptation lane holds its job
+            wait_for(lambda: len(holding) == 1)  # the adaptation lane holds its job
             held = pool.submit(c.post, "/v1/classify", json={"images": [b64(png_bytes())], "labels": labels})
-            deadline = time.monotonic() + 10
-            while engine._queue and time.monotonic() < deadline:  # the zero-shot worker takes it and blocks
-                time.sleep(0.01)
+            wait_for(lambda: len(holding) == 2)  # the zero-shot lane holds its job
             waiting = pool.submit(c.post, "/v1/classify", json={"images": [b64(png_bytes())], "labels": labels})
-            while len(engine._queue) < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for(lambda: len(engine._queue) == 1)  # and one job waits: the zero-shot queue is full
             refused = c.post("/v1/classify", json=body("tpt", 2, labels))
             assert refused.status_code == 429, refused.text
             assert refused.headers["Retry-After"] == str(settings.retry_after_s)
