@@ -117,7 +117,7 @@ class Outputs:
 
 
 class DirectRunner:
-    """Runs methods in this process, as the server's engine does (``server.engine.adapt_image``)."""
+    """Runs methods in this process, as the server's engine does (``server.adaptation.adapt_image``)."""
 
     def __init__(self, model: str, pretrained: str | None, device: str, batch_size: int, seed: int = 0):
         from server.backbone import Backbone
@@ -132,7 +132,7 @@ class DirectRunner:
                             for m, v in (self.backbone.spec.metadata.get("calibration") or {}).items()}
 
     def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
-        from server.engine import adapt_image, image_seed
+        from server.adaptation import adapt_image, image_seed
 
         bb = self.backbone
         impl = get_method(method)

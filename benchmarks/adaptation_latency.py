@@ -3,7 +3,7 @@
 For every label-set size C and method, on the same loaded model and the same images and seeds:
 
 - (a) ``reference``: the official algorithm as published (benchmarks/reference.py), one image at a time;
-- (b) ``ours``: our method called directly, as the engine calls it (``server.engine.adapt_image``);
+- (b) ``ours``: our method called directly, as the engine calls it (``server.adaptation.adapt_image``);
 - (c) ``http cN``: a real ``python -m server`` process on loopback with the same weights, fed by N
   concurrent clients that each POST one PNG to /v1/classify with the method, the labels and a seed.
 
@@ -62,8 +62,8 @@ from adapters import get_method
 from benchmarks import reference, synthetic
 from benchmarks.accuracy import tensors_to_pil
 from benchmarks.zero_shot_throughput import wait_until_ready
+from server.adaptation import adapt_image, image_seed
 from server.backbone import HF_HUB, LOCAL_DIR, SHIPPED_MODELS, Backbone
-from server.engine import adapt_image, image_seed
 from server.images import decode_image, to_uint8_tensor
 from server.routes import ORIGINAL_SIDE_FACTOR
 from server.settings import Settings

@@ -21,8 +21,8 @@ import torch
 from adapters import get_method, method_names
 from benchmarks import synthetic
 from benchmarks.accuracy import tensors_to_pil
+from server.adaptation import adapt_image, image_seed
 from server.backbone import Backbone
-from server.engine import adapt_image, image_seed
 from server.images import to_uint8_tensor
 from server.settings import Settings
 

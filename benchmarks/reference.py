@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.views import make_views
-from server.engine import image_seed
+from server.adaptation import image_seed
 
 PROMPT = "a photo of a {}."
 TTL_MAX_ENTROPY = math.log(1000)  # DeYO's filter in TTL: ln(1000), hard-coded for ImageNet
@@ -128,7 +128,7 @@ def encode_labels(model: Any, tokenizer: Any, labels: Sequence[str], template: s
 
 def request_views(backbone: Any, original: torch.Tensor, base_view: torch.Tensor, n_views: int,
                   seed: int, index: int = 0) -> tuple[torch.Tensor, torch.Generator]:
-    """The views the server makes for image ``index`` of a request with ``seed``, as ``server.engine.adapt_image``.
+    """The views the server makes for image ``index`` of a request with ``seed``, as ``server.adaptation.adapt_image``.
 
     Args:
         backbone: server.backbone.Backbone (its preprocessing config and device).

@@ -7,8 +7,9 @@ ensembling, cached in an LRU bounded in bytes. Only the engine's worker thread c
 methods; ``preprocess`` is safe from any thread.
 
 For prompt learning (TPT, C-TPT) it also runs the text tower by hand from token embeddings with a
-learned context spliced in (``prompt_inputs``, ``encode_text_with_context``), written against
-open_clip 3.3.0's ``CLIP.encode_text`` and guarded by an equivalence test.
+learned context spliced in (``prompt_inputs``, ``encode_text_with_contexts``), written against
+open_clip 3.3.0's ``CLIP.encode_text`` and guarded by an equivalence test; the tower's parts and
+the shared-prefix block are in ``server/prompting.py``.
 
 For TTL it splits the vision tower at the first LoRA-adapted block (``lora_targets``,
 ``vision_prefix``, ``vision_suffix``); that code is in ``server/lowrank.py``.
@@ -27,15 +28,14 @@ from typing import Any
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from open_clip.transformer import ResidualAttentionBlock
 from PIL import Image
 
 from server import lowrank
 from server.cache import ByteLRU, tensor_bytes
 from server.errors import ConfigError
-from server.lowrank import LoraFactors, LoraTargets, heads_attention
+from server.lowrank import LoraFactors, LoraTargets
+from server.prompting import PromptInputs, shared_prefix_block, shares_prefix, text_tower
 from server.settings import DEMO_MODEL_DIR, Settings
 from server.templates import describe, render
 
@@ -287,7 +287,7 @@ class Backbone:
     def prompt_learning_error(self) -> str | None:
         """Why this model cannot take a learned text context, or None when it can."""
         try:
-            _text_tower(self.model, self.tokenizer)
+            text_tower(self.model, self.tokenizer)
         except ValueError as exc:
             return str(exc)
         return None
@@ -304,7 +304,7 @@ class Backbone:
         cached = self.prompt_cache.get(key)
         if cached is not None:
             return cached
-        tower = _text_tower(self.model, self.tokenizer)
+        tower = text_tower(self.model, self.tokenizer)
         tok = self.tokenizer
         with torch.inference_mode(False), torch.no_grad():
             init_ids = torch.tensor(tok.encode(ctx_init), dtype=torch.long, device=self.device)  # [n_ctx]
@@ -357,7 +357,7 @@ class Backbone:
         The prompts of all label sets are stacked, padded after their EOT to the longest (which changes
         nothing in a causal tower), and each row gets its request's context; the rows are split back
         per request. SOT and the context, shared by every prompt of a request, run once per request
-        (``_shared_prefix_block``). Differentiable in ``ctx``.
+        (``shared_prefix_block``). Differentiable in ``ctx``.
 
         Args:
             ctx: [R, n_ctx, W] float32, one context per request.
@@ -365,7 +365,7 @@ class Backbone:
         Returns:
             R tensors [C_r, D], unit-norm float32.
         """
-        tower = _text_tower(self.model, self.tokenizer)
+        tower = text_tower(self.model, self.tokenizer)
         if ctx.dim() != 3 or ctx.shape[0] != len(inputs):
             raise ValueError(f"ctx has shape {tuple(ctx.shape)}; expected [{len(inputs)}, n_ctx, W]")
         for inp in inputs:
@@ -380,7 +380,7 @@ class Backbone:
         tails = torch.cat([torch.nn.functional.pad(inp.suffix, (0, 0, 0, length - inp.context_length))
                            for inp in inputs])  # [P, L-1-n, W] label tokens, ".", EOT, padding
         mask = tower.attn_mask[:length, :length]
-        if _shares_prefix(tower):
+        if shares_prefix(tower):
             # SOT and the context are the same tokens in every prompt of a request: in a causal tower their
             # states are too, so they run once per request and each prompt attends to its request's copy.
             head = 1 + ctx.shape[1]
@@ -389,7 +389,7 @@ class Backbone:
             owner = torch.repeat_interleave(torch.arange(len(inputs), device=x.device),
                                             torch.tensor(sizes, device=x.device))  # [P] request of each prompt
             for blk in tower.transformer.resblocks:
-                shared, x = _shared_prefix_block(blk, shared, x, owner, mask)
+                shared, x = shared_prefix_block(blk, shared, x, owner, mask)
             eot = eot - head
         else:
             x = torch.cat([torch.cat([inp.prefix, ctx[r][None].expand(c, -1, -1)], dim=1)
@@ -447,116 +447,3 @@ class Backbone:
         """
         feats = lowrank.vision_suffix(self.model.visual, prefix.to(self.device), lora)  # [R, N, D] or [N, D]
         return torch.nn.functional.normalize(feats.float(), dim=-1)
-
-
-@dataclass(frozen=True, eq=False)
-class PromptInputs:
-    """The frozen pieces of one label set's prompts ``"{ctx_init} {label}."``, cut to the longest.
-
-    ``prefix + ctx + suffix`` along the token axis is the prompt's token embeddings; the context
-    length L is the largest EOT position + 1, which loses nothing in CLIP's causal text tower.
-    """
-
-    labels: tuple[str, ...]
-    ctx_init_text: str
-    prefix: torch.Tensor  # [C, 1, W] the SOT embedding, in the tower's dtype
-    ctx_init: torch.Tensor  # [n_ctx, W] float32, the embeddings of ctx_init's tokens: TPT's initial ctx
-    suffix: torch.Tensor  # [C, L-1-n_ctx, W] label tokens, ".", EOT, padding
-    eot: torch.Tensor  # [C] int64, where each prompt is pooled
-    tokens: torch.Tensor  # [C, L] int64 token ids, cut
-
-    @property
-    def n_ctx(self) -> int:
-        return int(self.ctx_init.shape[0])
-
-    @property
-    def context_length(self) -> int:
-        return int(self.tokens.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        tensors = (self.prefix, self.ctx_init, self.suffix, self.eot, self.tokens)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@dataclass(frozen=True)
-class _TextTower:
-    """The parts of an open_clip text tower that ``encode_text`` uses, wherever the model keeps them."""
-
-    token_embedding: torch.nn.Embedding
-    positional_embedding: torch.Tensor  # [77, W]
-    transformer: torch.nn.Module
-    ln_final: torch.nn.Module
-    text_projection: torch.nn.Module | torch.Tensor | None
-    attn_mask: torch.Tensor  # [77, 77] additive causal mask
-    pool_type: str
-    eos_id: int | None
-
-    @property
-    def cast_dtype(self) -> torch.dtype:
-        return self.transformer.get_cast_dtype()  # type: ignore[no-any-return,operator]
-
-    def pool_positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """[C, L] token ids -> [C] the positions open_clip's ``text_global_pool`` reads."""
-        if self.pool_type == "argmax":
-            return ids.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
-        return (ids == self.eos_id).int().argmax(dim=-1)  # 'eos'
-
-
-def _text_tower(model: torch.nn.Module, tokenizer: Any) -> _TextTower:
-    """Find the text tower's parts, or raise ValueError saying why a learned context cannot be used."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from open_clip.transformer import TextTransformer
-
-    if not isinstance(tokenizer, SimpleTokenizer):
-        raise ValueError(f"prompt learning needs CLIP's BPE tokenizer (SOT ... EOT), not {type(tokenizer).__name__}")
-    if isinstance(model, open_clip.CLIP):
-        src: Any = model
-        pool_type, eos_id = model.text_pool_type, getattr(model, "text_eos_id", None)
-    elif isinstance(getattr(model, "text", None), TextTransformer):
-        src = model.text
-        if src.cls_emb is not None or src.use_pad_mask:
-            raise ValueError("prompt learning does not support text towers with a class token or padding mask")
-        pool_type, eos_id = src.pool_type, getattr(src, "eos_id", None)
-    else:
-        raise ValueError(f"prompt learning needs open_clip's own text transformer; {type(model).__name__} "
-                         "has another text tower")
-    if src.attn_mask is None:
-        raise ValueError("prompt learning needs a causal text tower (this one attends in both directions)")
-    if pool_type not in ("argmax", "eos") or (pool_type == "eos" and eos_id is None):
-        raise ValueError(f"prompt learning needs EOT pooling; this text tower pools with {pool_type!r}")
-    return _TextTower(src.token_embedding, src.positional_embedding, src.transformer, src.ln_final,
-                      src.text_projection, src.attn_mask, pool_type, eos_id)
-
-
-def _shares_prefix(tower: _TextTower) -> bool:
-    """Whether the tower's blocks are open_clip's plain self-attention blocks, which the shared-prefix path runs."""
-    blocks = getattr(tower.transformer, "resblocks", None)
-    return blocks is not None and all(
-        isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, torch.nn.MultiheadAttention)
-        and b.attn.in_proj_weight is not None and not hasattr(b, "ln_1_kv") for b in blocks)
-
-
-def _shared_prefix_block(blk: ResidualAttentionBlock, shared: torch.Tensor, x: torch.Tensor, owner: torch.Tensor,
-                         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """open_clip's ``ResidualAttentionBlock.forward`` for prompts whose first h tokens are shared per request.
-
-    Args:
-        shared: [R, h, W] the shared tokens' states, once per request.
-        x: [P, S, W] the other tokens of every prompt; prompt p belongs to request ``owner[p]``.
-        mask: [h+S, h+S] the causal mask.
-    Returns:
-        the next block's ``shared`` and ``x``: each prompt attends to its request's shared keys and values,
-        then (causally) to its own, exactly as its full [h+S] sequence would.
-    """
-    attn = blk.attn
-    width, h = shared.shape[-1], shared.shape[1]
-    mask = mask.to(x.dtype)  # as ResidualAttentionBlock.attention casts it
-    qs, ks, vs = F.linear(blk.ln_1(shared), attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)  # [R, h, W]
-    qx, kx, vx = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)  # [P, S, W]
-    out_s = heads_attention(qs, ks, vs, attn.num_heads, mask[:h, :h])  # [R, h, W]
-    keys, values = torch.cat([ks[owner], kx], dim=1), torch.cat([vs[owner], vx], dim=1)  # [P, h+S, W]
-    out_x = heads_attention(qx, keys, values, attn.num_heads, mask[h:])  # [P, S, W]
-    shared = shared + blk.ls_1(F.linear(out_s, attn.out_proj.weight, attn.out_proj.bias))
-    x = x + blk.ls_1(F.linear(out_x, attn.out_proj.weight, attn.out_proj.bias))
-    return shared + blk.ls_2(blk.mlp(blk.ln_2(shared))), x + blk.ls_2(blk.mlp(blk.ln_2(x)))

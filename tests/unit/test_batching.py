@@ -8,8 +8,8 @@ import torch
 from adapters import AdaptInput, get_method
 from adapters.base import Stopped
 from adapters.common import optimize
+from server.adaptation import ImageTask, adapt_image, adapt_images
 from server.backbone import Backbone
-from server.engine import ImageTask, adapt_image, adapt_images
 from server.settings import Settings
 
 LABEL_SETS = [("red", "green", "blue"), ("a cat", "a dog"), ("a square", "a circle", "a star", "a heart")]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.backbone import Backbone, PromptInputs
+from server.backbone import Backbone
+from server.prompting import PromptInputs
 from server.settings import Settings
 
 # Bit-level agreement is expected (the same ops on the same values; the masked tail adds exact zeros),
