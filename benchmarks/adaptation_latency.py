@@ -31,39 +31,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import functools
 import io
 import json
-import math
-import os
-import re
 import shutil
-import socket
-import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import open_clip
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from adapters import get_method
 from benchmarks import reference, synthetic
 from benchmarks.accuracy import tensors_to_pil
-from benchmarks.zero_shot_throughput import wait_until_ready
+from benchmarks.latency_report import Setup, print_table, summarize, targets
+from benchmarks.peaks import CudaPeak, ProcessPeak, SmiPeak
+from benchmarks.serving import Server, post_all
 from server.adaptation import adapt_image, image_seed
-from server.backbone import HF_HUB, LOCAL_DIR, SHIPPED_MODELS, Backbone
+from server.backbone import Backbone
 from server.images import decode_image, to_uint8_tensor
 from server.routes import ORIGINAL_SIDE_FACTOR
 from server.settings import Settings
@@ -120,123 +111,6 @@ def make_samples(backbone: Backbone, n: int, side: int) -> list[Sample]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class ProcessPeak:
-    """Peak resident memory of a Linux process since ``reset`` (VmHWM), in MiB; None where unreadable."""
-
-    def __init__(self, pid: int | str = "self"):
-        self.pid = pid
-
-    def reset(self) -> None:
-        with contextlib.suppress(OSError):
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
-
-    def peak_mib(self) -> float | None:
-        try:
-            match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{self.pid}/status").read_text())
-        except OSError:
-            return None
-        return int(match.group(1)) / 1024 if match else None
-
-
-class CudaPeak:
-    """Peak of this process's allocated CUDA memory since ``reset``, and how far it rose above the start."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start = 0
-
-    def reset(self) -> None:
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.start = torch.cuda.memory_allocated(self.device)
-
-    def peak_mib(self) -> float:
-        return torch.cuda.max_memory_allocated(self.device) / 2**20
-
-    def rise_mib(self) -> float:
-        return (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
-
-
-class SmiPeak:
-    """The server's GPU memory as nvidia-smi reports it (allocator reserve included), polled every 50 ms."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.start: float | None = None
-        self.peak: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _read(self) -> float | None:
-        try:
-            query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-            out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        for line in out.splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 2 and parts[0] == str(self.pid):
-                return float(parts[1])
-        return None
-
-    def __enter__(self) -> SmiPeak:
-        self.start = self.peak = self._read()
-
-        def poll() -> None:
-            while not self._stop.wait(0.05):
-                value = self._read()
-                if value is not None:
-                    self.peak = max(self.peak or 0.0, value)
-
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-@dataclass
-class Setup:
-    """One row of a table: latencies of one setup, its throughput and memory."""
-
-    method: str
-    setup: str  # "reference", "ours", "http c4", "forward base view", ...
-    seconds: list[float] = field(default_factory=list)  # per image (per request, for http)
-    wall_s: float | None = None  # http: first request sent to last answer
-    concurrency: int = 1
-    peak_mib: float | None = None
-    rise_mib: float | None = None  # GPU: peak above what was allocated before (per in-flight request at c1)
-    skipped: int = 0  # http: answers the server gave zero-shot instead (adaptation.skipped)
-
-    @property
-    def p50(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def p95(self) -> float:
-        ordered = sorted(self.seconds)
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(0.95 * len(ordered)) - 1))]
-
-    @property
-    def images_per_s(self) -> float:
-        return len(self.seconds) / (self.wall_s if self.wall_s is not None else sum(self.seconds))
-
-    def note_memory(self, peak: float | None, rise: float | None = None) -> None:
-        if peak is not None:
-            self.peak_mib = max(self.peak_mib or 0.0, peak)
-        if rise is not None:
-            self.rise_mib = max(self.rise_mib or 0.0, rise)
-
-    def summary(self) -> dict[str, Any]:
-        return {"method": self.method, "setup": self.setup, "n": len(self.seconds), "p50_s": self.p50,
-                "p95_s": self.p95, "images_per_s": self.images_per_s, "concurrency": self.concurrency,
-                "peak_mib": self.peak_mib, "rise_mib": self.rise_mib, "skipped": self.skipped,
-                "seconds": self.seconds}
 
 
 class Meter:
@@ -327,74 +201,6 @@ def method_options(method: str, views: int, steps: int) -> dict[str, int]:
 
 
 # -- (c) the server over HTTP ---------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def server_model_env(args: argparse.Namespace, backbone: Backbone, workdir: Path) -> dict[str, str]:
-    """TTA_MODEL / TTA_PRETRAINED that load the very weights this process holds.
-
-    A built-in architecture without pretrained weights is initialised at random, differently in each
-    process: its weights are written to a file the server loads as its checkpoint.
-    """
-    model = args.model
-    env = {"TTA_MODEL": model}
-    if args.pretrained is not None:
-        env["TTA_PRETRAINED"] = args.pretrained
-    elif not (model in SHIPPED_MODELS or model.startswith((LOCAL_DIR, HF_HUB))):
-        path = workdir / "weights.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in backbone.model.state_dict().items()}, str(path))
-        env["TTA_PRETRAINED"] = str(path)
-    return env
-
-
-class Server:
-    """``python -m server`` in a subprocess on a free loopback port, with limits wide enough for the benchmark."""
-
-    def __init__(self, args: argparse.Namespace, backbone: Backbone, workdir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        repo = Path(__file__).resolve().parents[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
-        env |= server_model_env(args, backbone, workdir) | {
-            "TTA_DEVICE": args.device, "TTA_PRECISION": args.precision, "TTA_TORCH_THREADS": str(args.threads),
-            "TTA_HOST": "127.0.0.1", "TTA_PORT": str(self.port), "TTA_DATA_DIR": str(workdir / "data"),
-            "TTA_REQUEST_TIMEOUT_S": "86400", "TTA_LOG_LEVEL": "warning",
-            "TTA_MAX_VIEWS": str(max(128, args.views)), "TTA_MAX_STEPS": str(max(10, args.steps)),
-            "TTA_MAX_LABELS": str(max(1000, *args.classes)),
-            "TTA_MAX_QUEUE_SIZE": str(max(256, 4 * max(args.concurrency))),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")])),
-        }
-        self.log = (workdir / "server.log").open("wb")
-        # The working directory is the temporary folder, so no stray .env is read.
-        self.process = subprocess.Popen([sys.executable, "-m", "server"], cwd=workdir, env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        self.workdir = workdir
-
-    def wait_ready(self, timeout_s: float = 900.0) -> None:
-        if wait_until_ready(self.url, timeout_s, alive=lambda: self.process.poll() is None):
-            return
-        if self.process.poll() is not None:
-            raise SystemExit(f"the server exited with {self.process.returncode}:\n{self.tail()}")
-        raise SystemExit(f"the server was not ready within {timeout_s:.0f} s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        self.log.flush()
-        return (self.workdir / "server.log").read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-
-
 def classify_body(sample: Sample, labels: tuple[str, ...], method: str, options: dict[str, int] | None,
                   seed: int) -> bytes:
     body: dict[str, Any] = {"images": [base64.b64encode(sample.png).decode()], "labels": list(labels),
@@ -402,32 +208,6 @@ def classify_body(sample: Sample, labels: tuple[str, ...], method: str, options:
     if options:
         body["options"] = options
     return json.dumps(body).encode()
-
-
-async def post_all(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[float], list[dict[str, Any]]]:
-    """Send every body with ``concurrency`` clients, one request each at a time.
-
-    Returns the wall time, the latency of each request and each request's first result, in order.
-    """
-    latencies: list[float] = [0.0] * len(bodies)
-    results: list[dict[str, Any]] = [{}] * len(bodies)
-    pending = list(range(len(bodies)))[::-1]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
-        async def worker() -> None:
-            while pending:
-                j = pending.pop()
-                t0 = time.perf_counter()
-                r = await client.post("/v1/classify", content=bodies[j], headers={"content-type": "application/json"})
-                latencies[j] = time.perf_counter() - t0
-                if r.status_code != 200:
-                    raise RuntimeError(f"/v1/classify answered {r.status_code}: {r.text[:500]}")
-                results[j] = r.json()["results"][0]
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    return wall, latencies, results
 
 
 def run_http(server: Server, device: torch.device, method: str, label_set: LabelSet, samples: list[Sample],
@@ -477,115 +257,6 @@ def agreement(method: str, rows: list[dict[str, Any]], tolerance: float) -> dict
             "rows": rows}
 
 
-def fmt_mib(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.0f}"
-
-
-def summarize(setups: list[Setup], references: dict[str, Setup], forwards: dict[str, Setup]) -> list[dict[str, Any]]:
-    """Each setup's figures with its ratios: p50 and img/s over the method's reference (a), p50 over the
-    forward pass alone (zero-shot: the base view; ZERO: the views). None where there is no such baseline."""
-    rows = []
-    for s in setups:
-        ref, fwd = references.get(s.method), forwards.get(s.method)
-        row = s.summary()
-        row["p50_over_reference"] = s.p50 / ref.p50 if ref is not None and s is not ref else None
-        row["images_per_s_over_reference"] = (s.images_per_s / ref.images_per_s
-                                              if ref is not None and s is not ref else None)
-        row["p50_over_forward"] = s.p50 / fwd.p50 if fwd is not None and s is not fwd else None
-        rows.append(row)
-    return rows
-
-
-def print_table(c: int, rows: list[dict[str, Any]], checks: dict[str, dict[str, Any]], http_agree: dict[str, str],
-                memory_note: str) -> None:
-    print(f"\n== C = {c} classes ==  (peak memory: {memory_note})")
-    head = (f"{'method':10s} {'setup':18s} {'p50 ms':>10s} {'p95 ms':>10s} {'img/s':>8s} {'peak MiB':>9s} "
-            f"{'+MiB':>7s} {'p50/(a)':>8s} {'img/s/(a)':>10s} {'p50/fwd':>8s}")
-    print(head)
-    print("-" * len(head))
-
-    def ratio(value: float | None, width: int, digits: int) -> str:
-        return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
-
-    for r in rows:
-        skipped = f"  ({r['skipped']} answered zero-shot: adaptation skipped)" if r["skipped"] else ""
-        print(f"{r['method']:10s} {r['setup']:18s} {1000 * r['p50_s']:10.1f} {1000 * r['p95_s']:10.1f} "
-              f"{r['images_per_s']:8.3f} {fmt_mib(r['peak_mib']):>9s} {fmt_mib(r['rise_mib']):>7s} "
-              f"{ratio(r['p50_over_reference'], 8, 3)} {ratio(r['images_per_s_over_reference'], 10, 2)} "
-              f"{ratio(r['p50_over_forward'], 8, 2)}{skipped}")
-    for method, check in checks.items():
-        extra = f", explained (rounding or ZERO tie): {check['explained']}" if check["explained"] else ""
-        bad = f", UNEXPLAINED: {check['unexplained']}" if check["unexplained"] else ""
-        far = "" if check["max_logit_diff"] <= check["tolerance"] else " BEYOND ROUNDING"
-        distinct = f"{check['distinct_classes']} distinct class{'es' if check['distinct_classes'] != 1 else ''}"
-        print(f"top-1 agreement {method:5s} (a) vs (b): {check['agree']}/{check['images']} ({distinct}; "
-              f"max |logit diff| {check['max_logit_diff']:.2e}, tolerance {check['tolerance']:.0e}{far})"
-              f"{extra}{bad}; (a) vs (c): {http_agree.get(method, '-')}")
-
-
-def targets(results: dict[int, dict[str, Any]], device: torch.device) -> list[str]:
-    """The issue's speed targets, checked on whatever this run measured."""
-    lines = []
-
-    def row(c: int, method: str, setup: str) -> dict[str, Any] | None:
-        for r in results.get(c, {}).get("setups", []):
-            if r["method"] == method and r["setup"] == setup:
-                return r
-        return None
-
-    def http_rows(c: int, method: str) -> list[dict[str, Any]]:
-        rows = [r for r in results.get(c, {}).get("setups", []) if r["method"] == method
-                and r["setup"].startswith("http")]
-        return sorted(rows, key=lambda r: r["concurrency"])
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
-
-    gpu = device.type == "cuda"
-    c_tpt = 1000 if gpu else 100
-    ref = row(c_tpt, "tpt", "reference")
-    https = http_rows(c_tpt, "tpt")
-    if ref and https:
-        c1, top = https[0], https[-1]
-        speedup = ref["p50_s"] / c1["p50_s"]
-        lines.append(f"TPT C={c_tpt}: reference p50 / server c{c1['concurrency']} p50 = {speedup:.2f}x "
-                     f"(target >= 3x on CPU): {verdict(speedup >= 3)}")
-        gain = top["images_per_s"] / ref["images_per_s"]
-        want = 10 if gpu else 4
-        lines.append(f"TPT C={c_tpt}: server c{top['concurrency']} img/s / reference img/s = {gain:.2f}x "
-                     f"(target >= {want}x at c16): {verdict(gain >= want)}")
-        if gpu:
-            lines.append(f"TPT C=1000 single request p50 {1000 * c1['p50_s']:.1f} ms (target < 100 ms): "
-                         f"{verdict(c1['p50_s'] < 0.1)}")
-            ours = row(c_tpt, "tpt", "ours")
-            if ours and ours["rise_mib"] is not None:
-                lines.append(f"TPT C=1000 memory per in-flight request (ours, above the resident model): "
-                             f"{ours['rise_mib']:,.0f} MiB (target < 4096): {verdict(ours['rise_mib'] < 4096)}")
-            if top["rise_mib"] is not None:
-                per = top["rise_mib"] / top["concurrency"]
-                lines.append(f"TPT C=1000 server at c{top['concurrency']}: {per:,.0f} MiB per in-flight request "
-                             f"(nvidia-smi rise / concurrency): {verdict(per < 4096)}")
-    for c in sorted(results):
-        fwd_base, fwd_views = row(c, "zero_shot", "forward base view"), row(c, "zero", "forward views")
-        zs = http_rows(c, "zero_shot")
-        if fwd_base and zs:
-            ratio = zs[0]["p50_s"] / fwd_base["p50_s"]
-            lines.append(f"zero-shot C={c}: server c{zs[0]['concurrency']} p50 / base-view forward p50 = {ratio:.2f} "
-                         f"(target <= 1.3): {verdict(ratio <= 1.3)}")
-        ours = row(c, "zero", "ours")
-        if fwd_views and ours:
-            ratio = ours["p50_s"] / fwd_views["p50_s"]
-            lines.append(f"ZERO C={c}: ours p50 / views forward p50 = {ratio:.2f} (target <= 1.3): "
-                         f"{verdict(ratio <= 1.3)}")
-        zero_http = http_rows(c, "zero")
-        if fwd_views and zero_http:
-            ratio = zero_http[0]["p50_s"] / fwd_views["p50_s"]
-            lines.append(f"ZERO C={c}: server c{zero_http[0]['concurrency']} p50 / views forward p50 = {ratio:.2f} "
-                         f"(target <= 1.3): {verdict(ratio <= 1.3)}")
-    return lines
-
-
-# -- the run --------------------------------------------------------------------------------------
 def csv_ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 

@@ -19,7 +19,6 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -28,23 +27,11 @@ import torch
 import uvicorn
 from PIL import Image
 
+from benchmarks.serving import wait_until_ready
 from server.app import create_app
 from server.settings import Settings
 
 LABELS = [f"class number {i}" for i in range(10)]
-
-
-def wait_until_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Poll ``url``/readyz until it answers 200 (True), ``alive()`` turns False or time runs out (False)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and alive():
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return True
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    return False
 
 
 def make_jpegs(n: int, size: int, seed: int) -> list[bytes]:
