@@ -5,19 +5,14 @@ it up and measures what an image and a prompt cost to encode, then serves zero-s
 the first waiting job, waits up to ``max_batch_delay_ms`` for more, encodes up to
 ``max_batch_size`` images in one forward pass and classifies each job against its own class
 features. The adaptation lane's worker thread gathers waiting adaptation jobs with the same method
-and options (label sets may differ) and adapts up to ``adapt_max_batch`` of their images together:
-each image's views are made from its decoded tensor with its own seeded generator, all views are
-encoded in one pass, and the method's ``adapt_batch`` trains every image's own parameters in one
-stacked computation whose summed loss gives each image exactly its own gradient. Async request
-handlers submit a job and await its future; they never touch the model.
+and options (label sets may differ) and adapts up to ``adapt_max_batch`` of their images together
+through ``server.adaptation.adapt_images``. Handlers submit a job and await its future.
 
 Admission: a full zero-shot queue raises ``Overloaded`` (429). An adaptation job is admitted when
-its estimated cost (the method's forward passes times the measured per-image and per-prompt
-seconds, corrected by what batches really took) fits in the lane's budget beside the work already
-admitted; otherwise it is served zero-shot with ``skipped = "overload"``. With a confidence gate,
+its estimated cost (``server.admission.CostModel``) fits in the lane's budget beside the work
+already admitted; otherwise it is served zero-shot with ``skipped = "overload"``. With a confidence gate,
 images whose calibrated zero-shot margin is already high are not adapted (``"confident"``).
-Deadlines and disconnects are checked before a job runs and between adaptation steps; the work of
-a request nobody waits for stops there.
+Deadlines and disconnects are checked before a job runs and between adaptation steps.
 """
 
 from __future__ import annotations
@@ -37,6 +32,7 @@ import torch
 from adapters import Method, get_method
 from adapters.base import Stopped
 from server.adaptation import ImageReport, ImageTask, adapt_images, image_seed, margin
+from server.admission import CostModel
 from server.backbone import Backbone
 from server.errors import ClientClosed, DeadlineExceeded, InvalidInput, NotReady, Overloaded
 from server.metrics import Metrics
@@ -114,9 +110,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="tta-engine", daemon=True)
         self._adapt_thread = threading.Thread(target=self._run_adapt_lane, name="tta-adapt", daemon=True)
         self.on_fatal: Callable[[BaseException], None] | None = None
-        # Admission: per method, the ratio of what batches took to what was estimated (a moving average)
-        # of the backbone's per-image and per-prompt seconds, measured at warm-up.
-        self._correction: dict[str, float] = {}
+        self.costs = CostModel()  # prices adaptation work for admission
         self.pending_s = 0.0  # estimated seconds of admitted, unfinished adaptation work
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -155,12 +149,7 @@ class Engine:
     # -- admission ------------------------------------------------------------------------------
     def estimate_s(self, method: str, options: Any, n_images: int, n_classes: int) -> float:
         """Estimated seconds to adapt ``n_images`` images with ``method`` against ``n_classes`` classes."""
-        cost = get_method(method).cost(options, n_classes)
-        backbone = self.backbone
-        if backbone is None:
-            return 0.0
-        seconds = cost.image_passes * backbone.image_s + cost.prompt_passes * backbone.prompt_s
-        return n_images * seconds * self._correction.get(method, 1.0)
+        return self.costs.estimate_s(self.backbone, method, options, n_images, n_classes)
 
     def _admits(self, cost_s: float, timeout_s: float) -> bool:
         """Whether the adaptation lane takes work of ``cost_s`` seconds that must end within ``timeout_s``.
@@ -438,7 +427,8 @@ class Engine:
                 done[(id(job), i)] = out
             self.metrics.adapt_batch_size.observe(len(chunk))
         elapsed = time.monotonic() - started
-        self._learn_cost(jobs[0].method, sum(job.cost_s for job in jobs), elapsed, any(j.gate for j in jobs))
+        if not any(job.gate for job in jobs):  # a gated batch skipped work it was priced for: it says little
+            self.costs.learn(jobs[0].method, sum(job.cost_s for job in jobs), elapsed)
         outputs = {}
         for job in jobs:
             if any((id(job), i) not in done for i in range(job.n_images)):
@@ -484,13 +474,6 @@ class Engine:
         if confident:
             self.metrics.adapt_skipped.labels(reason="confident").inc(len(confident))
         return [(job, i) for job, i in chunk if (id(job), i) not in confident]
-
-    def _learn_cost(self, method: str, estimated_s: float, actual_s: float, gated: bool) -> None:
-        """Move the method's cost correction towards what this batch took (gated batches say little)."""
-        if estimated_s <= 0 or gated:
-            return
-        ratio = min(10.0, max(0.1, actual_s / estimated_s * self._correction.get(method, 1.0)))
-        self._correction[method] = 0.7 * self._correction.get(method, 1.0) + 0.3 * ratio
 
     @staticmethod
     def _sync(backbone: Backbone) -> None:
