@@ -63,14 +63,18 @@ class Stopped(Exception):
 
 @dataclass(frozen=True)
 class Cost:
-    """What adapting one image costs, in forward-pass equivalents (a backward pass counts as two).
+    """What adapting one image costs, in forward-pass equivalents (a backward pass counts as two), and
+    the activations it keeps, in whole-tower units.
 
-    The engine turns these into seconds with per-image and per-prompt encode times it measures, and
-    admits adaptation work against a budget in seconds.
+    The engine turns these into seconds and bytes with what one image and one prompt token take,
+    measured at warm-up (``server.admission``), admits adaptation work against a budget in seconds and
+    stacks images within a budget in bytes. Encoding the views is priced by the engine from ``n_views``.
     """
 
     image_passes: float  # images through the vision tower
     prompt_passes: float = 0.0  # prompts through the text tower (TPT, C-TPT)
+    kept_images: float = 0.0  # images whose vision-tower activations are kept for a backward pass (TTL)
+    kept_prompts: float = 0.0  # prompts whose text-tower activations are kept for a backward pass (TPT)
 
 
 class Method(ABC):

@@ -52,7 +52,9 @@ class PromptTuning(Method):
 
     def cost(self, options: Any, n_classes: int) -> Cost:
         # Views once; the text tower forward and backward per step, and forward once more to predict.
-        return Cost(image_passes=float(options.views), prompt_passes=float(n_classes * (3 * options.steps + 1)))
+        # One step's graph at a time: the activations of every class's prompt until its backward pass.
+        return Cost(image_passes=float(options.views), prompt_passes=float(n_classes * (3 * options.steps + 1)),
+                    kept_prompts=float(n_classes) if options.steps else 0.0)
 
     def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
         return self.adapt_batch([inp], options)[0]

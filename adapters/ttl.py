@@ -61,7 +61,10 @@ class TTL(Method):
 
     def cost(self, options: Any, n_classes: int) -> Cost:
         # One pass of the views; per step the adapted blocks forward and backward (at most the tower).
-        return Cost(image_passes=float(options.views * (1 + 3 * options.steps * min(1.0, options.blocks / 12))))
+        # Kept: the adapted blocks' activations for the backward pass, and the cached tokens entering them.
+        share = min(1.0, options.blocks / 12)
+        return Cost(image_passes=float(options.views * (1 + 3 * options.steps * share)),
+                    kept_images=float(options.views * min(1.0, share + 1 / 12)))
 
     def encode_views(self, backbone: Any, views: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """One pass: the frozen prefix, kept for every step, then the suffix with B = 0 for the features.

@@ -228,6 +228,8 @@ def run_http(server: Server, device: torch.device, method: str, label_set: Label
         setup.note_memory(gauge.peak_mib())
     setup.seconds, setup.wall_s = latencies, wall
     setup.skipped = sum(1 for r in results if (r.get("adaptation") or {}).get("skipped"))
+    estimates = [r["adaptation"]["memory_bytes"] for r in results if (r.get("adaptation") or {}).get("memory_bytes")]
+    setup.estimate_mib = max(estimates) / 2**20 if estimates else None
     return setup, [r.get("label") for r in results[: len(samples)]]
 
 

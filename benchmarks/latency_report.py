@@ -22,6 +22,7 @@ class Setup:
     peak_mib: float | None = None
     rise_mib: float | None = None  # GPU: peak above what was allocated before (per in-flight request at c1)
     skipped: int = 0  # http: answers the server gave zero-shot instead (adaptation.skipped)
+    estimate_mib: float | None = None  # http: the server's estimate of one image's activations (memory_bytes)
 
     @property
     def p50(self) -> float:
@@ -45,7 +46,8 @@ class Setup:
     def summary(self) -> dict[str, Any]:
         return {"method": self.method, "setup": self.setup, "n": len(self.seconds), "p50_s": self.p50,
                 "p95_s": self.p95, "images_per_s": self.images_per_s, "concurrency": self.concurrency,
-                "peak_mib": self.peak_mib, "rise_mib": self.rise_mib, "skipped": self.skipped,
+                "peak_mib": self.peak_mib, "rise_mib": self.rise_mib, "estimate_mib": self.estimate_mib,
+                "skipped": self.skipped,
                 "seconds": self.seconds}
 
 
@@ -72,7 +74,7 @@ def print_table(c: int, rows: list[dict[str, Any]], checks: dict[str, dict[str, 
                 memory_note: str) -> None:
     print(f"\n== C = {c} classes ==  (peak memory: {memory_note})")
     head = (f"{'method':10s} {'setup':18s} {'p50 ms':>10s} {'p95 ms':>10s} {'img/s':>8s} {'peak MiB':>9s} "
-            f"{'+MiB':>7s} {'p50/(a)':>8s} {'img/s/(a)':>10s} {'p50/fwd':>8s}")
+            f"{'+MiB':>7s} {'est MiB':>8s} {'p50/(a)':>8s} {'img/s/(a)':>10s} {'p50/fwd':>8s}")
     print(head)
     print("-" * len(head))
 
@@ -83,6 +85,7 @@ def print_table(c: int, rows: list[dict[str, Any]], checks: dict[str, dict[str, 
         skipped = f"  ({r['skipped']} answered zero-shot: adaptation skipped)" if r["skipped"] else ""
         print(f"{r['method']:10s} {r['setup']:18s} {1000 * r['p50_s']:10.1f} {1000 * r['p95_s']:10.1f} "
               f"{r['images_per_s']:8.3f} {fmt_mib(r['peak_mib']):>9s} {fmt_mib(r['rise_mib']):>7s} "
+              f"{fmt_mib(r['estimate_mib']):>8s} "
               f"{ratio(r['p50_over_reference'], 8, 3)} {ratio(r['images_per_s_over_reference'], 10, 2)} "
               f"{ratio(r['p50_over_forward'], 8, 2)}{skipped}")
     for method, check in checks.items():
@@ -136,7 +139,8 @@ def targets(results: dict[int, dict[str, Any]], device: torch.device) -> list[st
             if top["rise_mib"] is not None:
                 per = top["rise_mib"] / top["concurrency"]
                 lines.append(f"TPT C=1000 server at c{top['concurrency']}: {per:,.0f} MiB per in-flight request "
-                             f"(nvidia-smi rise / concurrency): {verdict(per < 4096)}")
+                             f"(nvidia-smi rise / concurrency): {verdict(per < 4096)}; the server's estimate per "
+                             f"image: {fmt_mib(top['estimate_mib'])} MiB")
     for c in sorted(results):
         fwd_base, fwd_views = row(c, "zero_shot", "forward base view"), row(c, "zero", "forward views")
         zs = http_rows(c, "zero_shot")

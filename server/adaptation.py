@@ -31,8 +31,9 @@ class ImageReport:
     seconds: float
     order: torch.Tensor | None = None  # [C] class ranking when it is not the logits' (ZERO)
     extra: dict[str, Any] = field(default_factory=dict)
-    skipped: str | None = None  # "confident": the zero-shot margin passed the gate, nothing was adapted
+    skipped: str | None = None  # "confident" or "memory": answered zero-shot, nothing was adapted
     batch_images: int = 1  # images adapted together with this one (itself included)
+    memory_bytes: int | None = None  # estimated activation bytes adapting this image holds
 
 
 def image_seed(seed: int, index: int) -> int:

@@ -10,7 +10,9 @@ through ``server.adaptation.adapt_images``. Handlers submit a job and await its 
 
 Admission: a full zero-shot queue raises ``Overloaded`` (429). An adaptation job is admitted when
 its estimated cost (``server.admission.CostModel``) fits in the lane's budget beside the work
-already admitted; otherwise it is served zero-shot with ``skipped = "overload"``. With a confidence gate,
+already admitted; otherwise it is served zero-shot with ``skipped = "overload"``. The lane stacks
+images while their estimated activation bytes (``server.admission.MemoryModel``) fit its memory
+budget, and serves zero-shot an image that does not fit alone (``"memory"``). With a confidence gate,
 images whose calibrated zero-shot margin is already high are not adapted (``"confident"``).
 Deadlines and disconnects are checked before a job runs and between adaptation steps.
 """
@@ -24,72 +26,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from adapters import Method, get_method
+from adapters import get_method
 from adapters.base import Stopped
 from server.adaptation import ImageReport, ImageTask, adapt_images, image_seed, margin
-from server.admission import CostModel
+from server.admission import ActivationBytes, CostModel, MemoryModel, default_memory_budget, gpu_peak, stack_within
 from server.backbone import Backbone
-from server.errors import ClientClosed, DeadlineExceeded, InvalidInput, NotReady, Overloaded
+from server.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
+from server.jobs import Job, JobOutput
 from server.metrics import Metrics
 from server.settings import Settings
 
 log = logging.getLogger("ttaserve.engine")
-
-MAX_STACKED_PROMPTS = 4096  # prompts through the text tower in one stacked step (8 images x 512 classes)
-
-
-@dataclass(eq=False)
-class Job:
-    """One request's images and classes, waiting for a lane."""
-
-    images: torch.Tensor  # [N, 3, H, W] base views (the normal preprocessing), CPU
-    labels: tuple[str, ...]
-    templates: tuple[str, ...]
-    method: str
-    options: Any
-    future: asyncio.Future[JobOutput]
-    loop: asyncio.AbstractEventLoop
-    deadline: float  # time.monotonic() after which the job is not worth running
-    originals: list[torch.Tensor] | None = None  # [3, H0, W0] uint8 per image, for methods that make views
-    seed: int = 0
-    descriptions: tuple[tuple[str, ...], ...] | None = None  # per label, from its label set (TPS's prototypes)
-    gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
-    gate_temperature: float = 1.0  # the zero-shot temperature that calibrates the margin
-    cost_s: float = 0.0  # estimated adaptation seconds, held against the lane's budget while admitted
-    skipped: str | None = None  # "overload": adaptation was refused and the job runs zero-shot
-    enqueued_at: float = field(default_factory=time.monotonic)
-    cancelled: bool = False  # the client went away
-
-    @property
-    def n_images(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def batchable(self) -> bool:
-        """Zero-shot jobs share encoder batches in the zero-shot lane; the others go to the adaptation lane."""
-        return self.originals is None
-
-    def stopped(self) -> bool:
-        return self.cancelled or time.monotonic() > self.deadline
-
-    def stop_error(self) -> Exception:
-        if self.cancelled:
-            return ClientClosed("the client closed the connection")
-        return DeadlineExceeded("the request passed its deadline during adaptation")
-
-
-@dataclass
-class JobOutput:
-    logits: torch.Tensor  # [N, C] float32, CPU: the method's final logits
-    timings: dict[str, float]  # seconds per stage: queue, encode, classify (adapt, for adaptation jobs)
-    batch_images: int  # images in the forward pass (or stacked adaptation) this job shared
-    reports: list[ImageReport] | None = None  # per image, for adaptation jobs
-    skipped: str | None = None  # "overload": served zero-shot because the adaptation lane was full
 
 
 class Engine:
@@ -112,6 +63,8 @@ class Engine:
         self.on_fatal: Callable[[BaseException], None] | None = None
         self.costs = CostModel()  # prices adaptation work for admission
         self.pending_s = 0.0  # estimated seconds of admitted, unfinished adaptation work
+        self.memory: MemoryModel | None = None  # sizes stacked adaptation batches; set once the model is loaded
+        self.gpu_peak_bytes = 0  # the most GPU memory held since start, across the lane's peak measurements
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -231,8 +184,14 @@ class Engine:
             started = time.monotonic()
             self.backbone = self._load()
             self.backbone.warm_up()
-            log.info("model loaded and warmed up in %.2f s (%.1f ms per image, %.2f ms per prompt)",
-                     time.monotonic() - started, self.backbone.image_s * 1e3, self.backbone.prompt_s * 1e3)
+            budget = self.settings.adapt_memory_bytes or default_memory_budget(self.backbone.device)
+            self.memory = MemoryModel(ActivationBytes.measure(self.backbone), budget)
+            self.metrics.adapt_memory_budget.set(budget)
+            a = self.memory.activations
+            log.info("model loaded and warmed up in %.2f s (%.1f ms per image, %.2f ms per prompt; activations "
+                     "kept for a backward pass: %.1f MiB per image, %.1f KiB per prompt token; adaptation memory "
+                     "budget %.0f MiB)", time.monotonic() - started, self.backbone.image_s * 1e3,
+                     self.backbone.prompt_s * 1e3, a.image / 2**20, a.prompt_token / 2**10, budget / 2**20)
         except BaseException as exc:  # noqa: BLE001 - reported through /readyz and on_fatal
             self.load_error = exc
             log.error("model failed to load: %s", exc)
@@ -411,9 +370,19 @@ class Engine:
         classes = {id(job): backbone.class_features(job.labels, job.templates,  # [C, D]
                                                     job.descriptions if method.uses_descriptions else None).clone()
                    for job in jobs}
-        items = [(job, i) for job in jobs for i in range(job.n_images)]
         done: dict[tuple[int, int], tuple[torch.Tensor, ImageReport]] = {}
-        for chunk in self._chunks(items, method, options):
+        assert self.memory is not None
+        needs = {id(job): self.memory.image_bytes(backbone, method, options, job.labels) for job in jobs}
+        items = [(job, i) for job in jobs for i in range(job.n_images)]
+        chunks, too_big = stack_within(items, [needs[id(job)] for job, _ in items], self.memory.budget_bytes,
+                                       self.settings.adapt_max_batch)
+        if too_big:
+            job = too_big[0][0]
+            log.warning("%d image(s) of %s need about %.0f MiB each to adapt, over the %.0f MiB memory budget "
+                        "(TTA_ADAPT_MEMORY_BYTES): served zero-shot", len(too_big), job.method,
+                        needs[id(job)] / 2**20, self.memory.budget_bytes / 2**20)
+            self._answer_zero_shot(too_big, classes, done, backbone, "memory")
+        for chunk in chunks:
             chunk = [(job, i) for job, i in chunk if not job.stopped()]
             if not chunk:
                 continue
@@ -423,7 +392,12 @@ class Engine:
             tasks = [ImageTask(job.originals[i], job.images[i], classes[id(job)], job.labels,  # type: ignore[index]
                                torch.Generator().manual_seed(image_seed(job.seed, i)), job.stopped)
                      for job, i in chunk]
-            for (job, i), out in zip(chunk, adapt_images(backbone, method, options, tasks), strict=True):
+            with gpu_peak(backbone.device) as peak:
+                outs = adapt_images(backbone, method, options, tasks)
+            if peak:
+                self.gpu_peak_bytes = max(self.gpu_peak_bytes, peak["before"])
+                self.memory.learn(method.name, sum(needs[id(job)] for job, _ in chunk), peak["rise"])
+            for (job, i), out in zip(chunk, outs, strict=True):
                 done[(id(job), i)] = out
             self.metrics.adapt_batch_size.observe(len(chunk))
         elapsed = time.monotonic() - started
@@ -434,26 +408,12 @@ class Engine:
             if any((id(job), i) not in done for i in range(job.n_images)):
                 continue  # stopped part-way: its caller is gone
             logits, reports = zip(*(done[(id(job), i)] for i in range(job.n_images)), strict=True)
+            for report in reports:
+                report.memory_bytes = int(needs[id(job)])
             timings = {"queue": started - job.enqueued_at, "adapt": elapsed}
             outputs[id(job)] = JobOutput(torch.stack(logits), timings, max(r.batch_images for r in reports),
                                          list(reports))
         return outputs
-
-    def _chunks(self, items: list[tuple[Job, int]], method: Method, options: Any) -> list[list[tuple[Job, int]]]:
-        """Split images into stacked batches of at most ``adapt_max_batch`` images and, for methods that
-        run the text tower (prompt tuning), at most ``MAX_STACKED_PROMPTS`` prompts: its activations,
-        kept for the backward pass, grow with the prompts of every stacked image."""
-        text = method.cost(options, 1).prompt_passes > 0
-        chunks: list[list[tuple[Job, int]]] = [[]]
-        prompts = 0
-        for job, i in items:
-            n = len(job.labels) if text else 0
-            if chunks[-1] and (len(chunks[-1]) >= self.settings.adapt_max_batch or prompts + n > MAX_STACKED_PROMPTS):
-                chunks.append([])
-                prompts = 0
-            chunks[-1].append((job, i))
-            prompts += n
-        return chunks
 
     def _gate(self, chunk: list[tuple[Job, int]], classes: dict[int, torch.Tensor],
               done: dict[tuple[int, int], tuple[torch.Tensor, ImageReport]],
@@ -462,18 +422,27 @@ class Engine:
         gated = [(job, i) for job, i in chunk if job.gate is not None]
         if not gated:
             return chunk
-        t0 = time.monotonic()
-        feats = backbone.encode_images(torch.stack([job.images[i] for job, i in gated]))  # [G, D]
-        confident = set()
-        for row, (job, i) in enumerate(gated):
-            logits = (backbone.logit_scale * feats[row] @ classes[id(job)].T).float().cpu()  # [C]
-            if float(margin(logits[None], job.gate_temperature)[0]) >= job.gate:  # type: ignore[operator]
-                confident.add((id(job), i))
-                report = ImageReport(logits, 0, 1, 1, time.monotonic() - t0, skipped="confident")
-                done[(id(job), i)] = (logits, report)
-        if confident:
-            self.metrics.adapt_skipped.labels(reason="confident").inc(len(confident))
+        confident = self._answer_zero_shot(
+            gated, classes, done, backbone, "confident",
+            when=lambda job, logits: float(margin(logits[None], job.gate_temperature)[0]) >= job.gate)
         return [(job, i) for job, i in chunk if (id(job), i) not in confident]
+
+    def _answer_zero_shot(self, items: list[tuple[Job, int]], classes: dict[int, torch.Tensor],
+                          done: dict[tuple[int, int], tuple[torch.Tensor, ImageReport]], backbone: Backbone,
+                          reason: str, when: Callable[[Job, torch.Tensor], bool] = lambda job, logits: True
+                          ) -> set[tuple[int, int]]:
+        """Answer ``items`` (those ``when`` picks from their zero-shot logits) zero-shot, skipped for ``reason``."""
+        t0 = time.monotonic()
+        feats = backbone.encode_images(torch.stack([job.images[i] for job, i in items]))  # [N, D]
+        answered = set()
+        for row, (job, i) in enumerate(items):
+            logits = (backbone.logit_scale * feats[row] @ classes[id(job)].T).float().cpu()  # [C]
+            if when(job, logits):
+                answered.add((id(job), i))
+                done[(id(job), i)] = (logits, ImageReport(logits, 0, 1, 1, time.monotonic() - t0, skipped=reason))
+        if answered:
+            self.metrics.adapt_skipped.labels(reason=reason).inc(len(answered))
+        return answered
 
     @staticmethod
     def _sync(backbone: Backbone) -> None:

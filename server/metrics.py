@@ -21,7 +21,7 @@ ENTROPY_BUCKETS = (-1.0, -0.5, -0.1, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 OUTCOMES = ("success", "client_error", "rejected", "timeout", "cancelled", "error")
-SKIP_REASONS = ("overload", "confident")
+SKIP_REASONS = ("overload", "confident", "memory")
 STAGES = ("queue", "decode", "encode", "classify", "adapt")
 
 
@@ -87,11 +87,15 @@ class Metrics:
             registry=r,
         )
         self.adapt_skipped = Counter(
-            "tta_adapt_skipped", "Images served zero-shot instead of adapted, by reason (overload, confident).",
+            "tta_adapt_skipped", "Images served zero-shot instead of adapted, by reason (overload, confident, memory).",
             ["reason"], registry=r,
         )
         self.adapt_pending = Gauge(
             "tta_adapt_pending_seconds", "Estimated seconds of adaptation work admitted and not finished.", registry=r
+        )
+        self.adapt_memory_budget = Gauge(
+            "tta_adapt_memory_budget_bytes", "Estimated activation bytes one stacked adaptation batch may hold.",
+            registry=r,
         )
         self.gpu_memory_allocated = Gauge(
             "tta_gpu_memory_allocated_bytes", "Bytes of GPU memory held by tensors now (0 on the CPU).", registry=r

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters import OptionsError, get_method, method_names
 from adapters.losses import entropy
 from server.backbone import Backbone
-from server.engine import Engine, JobOutput
+from server.engine import Engine
 from server.errors import BadRequest, ClientClosed, InvalidInput, NotReady, TTAError, UnsupportedMediaType
 from server.images import decode_base64, decode_image, to_uint8_tensor
 from server.inputs import (
@@ -30,6 +30,7 @@ from server.inputs import (
     validate_label_set_name,
     validate_labels,
 )
+from server.jobs import JobOutput
 from server.metrics import Metrics
 from server.schemas import (
     Adaptation,
@@ -219,6 +220,7 @@ def _results(output: JobOutput, labels: tuple[str, ...], top_k: int, method: str
             agreement=report.extra.get("agreement") if report else None,
             skipped=skipped,
             batch_images=report.batch_images if report else 1,
+            memory_bytes=report.memory_bytes if report else None,
         )
         metrics.confidence.labels(method=method).observe(confidence)
         if report and not skipped:
@@ -461,5 +463,5 @@ def metrics(request: Request) -> Response:
     backbone = engine.backbone
     if backbone is not None and backbone.device.type == "cuda":
         m.gpu_memory_allocated.set(torch.cuda.memory_allocated(backbone.device))
-        m.gpu_memory_peak.set(torch.cuda.max_memory_allocated(backbone.device))
+        m.gpu_memory_peak.set(max(engine.gpu_peak_bytes, torch.cuda.max_memory_allocated(backbone.device)))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

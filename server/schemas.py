@@ -63,8 +63,12 @@ class Adaptation(BaseModel):
         None, description="ZERO: share of kept views voting for the label (not a probability).")
     skipped: str | None = Field(
         None, description="Why the image was answered zero-shot instead: 'overload' (the adaptation lane was "
-        "over its budget) or 'confident' (the zero-shot margin passed the confidence gate).")
+        "over its budget), 'confident' (the zero-shot margin passed the confidence gate) or 'memory' (adapting "
+        "this image alone needs more than TTA_ADAPT_MEMORY_BYTES).")
     batch_images: int = Field(1, description="Images adapted together in one stacked computation, this one included.")
+    memory_bytes: int | None = Field(
+        None, description="Estimated bytes of activations adapting this image holds, what the lane weighs against "
+        "TTA_ADAPT_MEMORY_BYTES (null when the request was not admitted to the lane).")
 
 
 class ZeroShotView(BaseModel):

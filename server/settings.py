@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         None, gt=0, description="Most estimated seconds of adaptation work admitted and unfinished; beyond it, "
         "requests are served zero-shot (adaptation.skipped = overload). Unset: TTA_REQUEST_TIMEOUT_S.",
     )
+    adapt_memory_bytes: int | None = Field(
+        None, ge=1, description="Most estimated bytes of activations one stacked adaptation batch may hold; an "
+        "image that needs more alone is served zero-shot (adaptation.skipped = memory). Unset: half the memory "
+        "free after loading (GPU) or available (CPU).",
+    )
     confidence_gate: float | None = Field(
         None, ge=0, le=1, description="Skip adaptation of images whose calibrated zero-shot margin (top-1 minus "
         "top-2 probability) is at least this (adaptation.skipped = confident). Unset: never skip.",
@@ -104,7 +109,7 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("adapt_budget_s", "confidence_gate", "torch_threads", mode="before")
+    @field_validator("adapt_budget_s", "adapt_memory_bytes", "confidence_gate", "torch_threads", mode="before")
     @classmethod
     def _blank_number_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -8,7 +8,7 @@ import shutil
 
 import torch
 
-from benchmarks import adaptation_latency, calibrate, method_latency, tune
+from benchmarks import adaptation_latency, calibrate, memory_estimate, method_latency, tune
 from benchmarks.calibrate import fit_temperature
 
 
@@ -67,6 +67,19 @@ def test_adaptation_latency_runs_reference_ours_and_server_side_by_side(tiny_mod
             assert row["p95_s"] >= row["p50_s"] > 0 and row["images_per_s"] > 0
             assert row["p50_over_reference"] > 0 and row["images_per_s_over_reference"] > 0
         assert rows[(method, "reference")]["p50_over_reference"] is None
+        assert rows[(method, "http c1")]["estimate_mib"] > 0  # the server's memory estimate per image
     assert rows[("zero", "ours")]["p50_over_forward"] > 0
     assert rows[("zero_shot", "http c2")]["p50_over_forward"] > 0
     assert "p50/(a)" in printed and "targets (reported, not enforced)" in printed
+
+
+def test_memory_estimate_sets_the_lanes_estimate_beside_the_measured_rise(tiny_model_dir, capsys):
+    rows = memory_estimate.main(["--model", f"local-dir:{tiny_model_dir}", "--classes", "5,40", "--views", "8",
+                                 "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert {(r["method"], r["classes"]) for r in rows} == {(m, c) for m in memory_estimate.METHODS for c in (5, 40)}
+    by = {(r["method"], r["classes"]): r for r in rows}
+    assert all(r["estimate_mib"] > 0 and r["measured_mib"] == r["measured_mib"] for r in rows)  # not NaN
+    assert by[("tpt", 40)]["estimate_mib"] > by[("tpt", 5)]["estimate_mib"]  # prompts kept grow with the classes
+    assert by[("tps", 40)]["estimate_mib"] == by[("tps", 5)]["estimate_mib"]
+    assert "estimate/measured" in printed and "per prompt token" in printed

@@ -178,13 +178,64 @@ def test_lane_metrics_are_exposed(client):
     assert metric(text, "tta_gpu_memory_allocated_bytes") == 0  # the CPU
 
 
-def test_prompt_tuning_stacks_no_more_prompts_than_the_cap(settings, monkeypatch):
-    monkeypatch.setattr("server.engine.MAX_STACKED_PROMPTS", 8)  # two images of 3-4 labels, not three
+def test_stacked_batches_stay_within_the_memory_budget(settings):
+    labels = LABEL_SETS[0]
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        need = c.post("/v1/classify", json=body("tpt", 0, labels)).json()["results"][0]["adaptation"]["memory_bytes"]
+        assert need > 0
+    settings.adapt_memory_bytes = int(2.5 * need)  # two images of this label set, not three
     settings.adapt_max_batch = 8
     settings.max_batch_delay_ms = 2000
-    requests = [body("tpt", seed, LABEL_SETS[1 + seed % 2]) for seed in range(4)]
+    requests = [body("tpt", seed, labels) for seed in range(4)]
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
         with ThreadPoolExecutor(4) as pool:
             results = [r.json()["results"][0] for r in pool.map(lambda r: c.post("/v1/classify", json=r), requests)]
+        assert metric(c.get("/metrics").text, "tta_adapt_memory_budget_bytes") == int(2.5 * need)
     assert max(r["adaptation"]["batch_images"] for r in results) == 2
+    assert all(r["adaptation"]["memory_bytes"] == need and r["adaptation"]["skipped"] is None for r in results)
+
+
+@pytest.mark.parametrize("method", ["tpt", "ttl"])
+def test_an_image_too_big_for_the_memory_budget_is_served_zero_shot(settings, method):
+    labels = LABEL_SETS[1]
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        need = c.post("/v1/classify", json=body(method, 1, labels)).json()["results"][0]["adaptation"]["memory_bytes"]
+    settings.adapt_memory_bytes = need - 1
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        r = c.post("/v1/classify", json=body(method, 1, labels, compare=True))
+        assert r.status_code == 200, r.text
+        result = r.json()["results"][0]
+        assert result["adaptation"]["skipped"] == "memory"
+        assert result["adaptation"]["memory_bytes"] == need and result["adaptation"]["steps"] == 0
+        assert result["label"] == result["zero_shot"]["label"]
+        fewer_views = c.post("/v1/classify", json=body(method, 1, labels, options={"views": 8})).json()
+        assert fewer_views["results"][0]["adaptation"]["skipped"] is None  # a smaller request still adapts
+        text = c.get("/metrics").text
+        assert metric(text, 'tta_adapt_skipped_total{reason="memory"}') == 1
+
+
+def test_every_method_runs_with_bf16_forwards(settings):
+    """The GPU's mixed precision on the CPU: frozen towers in bf16, trained tensors and optimizer state
+    in fp32, alone and stacked; the answers stay close to fp32's."""
+    requests = {m: [body(m, seed, LABEL_SETS[seed % 3], options={}) for seed in range(3)] for m in BATCHED}
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        fp32 = {m: [c.post("/v1/classify", json=r).json()["results"][0] for r in rs] for m, rs in requests.items()}
+    settings.precision = "bf16"
+    settings.max_batch_delay_ms = 1000
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        assert c.get("/v1/models").json()["models"][0]["precision"] == "bf16"
+        for method, rs in requests.items():
+            with ThreadPoolExecutor(3) as pool:
+                bf16 = [r.json()["results"][0] for r in pool.map(lambda r: c.post("/v1/classify", json=r), rs)]
+            assert max(b["adaptation"]["batch_images"] for b in bf16) > 1, method
+            for a, b in zip(fp32[method], bf16, strict=True):
+                assert b["adaptation"]["skipped"] is None
+                pa = {p["label"]: p["probability"] for p in a["predictions"]}
+                pb = {p["label"]: p["probability"] for p in b["predictions"]}
+                assert max(abs(pa[k] - pb[k]) for k in pa) < 0.05, (method, pa, pb)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from adapters import AdaptInput, get_method
 from adapters.base import Stopped
 from adapters.common import optimize
 from server.adaptation import ImageTask, adapt_image, adapt_images
+from server.admission import ActivationBytes, MemoryModel, stack_within
 from server.backbone import Backbone
 from server.settings import Settings
 
@@ -62,3 +66,32 @@ def test_work_stops_between_steps_once_nobody_waits(backbone):
     inp = AdaptInput(feats, t.classes, backbone.logit_scale, t.labels, t.generator, backbone, stop=stop)
     with pytest.raises(Stopped, match="before step 2 of 5"):
         impl.adapt(inp, impl.parse_options({"steps": 5, "views": 4}))
+
+
+def test_stack_within_keeps_order_and_the_budget_and_sets_aside_what_cannot_fit():
+    items, needs = list("abcdefg"), [3.0, 3.0, 5.0, 11.0, 1.0, 1.0, 1.0]
+    batches, too_big = stack_within(items, needs, budget=10.0, max_items=3)
+    assert batches == [["a", "b"], ["c", "e", "f"], ["g"]] and too_big == ["d"]
+    for batch in batches:
+        assert sum(needs[items.index(x)] for x in batch) <= 10.0 and len(batch) <= 3
+    assert stack_within([], [], 1.0, 1) == ([], [])
+
+
+def test_the_memory_estimate_grows_with_what_a_method_keeps(backbone):
+    activations = ActivationBytes.measure(backbone)
+    assert activations.image > activations.image_block > 0 and activations.prompt_token > 0
+    model = MemoryModel(activations, budget_bytes=2**40)
+    few, many = ("red", "green"), tuple(f"colour number {i}" for i in range(200))
+
+    def estimate(method: str, labels: tuple[str, ...], **options) -> float:
+        m = get_method(method)
+        return model.image_bytes(backbone, m, m.parse_options(options), labels)
+
+    assert estimate("tpt", many) > estimate("tpt", few)  # TPT keeps every class's prompt for its backward pass
+    assert estimate("zero", many) == estimate("zero", few)
+    assert estimate("ttl", few, views=32) < estimate("ttl", few)
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on some torch.distributed objects warns of deprecations
+        warnings.simplefilter("ignore")
+        kept = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.requires_grad]
+    assert kept == []  # the measuring left no graph behind
