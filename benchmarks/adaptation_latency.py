@@ -263,15 +263,20 @@ def csv_ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser, methods: tuple[str, ...]) -> None:
+    """The model, device, threads, label-set sizes and methods a benchmark runs on."""
     parser.add_argument("--model", default="ViT-B-32", help="any TTA_MODEL form")
     parser.add_argument("--pretrained", default="none", help="a pretrained tag or checkpoint; none: random weights")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, here and in the server")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and the server's)")
     parser.add_argument("--classes", type=csv_ints, default=[10, 100, 1000], help="label-set sizes C")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(methods))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser, METHODS)
     parser.add_argument("--images", type=int, default=8, help="timed images per setup (after one warm-up)")
     parser.add_argument("--concurrency", type=csv_ints, default=[1, 4, 16], help="HTTP clients; empty: no server")
     parser.add_argument("--views", type=int, default=64)

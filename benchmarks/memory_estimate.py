@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 from adapters import get_method
-from benchmarks.adaptation_latency import LabelSet, class_names, csv_ints, make_samples, method_options, run_ours
+from benchmarks.adaptation_latency import (
+    LabelSet,
+    add_model_arguments,
+    class_names,
+    make_samples,
+    method_options,
+    run_ours,
+)
 from benchmarks.peaks import CudaPeak, ProcessPeak
 from server.admission import ActivationBytes, MemoryModel
 from server.backbone import Backbone
@@ -64,13 +71,7 @@ def measure_rise_mib(device: torch.device, fn: Any) -> float:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="ViT-B-32", help="any TTA_MODEL form")
-    parser.add_argument("--pretrained", default="none", help="a pretrained tag or checkpoint; none: random weights")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--classes", type=csv_ints, default=[10, 100, 1000], help="label-set sizes C")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    add_model_arguments(parser, METHODS)
     parser.add_argument("--views", type=int, default=64)
     parser.add_argument("--steps", type=int, default=1)
     args = parser.parse_args(argv)
