@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,12 +76,42 @@ def _saved_bytes(exclude: set[int]) -> Iterator[dict[int, int]]:
         yield seen
 
 
+def _vision_blocks(visual: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks a vision tower runs one after another (empty when its layout is not known)."""
+    resblocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if resblocks is not None:  # open_clip's VisionTransformer
+        return list(resblocks)
+    stages = [getattr(visual, f"layer{i}", None) for i in range(1, 5)]
+    if all(isinstance(stage, torch.nn.Sequential) for stage in stages):  # ModifiedResNet: bottlenecks, pool
+        return [block for stage in stages for block in stage] + [visual.attnpool]  # type: ignore[union-attr]
+    blocks = getattr(getattr(visual, "trunk", None), "blocks", None)  # a timm tower
+    return list(blocks) if isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList) else []
+
+
+def _largest_block(visual: torch.nn.Module, seen: dict[int, int], run: Callable[[], Any]) -> tuple[int, int]:
+    """Run ``run`` under ``_saved_bytes``'s ``seen``; return all bytes saved, and the most saved by one
+    block or by everything outside the blocks (a ResNet's stem): what encoding holds at a time."""
+    per_block: list[int] = []
+    start: list[int] = []
+    hooks = []
+    for block in _vision_blocks(visual):
+        hooks.append(block.register_forward_pre_hook(lambda *_: start.append(sum(seen.values()))))
+        hooks.append(block.register_forward_hook(lambda *_: per_block.append(sum(seen.values()) - start.pop())))
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    total = sum(seen.values())
+    return total, max(per_block + [total - sum(per_block)])
+
+
 @dataclass(frozen=True)
 class ActivationBytes:
     """What the backbone keeps for a backward pass, measured by running it once with autograd on."""
 
     image: float  # one image through the whole vision tower
-    image_block: float  # one image through one vision block: encoding a view holds about this at a time
+    image_block: float  # one image through the largest vision block: encoding a view holds about this at a time
     prompt_token: float  # one prompt token through the whole text tower (0: no prompt learning)
     view_pixels: float = 0.0  # one view's pixels: float32 as cropped and normalised, and in the model's dtype
 
@@ -93,9 +123,7 @@ class ActivationBytes:
         h, w = backbone.image_size
         images = torch.zeros(2, 3, h, w, device=backbone.device, dtype=backbone.dtype, requires_grad=True)
         with _saved_bytes(weights) as seen:
-            model.encode_image(images)
-        image = sum(seen.values()) / 2
-        blocks = getattr(getattr(model.visual, "transformer", None), "resblocks", None)
+            image, block = _largest_block(model.visual, seen, lambda: model.encode_image(images))
         prompt_token = 0.0
         if backbone.prompt_learning_error is None:
             labels = tuple(f"measured label {i}" for i in range(8))
@@ -105,8 +133,7 @@ class ActivationBytes:
                 backbone.encode_text_with_contexts(ctx, [inputs])
             prompt_token = sum(seen.values()) / (len(labels) * inputs.context_length)
         pixels = 3 * h * w * (2 * 4 + images.element_size())
-        return cls(image=image, image_block=image / (len(blocks) if blocks else 1), prompt_token=prompt_token,
-                   view_pixels=pixels)
+        return cls(image=image / 2, image_block=block / 2, prompt_token=prompt_token, view_pixels=pixels)
 
 
 class MemoryModel:
