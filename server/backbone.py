@@ -211,13 +211,20 @@ class Backbone:
 
     # -- text -----------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[P] prompts -> [P, D] unit-norm text features (float32, on the device)."""
+        """[P] prompts -> [P, D] unit-norm text features (float32, on the device).
+
+        In CLIP's causal text tower each chunk is cut after its longest prompt's EOT (a label set's
+        prompts are a few tokens of the 77: 5-10x less text compute); other towers run whole.
+        """
+        try:
+            encode = text_tower(self.model, self.tokenizer).encode_tokens
+        except ValueError:  # not a causal CLIP text tower: open_clip's own encode_text
+            encode = self.model.encode_text
         out = []
         with torch.inference_mode():
             for start in range(0, len(prompts), TEXT_CHUNK):
-                tokens = self.tokenizer(prompts[start : start + TEXT_CHUNK]).to(self.device)  # [p, L]
-                feats = self.model.encode_text(tokens)  # [p, D]
-                out.append(torch.nn.functional.normalize(feats.float(), dim=-1))
+                tokens = self.tokenizer(prompts[start : start + TEXT_CHUNK]).to(self.device)  # [p, 77]
+                out.append(torch.nn.functional.normalize(encode(tokens).float(), dim=-1))  # [p, D]
         return torch.cat(out)
 
     def class_features(self, labels: tuple[str, ...], templates: tuple[str, ...],
@@ -397,13 +404,7 @@ class Backbone:
             x = torch.cat([x, tails], dim=1) + pos  # [P, L, W]
             # open_clip's text transformer is batch-first and takes the causal mask as an argument.
             x = tower.transformer(x, attn_mask=mask)  # [P, L, W]
-        x = tower.ln_final(x)  # [P, T, W]
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # [P, W]
-        proj = tower.text_projection
-        if isinstance(proj, torch.nn.Linear):
-            x = proj(x)
-        elif proj is not None:
-            x = x @ proj  # [P, D]
+        x = tower.pool(x, eot)  # [P, D]
         return list(torch.nn.functional.normalize(x.float(), dim=-1).split(sizes))
 
     # -- low-rank vision adaptation (TTL) --------------------------------------------------------

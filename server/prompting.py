@@ -72,6 +72,26 @@ class TextTower:
             return ids.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
         return (ids == self.eos_id).int().argmax(dim=-1)  # 'eos'
 
+    def pool(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[P, L, W] the last block's states -> [P, D] features (not normalised): ln_final, each prompt's
+        pooled position, the projection."""
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), positions]  # [P, W]
+        proj = self.text_projection
+        if isinstance(proj, torch.nn.Linear):
+            return proj(x)  # type: ignore[no-any-return]
+        return x @ proj if proj is not None else x
+
+    def encode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's ``encode_text`` of [P, 77] token ids -> [P, D], cut after the last pooled position:
+        in a causal tower the tokens after it change nothing that is read."""
+        positions = self.pool_positions(ids)  # [P]
+        length = int(positions.max()) + 1
+        x = self.token_embedding(ids[:, :length]).to(self.cast_dtype)  # [P, L, W]
+        x = x + self.positional_embedding[:length].to(self.cast_dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])  # batch-first, causal
+        return self.pool(x, positions)
+
 
 def text_tower(model: torch.nn.Module, tokenizer: Any) -> TextTower:
     """Find the text tower's parts, or raise ValueError saying why a learned context cannot be used."""

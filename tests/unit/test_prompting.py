@@ -39,6 +39,17 @@ def test_initial_context_reproduces_encode_text(backbone, labels):
     torch.testing.assert_close(feats, reference(backbone, labels), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("labels", [SHORT, MIXED, LONG], ids=["short", "mixed", "truncated"])
+def test_class_prompts_cut_to_their_longest_equal_encode_text(backbone, labels, monkeypatch):
+    prompts = [f"a photo of a {label}." for label in labels] + list(labels)  # lengths 3 to 16 tokens
+    with torch.no_grad():
+        full = backbone.model.encode_text(backbone.tokenizer(prompts))  # all 16 tokens
+    expected = torch.nn.functional.normalize(full.float(), dim=-1)
+    torch.testing.assert_close(backbone.encode_prompts(prompts), expected, atol=ATOL, rtol=0)
+    monkeypatch.setattr("server.backbone.TEXT_CHUNK", 2)  # chunks cut to their own longest prompt
+    torch.testing.assert_close(backbone.encode_prompts(prompts), expected, atol=ATOL, rtol=0)
+
+
 def test_context_is_cut_to_the_longest_prompt(backbone):
     short = backbone.prompt_inputs(SHORT)
     # [SOT] a photo of a <colour> . [EOT]: 8 tokens, half the model's 16.
