@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,20 +88,21 @@ def _vision_blocks(visual: torch.nn.Module) -> list[torch.nn.Module]:
     return list(blocks) if isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList) else []
 
 
-def _largest_block(visual: torch.nn.Module, seen: dict[int, int], run: Callable[[], Any]) -> tuple[int, int]:
-    """Run ``run`` under ``_saved_bytes``'s ``seen``; return all bytes saved, and the most saved by one
-    block or by everything outside the blocks (a ResNet's stem): what encoding holds at a time."""
+def _vision_saved_bytes(visual: torch.nn.Module, images: torch.Tensor, weights: set[int]) -> tuple[int, int]:
+    """Bytes the vision tower saves for backward on ``images``: in all, and the most saved by one block or
+    by everything outside the blocks (a ResNet's stem), which is what encoding holds at a time."""
     per_block: list[int] = []
     start: list[int] = []
-    hooks = []
-    for block in _vision_blocks(visual):
-        hooks.append(block.register_forward_pre_hook(lambda *_: start.append(sum(seen.values()))))
-        hooks.append(block.register_forward_hook(lambda *_: per_block.append(sum(seen.values()) - start.pop())))
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _saved_bytes(weights) as seen:
+        hooks = []
+        for block in _vision_blocks(visual):
+            hooks.append(block.register_forward_pre_hook(lambda *_: start.append(sum(seen.values()))))
+            hooks.append(block.register_forward_hook(lambda *_: per_block.append(sum(seen.values()) - start.pop())))
+        try:
+            visual(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
     total = sum(seen.values())
     return total, max(per_block + [total - sum(per_block)])
 
@@ -122,8 +123,7 @@ class ActivationBytes:
         weights |= {b.untyped_storage().data_ptr() for b in model.buffers()}
         h, w = backbone.image_size
         images = torch.zeros(2, 3, h, w, device=backbone.device, dtype=backbone.dtype, requires_grad=True)
-        with _saved_bytes(weights) as seen:
-            image, block = _largest_block(model.visual, seen, lambda: model.encode_image(images))
+        image, block = _vision_saved_bytes(model.visual, images, weights)
         prompt_token = 0.0
         if backbone.prompt_learning_error is None:
             labels = tuple(f"measured label {i}" for i in range(8))

@@ -257,17 +257,18 @@ class Backbone:
         h, w = self.image_size
         self.encode_images(torch.zeros(1, 3, h, w))
         self.encode_prompts(["a photo of a warm-up."])
-        self._sync()
+        self.sync()
         started = time.perf_counter()
         self.encode_images(torch.zeros(8, 3, h, w))
-        self._sync()
+        self.sync()
         self.image_s = (time.perf_counter() - started) / 8
         started = time.perf_counter()
         self.encode_prompts([f"a photo of a measured prompt number {i}." for i in range(8)])
-        self._sync()
+        self.sync()
         self.prompt_s = (time.perf_counter() - started) / 8
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for the device to finish what was queued (a no-op on the CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

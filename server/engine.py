@@ -257,7 +257,7 @@ class Engine:
             images = torch.cat([job.images for job in live])  # [B, 3, H, W]
             started = time.monotonic()
             feats = backbone.encode_images(images)  # [B, D]
-            self._sync(backbone)
+            backbone.sync()
             encode_s = time.monotonic() - started
             self.metrics.batch_size.observe(images.shape[0])
             offset = 0
@@ -443,11 +443,6 @@ class Engine:
         if answered:
             self.metrics.adapt_skipped.labels(reason=reason).inc(len(answered))
         return answered
-
-    @staticmethod
-    def _sync(backbone: Backbone) -> None:
-        if backbone.device.type == "cuda":
-            torch.cuda.synchronize(backbone.device)
 
     @staticmethod
     def _resolve(job: Job, output: JobOutput) -> None:
