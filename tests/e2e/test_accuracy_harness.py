@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from benchmarks import accuracy
-from tests.e2e.test_process import free_port, start, wait_ready
+from tests.support.apps import PATIENCE_S
+from tests.support.servers import free_port, start, wait_served
 
 ARGS = ["--shifts", "clean,control,gaussian_noise,style", "--max-samples", "16", "--bootstrap", "50", "--threads", "1",
         "--methods", "zero_shot,tps,zero", "--batch-size", "8"]
@@ -19,11 +20,11 @@ def test_direct_and_server_runs_agree_and_write_reports(tiny_model_dir, tmp_path
     port = free_port()
     proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(port)], tmp_path)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
+        wait_served(f"http://127.0.0.1:{port}", proc)
         served = accuracy.main(["--server", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "server"), *ARGS])
     finally:
         proc.terminate()
-        proc.wait(20)
+        proc.wait(PATIENCE_S)
     assert [r["shift"] for r in direct["rows"] if r["method"] == "zero_shot"] == [
         "clean", "control", "gaussian_noise-3", "style-3", "corruptions (pooled)"]
     assert {r["method"] for r in direct["rows"]} == {"zero_shot", "tps", "zero"}

@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import png_bytes
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
-    full_env.update({"TTA_DATA_DIR": str(tmp_path / "data"), "TTA_DEVICE": "cpu", **(env or {})})
-    return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, env=full_env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server never became ready")
+from tests.support.apps import PATIENCE_S
+from tests.support.images import png_bytes
+from tests.support.servers import free_port, start, wait_served
 
 
 @pytest.fixture
@@ -53,28 +18,29 @@ def served(tiny_model_dir, tmp_path):
     proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(port), "--max-batch-delay-ms", "1"], tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_served(url, proc)
         yield url, proc
     finally:
         if proc.poll() is None:
             proc.terminate()
-            proc.wait(20)
+            proc.wait(PATIENCE_S)
 
 
 def test_classify_over_loopback_then_shut_down_cleanly(served):
     url, proc = served
     files = [("image", ("a.png", png_bytes(seed=1), "image/png")), ("image", ("b.png", png_bytes(), "image/png"))]
     r = httpx.post(f"{url}/v1/classify", files=files, data={"labels": ["red", "green", "blue"], "top_k": "2"},
-                   headers={"X-Request-ID": "e2e-1"}, timeout=30)
+                   headers={"X-Request-ID": "e2e-1"}, timeout=PATIENCE_S)
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "e2e-1"
     assert [len(res["predictions"]) for res in r.json()["results"]] == [2, 2]
-    r = httpx.post(f"{url}/v1/classify", content=b"x" * 100, headers={"content-type": "image/png"}, timeout=10)
+    r = httpx.post(f"{url}/v1/classify", content=b"x" * 100, headers={"content-type": "image/png"}, timeout=PATIENCE_S)
     assert r.status_code == 415
-    assert 'tta_requests_total{method="zero_shot",outcome="success"} 1.0' in httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{url}/metrics", timeout=PATIENCE_S).text
+    assert 'tta_requests_total{method="zero_shot",outcome="success"} 1.0' in metrics
     proc.send_signal(signal.SIGTERM)
     # uvicorn drains, runs the lifespan's shutdown, then re-raises the signal for the supervisor to see.
-    assert proc.wait(20) in (0, -signal.SIGTERM)
+    assert proc.wait(PATIENCE_S) in (0, -signal.SIGTERM)
     log = proc.stdout.read()
     assert "Application shutdown complete" in log
     assert "effective configuration" in log and "[e2e-1]" in log
@@ -86,15 +52,16 @@ def test_label_sets_survive_a_process_restart(tiny_model_dir, tmp_path):
         proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(port)], tmp_path)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url, proc)
+            wait_served(url, proc)
             if round_ == 0:
-                created = httpx.post(f"{url}/v1/label-sets", json={"name": "kept", "labels": ["a", "b"]})
+                created = httpx.post(f"{url}/v1/label-sets", json={"name": "kept", "labels": ["a", "b"]},
+                                     timeout=PATIENCE_S)
                 assert created.status_code == 201
             else:
-                assert httpx.get(f"{url}/v1/label-sets/kept").json()["labels"] == ["a", "b"]
+                assert httpx.get(f"{url}/v1/label-sets/kept", timeout=PATIENCE_S).json()["labels"] == ["a", "b"]
         finally:
             proc.terminate()
-            proc.wait(20)
+            proc.wait(PATIENCE_S)
 
 
 @pytest.mark.parametrize(("flags", "setting"), [
@@ -104,7 +71,7 @@ def test_label_sets_survive_a_process_restart(tiny_model_dir, tmp_path):
 ])
 def test_a_bad_setting_exits_at_once_naming_it(tmp_path, tiny_model_dir, flags, setting):
     proc = start(["--model", f"local-dir:{tiny_model_dir}", *flags], tmp_path)
-    assert proc.wait(60) == 2
+    assert proc.wait(PATIENCE_S) == 2
     assert setting in proc.stdout.read()
 
 
@@ -114,10 +81,10 @@ def test_env_settings_are_used_and_secrets_masked(tiny_model_dir, tmp_path):
                                     "TTA_HF_TOKEN": "hf_do_not_print"})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_served(url, proc)
     finally:
         proc.terminate()
-        proc.wait(20)
+        proc.wait(PATIENCE_S)
     log = proc.stdout.read()
     assert '"hf_token": "***"' in log and "hf_do_not_print" not in log
 
@@ -128,13 +95,13 @@ def test_weights_that_fail_to_load_end_the_process(tmp_path, tiny_model_dir):
     (broken / "open_clip_config.json").write_text((tiny_model_dir / "open_clip_config.json").read_text())
     (broken / "open_clip_model.safetensors").write_bytes(b"this is not a safetensors file")
     proc = start(["--model", f"local-dir:{broken}", "--port", str(free_port())], tmp_path)
-    assert proc.wait(60) == 1
+    assert proc.wait(PATIENCE_S) == 1
     assert "could not be loaded" in proc.stdout.read()
 
 
 def test_preload_only_loads_and_exits(tiny_model_dir, tmp_path):
     proc = start(["--model", f"local-dir:{tiny_model_dir}", "--preload-only"], tmp_path)
-    assert proc.wait(60) == 0
+    assert proc.wait(PATIENCE_S) == 0
     assert "preloaded" in proc.stdout.read()
 
 
@@ -162,7 +129,7 @@ def test_python_client_against_the_live_server(served, tmp_path):
         else:
             raise AssertionError("expected ApiError")
         assert tta.models()[0]["ready"] is True and "zero_shot" in [m["name"] for m in tta.methods()["methods"]]
-        gated = tta.classify([path], labels=["red", "green"], method="tps", confidence_gate=0.0, timeout_s=20)
+        gated = tta.classify([path], labels=["red", "green"], method="tps", confidence_gate=0.0, timeout_s=300)
         assert gated["results"][0]["adaptation"]["skipped"] == "confident"
         try:
             tta.classify([path], labels=["red", "green"], timeout_s=-1)
@@ -170,30 +137,3 @@ def test_python_client_against_the_live_server(served, tmp_path):
             assert (exc.status, exc.code) == (400, "invalid_timeout")
         else:
             raise AssertionError("expected ApiError")
-
-
-def test_a_client_that_disconnects_stops_its_adaptation(served):
-    url, proc = served
-    port = int(url.rsplit(":", 1)[1])
-    images = [base64.b64encode(png_bytes(seed=i, size=(80, 64))).decode() for i in range(32)]
-    body = json.dumps({"images": images, "labels": ["red", "green", "blue"], "method": "tpt",
-                       "options": {"views": 128, "steps": 10}}).encode()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        time.sleep(1.0)  # the adaptation is under way; then the client goes away
-    deadline = time.monotonic() + 60
-    text = ""
-    while time.monotonic() < deadline:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
-        if 'tta_requests_total{method="tpt",outcome="cancelled"} 1.0' in text:
-            break
-        time.sleep(0.2)
-    assert 'tta_requests_total{method="tpt",outcome="cancelled"} 1.0' in text
-    # The lane is free again long before 32 images x 10 steps x 128 views would have finished.
-    r = httpx.post(f"{url}/v1/classify", json={"images": images[:1], "labels": ["red", "green"], "method": "tpt"},
-                   timeout=60)
-    assert r.status_code == 200
-    proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    assert "the client went away" in out

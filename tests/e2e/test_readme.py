@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from server.settings import DEMO_MODEL_DIR, Settings
-from tests.e2e.test_process import ROOT, free_port, start, wait_ready
+from tests.support.apps import PATIENCE_S
+from tests.support.servers import ROOT, free_port, start, wait_served
 
 README = (ROOT / "README.md").read_text()
 
@@ -40,13 +41,13 @@ def test_readme_curl_examples_work_against_the_default_server(tmp_path):
     proc = start(["--port", str(port)], tmp_path)  # no model: the built-in demo model
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_served(url, proc)
         blocks = curl_blocks()
         assert len(blocks) >= 3
         for block in blocks:
             script = block.replace("localhost:8000", f"127.0.0.1:{port}")
             out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=60)
+                                 text=True, timeout=PATIENCE_S)
             assert out.returncode == 0, f"{block}\n{out.stdout}\n{out.stderr}"
             bodies = [json.loads(line) for line in out.stdout.replace("}{", "}\n{").splitlines() if line.strip()]
             for body in bodies:
@@ -54,9 +55,9 @@ def test_readme_curl_examples_work_against_the_default_server(tmp_path):
                     # The example images are named after their class; the demo model gets them right.
                     assert result["label"] in {p["label"] for p in result["predictions"]}
         multipart = subprocess.run(["bash", "-c", blocks[0].replace("localhost:8000", f"127.0.0.1:{port}")],
-                                   cwd=ROOT, capture_output=True, text=True, timeout=60)
+                                   cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE_S)
         labels = [r["label"] for r in json.loads(multipart.stdout)["results"]]
         assert labels == ["red star", "blue square"]
     finally:
         proc.terminate()
-        proc.wait(20)
+        proc.wait(PATIENCE_S)

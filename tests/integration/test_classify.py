@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from server.templates import TEMPLATE_SETS
-from tests.helpers import b64, data_uri, png_bytes
+from tests.support.images import b64, data_uri, png_bytes
 
 LABELS = ["red", "green", "blue", "a cat", "a dog"]
 

@@ -2,83 +2,50 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.backbone import Backbone
-from tests.conftest import wait_ready
-from tests.helpers import b64, png_bytes
+from tests.support.apps import metric, state_hash, wait_ready, wait_until
+from tests.support.gates import gated_loader
+from tests.support.images import b64, png_bytes
 
 LABELS = ["red", "green", "blue"]
 
 
-def state_hash(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert match, name
-    return float(match.group(1))
-
-
-def gated_loader(gate: threading.Event, entered: threading.Event | None = None,
-                 hold: Callable[[torch.Tensor], bool] = lambda images: True):
-    """A loader whose backbone holds the encoder calls ``hold`` picks (all, by default) until ``gate`` opens."""
-
-    def load(settings, spec):
-        backbone = Backbone.load(settings, spec)
-        encode = backbone.encode_images
-        backbone.warm_up()  # warm up before the gate is installed
-
-        def held(images):
-            if hold(images):
-                if entered is not None:
-                    entered.set()
-                gate.wait(30)
-            return encode(images)
-
-        backbone.encode_images = held
-        backbone.warm_up = lambda: None
-        return backbone
-
-    return load
-
-
 def test_concurrent_requests_are_micro_batched_and_the_backbone_never_changes(settings):
-    settings.max_batch_delay_ms = 50
     settings.max_batch_size = 16
-    with TestClient(create_app(settings)) as c:
+    gate, entered, armed = threading.Event(), threading.Event(), threading.Event()
+    # Once armed, the next encode (the plug's) is held: the 48 requests queue up behind it.
+    hold_next = gated_loader(gate, entered, hold=lambda images: armed.is_set() and not entered.is_set())
+    with TestClient(create_app(settings, load=hold_next)) as c:
         wait_ready(c)
         model = c.app.state.engine.backbone.model
         before = state_hash(model)
         requests = [{"images": [b64(png_bytes(seed=i))], "labels": LABELS[: 2 + i % 2]} for i in range(48)]
         alone = {i: c.post("/v1/classify", json=requests[i]).json()["results"][0] for i in range(4)}
-        with ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(lambda body: c.post("/v1/classify", json=body), requests))
+        armed.set()
+        with ThreadPoolExecutor(49) as pool:
+            plug = pool.submit(c.post, "/v1/classify", json=requests[0])
+            assert entered.wait(60)
+            futures = [pool.submit(c.post, "/v1/classify", json=body) for body in requests]
+            wait_until(lambda: metric(c.get("/metrics").text, "tta_queue_depth") == 48, "48 jobs to queue")
+            gate.set()
+            responses = [f.result() for f in futures]
+            assert plug.result().status_code == 200
         assert [r.status_code for r in responses] == [200] * len(requests)
         for i, expected in alone.items():
             got = responses[i].json()["results"][0]
             assert got["label"] == expected["label"]
             assert got["confidence"] == pytest.approx(expected["confidence"], abs=1e-5)
         text = c.get("/metrics").text
-        batches = metric(text, "tta_batch_size_count")
-        images = metric(text, "tta_batch_size_sum")
-        assert images == 52
-        assert images / batches > 1.5, f"no micro-batching: {images} images in {batches} batches"
+        # 4 alone, the plug, then the 48 queued requests in three batches of max_batch_size.
+        assert metric(text, "tta_batch_size_sum") == 4 + 1 + 48
+        assert metric(text, "tta_batch_size_count") == 4 + 1 + 3
         assert state_hash(model) == before
         assert all(not p.requires_grad for p in model.parameters())
 
@@ -94,9 +61,7 @@ def test_full_queue_answers_429_with_retry_after(settings):
             first = pool.submit(c.post, "/v1/classify", json=body)
             assert entered.wait(10)  # the worker holds the first job
             second = pool.submit(c.post, "/v1/classify", json=body)
-            deadline = time.monotonic() + 10
-            while c.app.state.engine.queue_depth < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: metric(c.get("/metrics").text, "tta_queue_depth") == 1, "the second job to queue")
             third = c.post("/v1/classify", json=body)
             assert third.status_code == 429
             assert third.headers["retry-after"] == "3"
@@ -114,10 +79,9 @@ def test_deadline_answers_504_and_the_server_recovers(settings):
     body = {"images": [b64(png_bytes())], "labels": LABELS}
     with TestClient(create_app(settings, load=gated_loader(gate))) as c:
         wait_ready(c)
-        started = time.monotonic()
+        # The gate holds the encoder until after the answer: only the deadline can have ended the request.
         r = c.post("/v1/classify", json=body)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        assert time.monotonic() - started < 5
         gate.set()
         assert c.post("/v1/classify", json=body).status_code == 200
         assert 'tta_requests_total{method="zero_shot",outcome="timeout"} 1.0' in c.get("/metrics").text

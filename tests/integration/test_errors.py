@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from server.app import create_app
-from tests.conftest import wait_ready
-from tests.helpers import b64, png_bytes
+from tests.support.apps import wait_ready
+from tests.support.images import b64, png_bytes
 
 LABELS = ["red", "green"]
 

@@ -9,35 +9,34 @@ is lent; the assertions about GPU memory are then left out.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from tests.conftest import wait_ready
-from tests.integration.test_adaptation_lane import BATCHED, LABEL_SETS, body
-from tests.integration.test_engine import metric, state_hash
+from tests.support.apps import metric, state_hash, wait_ready
+from tests.support.gates import LaneHold
+from tests.support.requests import BATCHED, LABEL_SETS, body, logits, probabilities
 
 DEVICE = os.environ.get("TTA_TEST_GPU_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def answers(settings, requests: dict[str, list[dict]], concurrent: bool = False) -> dict[str, list[dict]]:
-    """Each method's requests through a fresh app on ``settings``: one at a time, or all at once."""
-    with TestClient(create_app(settings)) as c:
+def answers(settings, requests: dict[str, list[dict[str, Any]]], stacked: bool = False
+            ) -> dict[str, list[dict[str, Any]]]:
+    """Each method's requests through a fresh app on ``settings``: one at a time, or queued behind a held
+    plug so that the lane stacks them together."""
+    lane = LaneHold()
+    with TestClient(create_app(settings, load=lane.loader)) as c:
         wait_ready(c)
         out = {}
         for method, rs in requests.items():
-            with ThreadPoolExecutor(len(rs) if concurrent else 1) as pool:
-                out[method] = [r.json()["results"][0] for r in pool.map(lambda r: c.post("/v1/classify", json=r), rs)]
+            out[method] = (lane.stack(c, method, rs) if stacked
+                           else [c.post("/v1/classify", json=r).json()["results"][0] for r in rs])
         return out
-
-
-def probabilities(result: dict) -> dict[str, float]:
-    return {p["label"]: p["probability"] for p in result["predictions"]}
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -51,26 +50,23 @@ def test_every_method_on_the_device_matches_the_cpu_in_fp32_and_stays_close_in_b
     settings.device = DEVICE
     fp32 = answers(settings, requests)
     settings.precision = "bf16"
-    settings.max_batch_delay_ms = 1000
-    bf16 = answers(settings, requests, concurrent=True)
+    bf16 = answers(settings, requests, stacked=True)
     for method in BATCHED:
         for ref, a, b in zip(cpu[method], fp32[method], bf16[method], strict=True):
             assert a["label"] == ref["label"] and max_difference(a, ref) < 1e-3, method
             assert b["adaptation"]["skipped"] is None and max_difference(b, ref) < 0.05, method
-        assert max(b["adaptation"]["batch_images"] for b in bf16[method]) > 1, method
+        assert [b["adaptation"]["batch_images"] for b in bf16[method]] == [3, 3, 3], method
 
 
 def test_a_stacked_batch_on_the_device_answers_as_each_request_alone(settings):
     settings.device = DEVICE
-    settings.max_batch_delay_ms = 2000
     requests = {m: [body(m, seed, LABEL_SETS[seed % 3]) for seed in range(4)] for m in ("tpt", "ttl", "tps")}
     alone = answers(settings, requests)
-    stacked = answers(settings, requests, concurrent=True)
-    for method, results in stacked.items():
-        assert max(r["adaptation"]["batch_images"] for r in results) >= 2, method
+    together = answers(settings, requests, stacked=True)
+    for method, results in together.items():
+        assert [r["adaptation"]["batch_images"] for r in results] == [4, 4, 4, 4], method
         for a, b in zip(alone[method], results, strict=True):
-            la = {p["label"]: p["logit"] for p in a["predictions"]}
-            lb = {p["label"]: p["logit"] for p in b["predictions"]}
+            la, lb = logits(a), logits(b)
             assert a["label"] == b["label"] and max(abs(la[k] - lb[k]) for k in la) < 1e-3, method
 
 

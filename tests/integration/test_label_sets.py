@@ -6,8 +6,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.templates import TEMPLATE_SETS
-from tests.conftest import wait_ready
-from tests.helpers import b64, png_bytes
+from tests.support.apps import wait_ready
+from tests.support.images import b64, png_bytes
 
 
 def test_crud(client):

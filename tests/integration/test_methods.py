@@ -17,9 +17,8 @@ from PIL import Image
 from adapters import method_names
 from server.app import create_app
 from server.templates import describe
-from tests.conftest import wait_ready
-from tests.helpers import b64, png_bytes
-from tests.integration.test_engine import state_hash
+from tests.support.apps import state_hash, wait_ready
+from tests.support.images import b64, png_bytes
 
 LABELS = ["red", "green", "blue", "a cat", "a dog"]
 ADAPTIVE = [m for m in method_names() if m != "zero_shot"]

@@ -8,8 +8,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.backbone import Backbone
-from tests.conftest import wait_ready
-from tests.helpers import b64, png_bytes
+from tests.support.apps import PATIENCE_S, wait_ready
+from tests.support.images import b64, png_bytes
 
 
 def test_readyz_is_503_until_loaded_and_warmed(settings):
@@ -40,12 +40,13 @@ def test_readyz_reports_a_failed_load(settings):
     def broken(s, spec):
         raise RuntimeError("weights are corrupt")
 
-    with TestClient(create_app(settings, load=broken)) as c:
-        for _ in range(200):
-            r = c.get("/readyz")
-            if r.json()["error"]["code"] == "load_failed":
-                break
-        assert r.status_code == 503
+    failed = threading.Event()
+    app = create_app(settings, load=broken)
+    app.state.on_fatal = lambda exc: failed.set()  # what `python -m server` sets to exit on a failed load
+    with TestClient(app) as c:
+        assert failed.wait(PATIENCE_S)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "load_failed"
         assert "weights are corrupt" in r.json()["error"]["message"]
 
 

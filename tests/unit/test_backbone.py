@@ -14,7 +14,7 @@ from server.backbone import Backbone, resolve_device, resolve_model
 from server.cache import ByteLRU, tensor_bytes
 from server.errors import ConfigError
 from server.settings import Settings
-from tests.conftest import TINY_CONFIG
+from tests.support.model import TINY_CONFIG
 
 
 def make_settings(**kw) -> Settings:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from server.backbone import Backbone
 from server.lowrank import LoraFactors, LoraTargets, lora_block
 from server.settings import Settings
-from tests.conftest import TINY_CONFIG, TINY_PREPROCESS
+from tests.support.model import TINY_CONFIG, TINY_PREPROCESS
 
 # The same math as encode_image in a different op order (packed in-projection sliced by hand, SDPA
 # instead of MultiheadAttention's fused inference path, one query row in the last block, the low-rank

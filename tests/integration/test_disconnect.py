@@ -1,0 +1,71 @@
+"""A client that goes away mid-adaptation, through a real HTTP server (uvicorn, loopback, in this process).
+
+The backbone's text encoder is held at the first adaptation step until the test opens its gate: the
+test knows the adaptation is under way when the client leaves, and can count the steps run after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+
+import httpx
+
+from server.app import create_app
+from server.backbone import Backbone
+from tests.support.apps import PATIENCE_S, metric, wait_until
+from tests.support.images import b64, png_bytes
+from tests.support.servers import serve_in_thread
+
+LABELS = ("red", "green", "blue")
+STEPS = 10
+
+
+def test_a_client_that_disconnects_stops_its_adaptation(settings, caplog):
+    entered, release = threading.Event(), threading.Event()
+    steps: list[int] = []  # one entry per pass of the request's prompts through the text tower
+
+    def load(settings_, spec):
+        backbone = Backbone.load(settings_, spec)
+        encode = backbone.encode_text_with_contexts
+
+        def held(ctx, inputs):
+            if inputs[0].labels == LABELS:  # the request's prompts, not the start-up measurement's
+                steps.append(len(steps) + 1)
+                if len(steps) == 1:
+                    entered.set()
+                    release.wait(PATIENCE_S)
+            return encode(ctx, inputs)
+
+        backbone.encode_text_with_contexts = held
+        return backbone
+
+    caplog.set_level(logging.INFO, logger="ttaserve")
+    body = json.dumps({"images": [b64(png_bytes(seed=1, size=(80, 64)))], "labels": list(LABELS), "method": "tpt",
+                       "options": {"views": 8, "steps": STEPS}}).encode()
+    with serve_in_thread(create_app(settings, load=load)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            assert entered.wait(PATIENCE_S), "the adaptation never reached its first step"
+        # The client is gone while step 1 of 10 is held. The server notices and answers nobody.
+        cancelled = 'tta_requests_total{method="tpt",outcome="cancelled"}'
+
+        def counted() -> bool:
+            text = httpx.get(f"{url}/metrics", timeout=PATIENCE_S).text
+            return cancelled in text and metric(text, cancelled) == 1
+
+        wait_until(counted, "the request to be counted as cancelled")
+        release.set()
+        # The lane runs one batch at a time: this answer comes once the abandoned one has stopped.
+        after = httpx.post(f"{url}/v1/classify", json={"images": [b64(png_bytes())], "labels": ["a", "b"],
+                                                       "method": "tpt", "options": {"views": 4}},
+                           timeout=PATIENCE_S)
+        assert after.status_code == 200, after.text
+    # Step 1 finished; the lane stopped before step 2 instead of running 10 steps and a final prediction.
+    assert steps == [1], f"{len(steps)} text passes ran for a request whose client had gone"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stopped before step 2 of 10" in m and "the client went away" in m for m in messages), messages

@@ -1,0 +1,74 @@
+"""Real HTTP servers on loopback: ``python -m server`` in its own process, or an app in a thread of the test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from tests.support.apps import PATIENCE_S, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``python -m server ARGS`` with a data directory under ``tmp_path``, on the CPU, output captured."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
+    full_env.update({"TTA_DATA_DIR": str(tmp_path / "data"), "TTA_DEVICE": "cpu", **(env or {})})
+    return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _answers_ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def wait_served(url: str, proc: subprocess.Popen[str]) -> None:
+    """Wait until the process at ``url`` is ready; fail with its output if it exits first."""
+    deadline = time.monotonic() + PATIENCE_S
+    while not _answers_ready(url):
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
+        if time.monotonic() > deadline:
+            raise AssertionError("server never became ready")
+        time.sleep(0.05)
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free loopback port in a thread of this process; yield its URL once ready.
+
+    For behaviour that is about HTTP itself (a client that disconnects) while the test still holds the
+    app's hooks (gated loaders) in its own memory.
+    """
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers_ready(url) or not thread.is_alive(), "the server to start")
+        assert thread.is_alive(), "the server thread ended before it was ready"
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(PATIENCE_S)
