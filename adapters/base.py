@@ -3,8 +3,11 @@
 A method is a stateless object. Per request it is handed the image features and the class
 features, builds whatever state that request needs (prompt context, LoRA factors, prototype
 shifts, optimizer), adapts it, and returns logits; the state dies with the request and the
-backbone is never modified. Options are a frozen dataclass with the paper's defaults, validated
-in ``__post_init__``, listed by ``/v1/methods`` and settable per request under ``options``.
+backbone is never modified. Options are a frozen dataclass deriving from ``MethodOptions``, with
+the paper's defaults, validated in ``__post_init__``, listed by ``/v1/methods`` and settable per
+request under ``options``; ``Method`` is generic in its options type.
+
+A method sees the model only through the ``adapters.backbone.Backbone`` protocol.
 """
 
 from __future__ import annotations
@@ -14,12 +17,38 @@ import re
 from abc import ABC
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import TypeAdapter, ValidationError
 
+from adapters.backbone import Backbone
+
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options: what the server asks of any method's options, with the values of a
+    method that has no such field. A method's options override them with fields of the same name."""
+
+    @property
+    def views(self) -> int:
+        """Views per image, the image itself included; 1: the base view only."""
+        return 1
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per image; 0: no gradient step."""
+        return 0
+
+    @property
+    def ctx_init(self) -> str | None:
+        """The text a learned prompt context starts from (prompt tuning); None: the method learns none."""
+        return None
+
+
+OptionsT = TypeVar("OptionsT", bound=MethodOptions)
 
 
 @dataclass
@@ -31,7 +60,7 @@ class AdaptInput:
     logit_scale: float
     labels: tuple[str, ...]
     generator: torch.Generator  # the request's; every random draw of the method comes from it
-    backbone: Any = None  # server.backbone.Backbone, for methods that re-run a tower (TPT: text, TTL: vision)
+    backbone: Backbone  # for methods that re-run a tower (TPT: text, TTL: vision)
     views: torch.Tensor | None = None  # [V, 3, h, w] preprocessed pixels, for methods that re-encode them
     cache: dict[str, Any] = field(default_factory=dict)  # what the method's ``encode_views`` kept (TTL: prefix)
     stop: Callable[[], bool] = lambda: False  # True once nobody waits for this image (deadline, disconnect)
@@ -77,15 +106,15 @@ class Cost:
     kept_prompts: float = 0.0  # prompts whose text-tower activations are kept for a backward pass (TPT)
 
 
-class Method(ABC):
+class Method(ABC, Generic[OptionsT]):
     """Base class of test-time methods. Subclasses set ``name``, ``summary`` and ``Options``."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    Options: ClassVar[type]  # a frozen dataclass with defaults for every field
+    Options: type[OptionsT]  # a frozen MethodOptions dataclass with defaults for every field
     uses_descriptions: ClassVar[bool] = False  # class features include the label set's descriptions (TPS)
 
-    def parse_options(self, raw: dict[str, Any] | None) -> Any:
+    def parse_options(self, raw: dict[str, Any] | None) -> OptionsT:
         """Validate a request's ``options`` into this method's Options; unknown keys are errors."""
         raw = dict(raw or {})
         known = {f.name for f in dataclasses.fields(self.Options)}
@@ -105,28 +134,25 @@ class Method(ABC):
     def options_schema(self) -> dict[str, Any]:
         return TypeAdapter(self.Options).json_schema()
 
-    def n_views(self, options: Any) -> int:
-        """Views (base view included) this method needs per image; 1 means the base view only."""
-        return int(getattr(options, "views", 1))
-
-    def cost(self, options: Any, n_classes: int) -> Cost:
+    def cost(self, options: OptionsT, n_classes: int) -> Cost:
         """The forward passes adapting one image takes; the default encodes its views once."""
-        return Cost(image_passes=float(self.n_views(options)))
+        return Cost(image_passes=float(options.views))
 
-    def encode_views(self, backbone: Any, views: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    def encode_views(self, backbone: Backbone,
+                     views: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """Encode each image's views in one pass: per image, [V, D] unit-norm features and a cache for ``adapt``.
 
         TTL overrides it to keep the activations that enter its adapted blocks.
         """
         sizes = [v.shape[0] for v in views]
         feats = backbone.encode_images(torch.cat(list(views))).clone()  # [sum V, D], a normal tensor
-        return [(f, {}) for f in feats.split(sizes)]
+        return [(f, {}) for f in torch.split(feats, sizes)]
 
-    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
+    def adapt(self, inp: AdaptInput, options: OptionsT) -> AdaptResult:
         """Adapt to one image and predict it. The default is no adaptation: the base view's zero-shot logits."""
         return AdaptResult(self.predict(inp.view_features[:1], inp.class_features, inp.logit_scale, options)[0])
 
-    def adapt_batch(self, inputs: Sequence[AdaptInput], options: Any) -> list[AdaptResult]:
+    def adapt_batch(self, inputs: Sequence[AdaptInput], options: OptionsT) -> list[AdaptResult]:
         """Adapt to several images (of one or many requests) with the same options.
 
         Each image's result must be what ``adapt`` gives it alone. Gradient methods override this
@@ -141,15 +167,17 @@ class Method(ABC):
         return results
 
     def predict(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float,
-                options: Any) -> torch.Tensor:
+                options: OptionsT) -> torch.Tensor:
         """[B, D] unit-norm image features, [C, D] unit-norm class features -> [B, C] zero-shot logits."""
         return logit_scale * image_features @ class_features.T
 
 
-REGISTRY: dict[str, Method] = {}
+REGISTRY: dict[str, Method[Any]] = {}
+
+MethodT = TypeVar("MethodT", bound=type[Method[Any]])
 
 
-def register(cls: type[Method]) -> type[Method]:
+def register(cls: MethodT) -> MethodT:
     """Class decorator: validate the method at import time and add one instance to the registry."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _NAME.match(name):
@@ -157,11 +185,13 @@ def register(cls: type[Method]) -> type[Method]:
     if name in REGISTRY:
         raise TypeError(f"method name {name!r} registered twice ({cls.__name__})")
     options = getattr(cls, "Options", None)
-    if options is None or not dataclasses.is_dataclass(options):
+    if not isinstance(options, type) or not dataclasses.is_dataclass(options):
         raise TypeError(f"{cls.__name__}.Options must be a dataclass")
     for f in dataclasses.fields(options):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}.Options.{f.name} needs a default (the paper's)")
+    if not issubclass(options, MethodOptions):
+        raise TypeError(f"{cls.__name__}.Options must derive from MethodOptions")
     if not getattr(cls, "summary", ""):
         raise TypeError(f"{cls.__name__}.summary must say in one line what the method does")
     REGISTRY[name] = cls()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.base import Stopped
+from adapters.base import MethodOptions, Stopped
 
 MAX_VIEWS = 1024  # a sanity bound; the server's TTA_MAX_VIEWS is the operational one
 MAX_STEPS = 100
@@ -19,7 +19,7 @@ def check_range(name: str, value: float, lo: float, hi: float) -> None:
 
 
 @dataclass(frozen=True)
-class EpisodicOptions:
+class EpisodicOptions(MethodOptions):
     """TPT's defaults, shared by the gradient methods: 64 views, 10% most confident, 1 AdamW step at 5e-3."""
 
     views: int = 64
@@ -62,7 +62,7 @@ def optimize(params: Sequence[Sequence[torch.Tensor]], lr: float, steps: int,
             if not live:
                 continue
             optimizer.zero_grad(set_to_none=True)
-            torch.stack(live).sum().backward()
+            torch.autograd.backward(torch.stack(live).sum())
             for r, loss in enumerate(losses):
                 if loss is None:
                     for p in params[r]:

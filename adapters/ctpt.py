@@ -14,25 +14,26 @@ on, which we do not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from adapters.base import register
 from adapters.common import check_range
 from adapters.tpt import PromptOptions, PromptTuning
 
 
+@dataclass(frozen=True)
+class CTPTOptions(PromptOptions):
+    dispersion_weight: float = 50.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("dispersion_weight", self.dispersion_weight, 0.0, 1000.0)
+
+
 @register
-class CTPT(PromptTuning):
+class CTPT(PromptTuning[CTPTOptions]):
     name = "ctpt"
     summary = "TPT with C-TPT's text-feature dispersion term, for better-calibrated confidence."
+    Options = CTPTOptions
 
-    @dataclass(frozen=True)
-    class Options(PromptOptions):
-        dispersion_weight: float = 50.0
-
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            check_range("dispersion_weight", self.dispersion_weight, 0.0, 1000.0)
-
-    def dispersion_weight(self, options: Any) -> float:
+    def dispersion_weight(self, options: CTPTOptions) -> float:
         return float(options.dispersion_weight)

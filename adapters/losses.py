@@ -90,4 +90,5 @@ def dispersion(text_features: torch.Tensor) -> torch.Tensor:
     """
     t = F.normalize(text_features, dim=-1)  # [..., C, D]
     centroid = t.mean(dim=-2, keepdim=True)  # [..., 1, D]
-    return torch.linalg.norm(t - centroid, dim=-1).mean(dim=-1)
+    distances: torch.Tensor = torch.linalg.norm(t - centroid, dim=-1)  # [..., C] (torch.linalg is untyped)
+    return distances.mean(dim=-1)

@@ -14,12 +14,11 @@ which is our ``simple`` template); view features are encoded once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from adapters.base import AdaptInput, AdaptResult, Method, register
+from adapters.base import AdaptInput, AdaptResult, Method, MethodOptions, register
 from adapters.common import MAX_VIEWS, check_range
 
 TOLERANCE = 1e-6
@@ -67,25 +66,27 @@ def mean_shift(feats: torch.Tensor, probs: torch.Tensor, lambda_y: float, lambda
     return mode, y, runs
 
 
+@dataclass(frozen=True)
+class MTAOptions(MethodOptions):
+    views: int = 64
+    lambda_y: float = 0.2
+    lambda_q: float = 4.0
+    iterations: int = 5
+
+    def __post_init__(self) -> None:
+        check_range("views", self.views, 1, MAX_VIEWS)
+        check_range("lambda_y", self.lambda_y, 1e-6, 1e3)
+        check_range("lambda_q", self.lambda_q, 0.0, 1e3)
+        check_range("iterations", self.iterations, 0, 100)
+
+
 @register
-class MTA(Method):
+class MTA(Method[MTAOptions]):
     name = "mta"
     summary = "MeanShift over augmented-view embeddings with inlierness scores; no training."
+    Options = MTAOptions
 
-    @dataclass(frozen=True)
-    class Options:
-        views: int = 64
-        lambda_y: float = 0.2
-        lambda_q: float = 4.0
-        iterations: int = 5
-
-        def __post_init__(self) -> None:
-            check_range("views", self.views, 1, MAX_VIEWS)
-            check_range("lambda_y", self.lambda_y, 1e-6, 1e3)
-            check_range("lambda_q", self.lambda_q, 0.0, 1e3)
-            check_range("iterations", self.iterations, 0, 100)
-
-    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
+    def adapt(self, inp: AdaptInput, options: MTAOptions) -> AdaptResult:
         feats = inp.view_features.float()  # [V, D]
         probs = inp.zero_shot_logits().softmax(-1)  # [V, C]
         mode, y, runs = mean_shift(feats, probs, options.lambda_y, options.lambda_q, options.iterations)

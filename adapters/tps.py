@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,20 +33,22 @@ from adapters.common import EpisodicOptions, optimize
 from adapters.losses import marginal_entropy, select_confident
 
 
+@dataclass(frozen=True)
+class TPSOptions(EpisodicOptions):
+    """TPT's episodic options (views, selection, steps, lr)."""
+
+
 @register
-class TPS(Method):
+class TPS(Method[TPSOptions]):
     name = "tps"
     summary = "Shift each class prototype in embedding space by entropy minimisation over confident views."
     uses_descriptions = True
+    Options = TPSOptions
 
-    @dataclass(frozen=True)
-    class Options(EpisodicOptions):
-        pass
-
-    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
+    def adapt(self, inp: AdaptInput, options: TPSOptions) -> AdaptResult:
         return self.adapt_batch([inp], options)[0]
 
-    def adapt_batch(self, inputs: Sequence[AdaptInput], options: Any) -> list[AdaptResult]:
+    def adapt_batch(self, inputs: Sequence[AdaptInput], options: TPSOptions) -> list[AdaptResult]:
         """Each image's own shift, one optimizer over all of them (see ``adapters.common.optimize``)."""
         protos = [F.normalize(inp.class_features, dim=-1) for inp in inputs]  # each [C_r, D]
         shifts = [torch.zeros_like(p, requires_grad=True) for p in protos]  # each [C_r, D], the image's parameter

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import torch
 
+from adapters.backbone import TPT_CTX_INIT, UnsupportedModel
 from adapters.base import AdaptInput, AdaptResult, Cost, Method, register
 from adapters.common import EpisodicOptions, optimize
 from adapters.losses import dispersion, marginal_entropy, select_confident
@@ -36,7 +37,7 @@ from adapters.losses import dispersion, marginal_entropy, select_confident
 
 @dataclass(frozen=True)
 class PromptOptions(EpisodicOptions):
-    ctx_init: str = "a photo of a"
+    ctx_init: str = TPT_CTX_INIT
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,28 +45,31 @@ class PromptOptions(EpisodicOptions):
             raise ValueError("ctx_init must not be empty")
 
 
-class PromptTuning(Method):
+PromptOptionsT = TypeVar("PromptOptionsT", bound=PromptOptions)
+
+
+class PromptTuning(Method[PromptOptionsT]):
     """TPT's loop; ``dispersion_weight`` adds C-TPT's calibration term."""
 
-    def dispersion_weight(self, options: Any) -> float:
+    def dispersion_weight(self, options: PromptOptionsT) -> float:
         return 0.0
 
-    def cost(self, options: Any, n_classes: int) -> Cost:
+    def cost(self, options: PromptOptionsT, n_classes: int) -> Cost:
         # Views once; the text tower forward and backward per step, and forward once more to predict.
         # One step's graph at a time: the activations of every class's prompt until its backward pass.
         return Cost(image_passes=float(options.views), prompt_passes=float(n_classes * (3 * options.steps + 1)),
                     kept_prompts=float(n_classes) if options.steps else 0.0)
 
-    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
+    def adapt(self, inp: AdaptInput, options: PromptOptionsT) -> AdaptResult:
         return self.adapt_batch([inp], options)[0]
 
-    def adapt_batch(self, inputs: Sequence[AdaptInput], options: Any) -> list[AdaptResult]:
+    def adapt_batch(self, inputs: Sequence[AdaptInput], options: PromptOptionsT) -> list[AdaptResult]:
         """Each image's own context, all label sets through the text tower in one batch per step."""
         backbone = inputs[0].backbone
         try:
             prompts = [backbone.prompt_inputs(inp.labels, options.ctx_init) for inp in inputs]
-        except ValueError as exc:
-            raise ValueError(f"{self.name}: {exc}") from exc
+        except UnsupportedModel as exc:
+            raise UnsupportedModel(f"{self.name}: {exc}") from exc
         ctxs = [p.ctx_init.clone().requires_grad_(True) for p in prompts]  # each [n_ctx, W], the image's parameter
         weight = self.dispersion_weight(options)
         chosen: list[torch.Tensor | None] = [None] * len(inputs)
@@ -75,9 +79,10 @@ class PromptTuning(Method):
             out: list[torch.Tensor | None] = []
             for r, inp in enumerate(inputs):
                 logits = inp.logit_scale * inp.view_features @ texts[r].T  # [V, C_r]
-                if chosen[r] is None:  # TPT selects on the first step and keeps the selection
-                    chosen[r] = select_confident(logits.detach(), options.selection)
-                value = marginal_entropy(logits[chosen[r]])
+                picked = chosen[r]
+                if picked is None:  # TPT selects on the first step and keeps the selection
+                    picked = chosen[r] = select_confident(logits.detach(), options.selection)
+                value = marginal_entropy(logits[picked])
                 out.append(value - weight * dispersion(texts[r]) if weight else value)
             return out
 
@@ -86,15 +91,12 @@ class PromptTuning(Method):
         with torch.no_grad():
             texts = backbone.encode_text_with_contexts(torch.stack(ctxs), prompts)
             return [AdaptResult(inp.logit_scale * inp.view_features[0] @ texts[r].T, steps=steps[r],
-                                selected_views=len(chosen[r]) if chosen[r] is not None else 1,
+                                selected_views=len(picked) if (picked := chosen[r]) is not None else 1,
                                 state={"ctx": ctxs[r].detach()}) for r, inp in enumerate(inputs)]
 
 
 @register
-class TPT(PromptTuning):
+class TPT(PromptTuning[PromptOptions]):
     name = "tpt"
     summary = "Tune 4 prompt-context tokens per request by entropy minimisation over confident augmented views."
-
-    @dataclass(frozen=True)
-    class Options(PromptOptions):
-        pass
+    Options = PromptOptions

@@ -5,13 +5,14 @@ of the last three vision blocks are trained by one AdamW step (lr 5e-3) on TTL's
 entropy over all 64 views, H_i * exp(-(H_i - 0.4)) with the weights detached; the prediction is the
 base view through the adapted blocks. On open_clip's ResNet tower the attention pool's q and v
 projections are adapted instead. The frozen weights are never touched: the low-rank terms are added
-in a functional re-run of the adapted blocks (server/lowrank.py).
+in a functional re-run of the adapted blocks (``Backbone.vision_suffix``).
 
 How ours differs from the official code (Razaimam45/TTL-Test-Time-Low-Rank-Adaptation):
 
 - open_clip instead of Hugging Face CLIP; q and v are slices of open_clip's packed in_proj weight.
 - The views go through the frozen blocks once; each step re-runs only the adapted blocks (exact:
   nothing before them changes). TTL re-encodes every view through the whole tower.
+  The backbone runs the blocks functionally with the low-rank terms added (server/clip/lowrank.py).
 - A is drawn per request from the request's seeded generator; TTL draws it once per process from
   the global generator and resets every image to it. Text features are the request's template
   ensemble, cached (TTL re-encodes "a photo of a {label}." every step, under no_grad).
@@ -29,61 +30,65 @@ from typing import Any
 
 import torch
 
-from adapters.base import AdaptInput, AdaptResult, Cost, Method, register
+from adapters.backbone import Backbone
+from adapters.base import AdaptInput, AdaptResult, Cost, Method, MethodOptions, register
 from adapters.common import MAX_STEPS, MAX_VIEWS, check_range, optimize
 from adapters.losses import TTL_MAX_ENTROPY, entropy, ttl_weighted_entropy
-from server.lowrank import LoraFactors
+from adapters.lowrank import LoraFactors
+
+
+@dataclass(frozen=True)
+class TTLOptions(MethodOptions):
+    views: int = 64
+    steps: int = 1
+    lr: float = 5e-3
+    rank: int = 16
+    alpha: float = 32.0
+    blocks: int = 3
+    tau: float = 0.4
+
+    def __post_init__(self) -> None:
+        check_range("views", self.views, 1, MAX_VIEWS)
+        check_range("steps", self.steps, 0, MAX_STEPS)
+        check_range("lr", self.lr, 0.0, 10.0)
+        check_range("rank", self.rank, 1, 256)
+        check_range("alpha", self.alpha, 0.0, 1e4)
+        check_range("blocks", self.blocks, 1, 64)
+        check_range("tau", self.tau, 0.0, 100.0)
 
 
 @register
-class TTL(Method):
+class TTL(Method[TTLOptions]):
     name = "ttl"
     summary = "Train per-request LoRA on the last vision blocks' q/v by confidence-weighted entropy over views."
+    Options = TTLOptions
 
-    @dataclass(frozen=True)
-    class Options:
-        views: int = 64
-        steps: int = 1
-        lr: float = 5e-3
-        rank: int = 16
-        alpha: float = 32.0
-        blocks: int = 3
-        tau: float = 0.4
-
-        def __post_init__(self) -> None:
-            check_range("views", self.views, 1, MAX_VIEWS)
-            check_range("steps", self.steps, 0, MAX_STEPS)
-            check_range("lr", self.lr, 0.0, 10.0)
-            check_range("rank", self.rank, 1, 256)
-            check_range("alpha", self.alpha, 0.0, 1e4)
-            check_range("blocks", self.blocks, 1, 64)
-            check_range("tau", self.tau, 0.0, 100.0)
-
-    def cost(self, options: Any, n_classes: int) -> Cost:
+    def cost(self, options: TTLOptions, n_classes: int) -> Cost:
         # One pass of the views; per step the adapted blocks forward and backward (at most the tower).
         # Kept: the adapted blocks' activations for the backward pass, and the cached tokens entering them.
         share = min(1.0, options.blocks / 12)
         return Cost(image_passes=float(options.views * (1 + 3 * options.steps * share)),
                     kept_images=float(options.views * min(1.0, share + 1 / 12)))
 
-    def encode_views(self, backbone: Any, views: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    def encode_views(self, backbone: Backbone,
+                     views: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """One pass: the frozen prefix, kept for every step, then the suffix with B = 0 for the features.
 
         ``encode_views`` options are not known here, so the prefix is cut at TTL's default three blocks
         and ``adapt`` recomputes it when a request asks for another count.
         """
-        targets = backbone.lora_targets(self.Options.blocks)
+        targets = backbone.lora_targets(TTLOptions.blocks)
         sizes = [v.shape[0] for v in views]
         prefix = backbone.vision_prefix(torch.cat(list(views)), targets)  # [sum V, ...]
         with torch.no_grad():
             feats = backbone.vision_suffix(prefix, LoraFactors.frozen(targets, backbone.device))  # [sum V, D]
-        return [(f, {"prefix": p, "blocks": self.Options.blocks})
-                for f, p in zip(feats.split(sizes), prefix.split(sizes), strict=True)]
+        return [(f, {"prefix": p, "blocks": TTLOptions.blocks})
+                for f, p in zip(torch.split(feats, sizes), torch.split(prefix, sizes), strict=True)]
 
-    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
+    def adapt(self, inp: AdaptInput, options: TTLOptions) -> AdaptResult:
         return self.adapt_batch([inp], options)[0]
 
-    def adapt_batch(self, inputs: Sequence[AdaptInput], options: Any) -> list[AdaptResult]:
+    def adapt_batch(self, inputs: Sequence[AdaptInput], options: TTLOptions) -> list[AdaptResult]:
         """Each image's own factors, stacked; the adapted blocks run once per step for all images."""
         backbone = inputs[0].backbone
         targets = backbone.lora_targets(options.blocks)

@@ -9,7 +9,7 @@ How ours differs from the official code (FarinaMatteo/zero):
 - Ties are broken by the next most confident views, in entropy order, as the paper and our research
   notes describe. The official code passes ``l[k:]``, the views after the first k by position (the
   augmented views in the order they were drawn, some of them kept ones), which differs when a tie
-  occurs; benchmarks/reference.py runs the published order and the latency benchmark counts those
+  occurs; benchmarks/_lib/reference.py runs the published order and the latency benchmark counts those
   disagreements as ties, not errors.
 - Ties that no remaining view breaks (the official fallback has a bitwise-NOT bug) go to the tied
   class with the highest mean probability over the kept views.
@@ -21,11 +21,10 @@ How ours differs from the official code (FarinaMatteo/zero):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from adapters.base import AdaptInput, AdaptResult, Method, register
+from adapters.base import AdaptInput, AdaptResult, Method, MethodOptions, register
 from adapters.common import MAX_VIEWS, check_range
 from adapters.losses import entropy
 
@@ -51,21 +50,23 @@ def vote(logits: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor
     return votes, torch.argsort(score, descending=True, stable=True), order[:keep]
 
 
+@dataclass(frozen=True)
+class ZeroOptions(MethodOptions):
+    views: int = 64
+    gamma: float = 0.3
+
+    def __post_init__(self) -> None:
+        check_range("views", self.views, 1, MAX_VIEWS)
+        check_range("gamma", self.gamma, 1e-6, 1.0)
+
+
 @register
-class Zero(Method):
+class Zero(Method[ZeroOptions]):
     name = "zero"
     summary = "Majority vote of the most confident augmented views at zero temperature; no training."
+    Options = ZeroOptions
 
-    @dataclass(frozen=True)
-    class Options:
-        views: int = 64
-        gamma: float = 0.3
-
-        def __post_init__(self) -> None:
-            check_range("views", self.views, 1, MAX_VIEWS)
-            check_range("gamma", self.gamma, 1e-6, 1.0)
-
-    def adapt(self, inp: AdaptInput, options: Any) -> AdaptResult:
+    def adapt(self, inp: AdaptInput, options: ZeroOptions) -> AdaptResult:
         logits = inp.zero_shot_logits()  # [V, C]
         votes, order, kept = vote(logits, options.gamma)
         mean_logits = logits[kept].mean(0)  # [C]

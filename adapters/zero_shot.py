@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapters.base import Method, register
+from adapters.base import Method, MethodOptions, register
+
+
+@dataclass(frozen=True)
+class ZeroShotOptions(MethodOptions):
+    """Zero-shot takes no options."""
 
 
 @register
-class ZeroShot(Method):
+class ZeroShot(Method[ZeroShotOptions]):
     name = "zero_shot"
     summary = "Plain CLIP zero-shot with prompt ensembling; no adaptation, one forward pass per image."
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
+    Options = ZeroShotOptions

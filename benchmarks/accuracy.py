@@ -1,8 +1,9 @@
 """Accuracy and calibration of test-time methods under distribution shift.
 
 Measures any model (the demo model, or any TTA_MODEL form with --pretrained) on any data (the
-synthetic shift suite, or ImageFolder-style directories) with any registered methods, either
-directly in this process or against a running server (--server URL). For every (shift, method) it
+synthetic shift suite, or ImageFolder-style directories) with any registered methods, either in
+this process through the server's classify service or against a running server (--server URL):
+the same pipeline, so the two agree image for image. For every (shift, method) it
 reports top-1, ECE (15 bins; raw, and at the model's fitted temperature) and NLL with 95% bootstrap
 intervals, and the share of predictions
 that differ from zero-shot; then the same pooled over the corruption shifts. It writes
@@ -23,177 +24,20 @@ corruption at the chosen severities, and ``style`` (unseen backgrounds).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from adapters import get_method, method_names
-from benchmarks import shifts as shift_suite
-from benchmarks import synthetic
-from benchmarks.scoring import reliability, score
-from server.images import to_uint8_tensor
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
-
-@dataclass
-class Subset:
-    """One row group of the table: images of one shift at one severity, with their labels."""
-
-    name: str
-    images: list[Image.Image]
-    labels: torch.Tensor  # [N]
-    class_names: list[str]
-    templates: list[str]
-    corruption: bool  # pooled into the corruption average
-
-    @property
-    def title(self) -> str:
-        return self.name
-
-
-def tensors_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[N, 3, H, W] in [0, 1] (already on the 8-bit grid) -> RGB PIL images, exactly."""
-    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
-
-
-BLURRED = "+blur"  # suffix: the shift, then the control's slight blur (e.g. gaussian_noise+blur)
-
-
-def synthetic_subsets(names: list[str], severities: list[int], n: int, seed: int) -> list[Subset]:
-    """Subsets of the shift suite. ``NAME+blur`` rows blur the shifted images as the control does: on
-    noise, zero-shot on them shows how much of a view-based method's gain plain low-pass filtering gets."""
-    out = []
-    for entry in names:
-        name, blurred = entry.removesuffix(BLURRED), entry.endswith(BLURRED)
-        if name not in shift_suite.SHIFTS and name not in ("clean", "control", "heldout"):
-            raise SystemExit(f"unknown shift {entry!r}; known: clean, control, heldout, "
-                             f"{', '.join(shift_suite.SHIFTS)} (each may end in {BLURRED})")
-        levels = severities if name in shift_suite.SHIFTS else [0]
-        for severity in levels:
-            images, labels = shift_suite.make_shifted(name, severity, n, seed)
-            if blurred:
-                images = shift_suite.control(images)
-            title = (f"{name}-{severity}" if severity else name) + (BLURRED if blurred else "")
-            out.append(Subset(title, tensors_to_pil(images), labels, synthetic.CLASS_NAMES, synthetic.TEMPLATES,
-                              corruption=name in shift_suite.CORRUPTIONS and not blurred))
-    return out
-
-
-def folder_subset(root: Path, class_names_file: Path | None, n: int, seed: int, templates: list[str]) -> Subset:
-    """An ImageFolder-style directory: one sub-folder per class, sorted; names from the file if given."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if class_names_file is not None:
-        names = [line.strip() for line in class_names_file.read_text().splitlines() if line.strip()]
-        if len(names) != len(folders):
-            raise SystemExit(f"{class_names_file} has {len(names)} names for {len(folders)} class folders in {root}")
-    else:
-        names = [f.name.replace("_", " ") for f in folders]
-    files = [(p, i) for i, f in enumerate(folders) for p in sorted(f.rglob("*"))
-             if p.suffix.lower() in IMAGE_EXTENSIONS]
-    rng = np.random.default_rng(seed)
-    if n and len(files) > n:
-        files = [files[i] for i in sorted(rng.choice(len(files), n, replace=False))]
-    images = [Image.open(p).convert("RGB") for p, _ in files]
-    return Subset(root.name, images, torch.tensor([i for _, i in files]), names, templates, corruption=False)
-
-
-@dataclass
-class Outputs:
-    """A method's answers on a subset."""
-
-    logits: torch.Tensor  # [N, C] the method's final logits
-    pred: torch.Tensor  # [N] its labels (ZERO's vote winner need not be the arg-max)
-    temperature: float  # the model's fitted temperature for this method (1 when none)
-
-
-class DirectRunner:
-    """Runs methods in this process, as the server's engine does (``server.adaptation.adapt_image``)."""
-
-    def __init__(self, model: str, pretrained: str | None, device: str, batch_size: int, seed: int = 0):
-        from server.backbone import Backbone
-        from server.settings import Settings
-
-        settings = Settings(model=model, pretrained=pretrained, device=device, _env_file=None)
-        self.backbone = Backbone.load(settings)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.description = f"{self.backbone.spec.display} (direct, {self.backbone.device})"
-        self.calibration = {m: float(v["temperature"])
-                            for m, v in (self.backbone.spec.metadata.get("calibration") or {}).items()}
-
-    def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
-        from server.adaptation import adapt_image, image_seed
-
-        bb = self.backbone
-        impl = get_method(method)
-        parsed = impl.parse_options(options)
-        temperature = self.calibration.get(method, 1.0)
-        if method == "zero_shot":
-            classes = bb.class_features(tuple(subset.class_names), tuple(subset.templates))
-            out = []
-            for i in range(0, len(subset.images), self.batch_size):
-                x = torch.stack([bb.preprocess(im) for im in subset.images[i : i + self.batch_size]])
-                out.append(impl.predict(bb.encode_images(x), classes, bb.logit_scale, parsed).float().cpu())
-            logits = torch.cat(out)
-            return Outputs(logits, logits.argmax(-1), temperature)
-        classes = bb.class_features(tuple(subset.class_names), tuple(subset.templates)).clone()
-        rows, preds = [], []
-        for i, image in enumerate(subset.images):
-            # Seeded as the server seeds image i - start of a request of batch_size images with seed + start,
-            # so a direct run and a server run with the same --batch-size see the same views.
-            start = i - i % self.batch_size
-            generator = torch.Generator().manual_seed(image_seed(self.seed + start, i - start))
-            final, report = adapt_image(bb, impl, parsed, to_uint8_tensor(image), bb.preprocess(image), classes,
-                                        tuple(subset.class_names), generator)
-            rows.append(final)
-            preds.append(int(report.order[0]) if report.order is not None else int(final.argmax()))
-            if progress is not None and i % 16 == 15:
-                progress.set_postfix_str(f"{i + 1}/{len(subset.images)} images")
-        return Outputs(torch.stack(rows), torch.tensor(preds), temperature)
-
-
-class ServerRunner:
-    """Runs methods through a TTAServe server's HTTP API, images sent as PNG uploads."""
-
-    def __init__(self, url: str, batch_size: int, seed: int = 0):
-        from clients import Client
-
-        self.client = Client(url, timeout_s=600)
-        model = self.client.models()[0]
-        self.batch_size = min(batch_size, self.client.methods()["methods"][0]["limits"]["max_images_per_request"])
-        self.seed = seed
-        self.description = f"{model['id']} (server {url}, {model.get('device')})"
-        self.calibration = {m: v["temperature"] for m, v in model.get("calibration", {}).items()}
-
-    def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
-        index = {name: j for j, name in enumerate(subset.class_names)}
-        rows, preds = [], []
-        for i in range(0, len(subset.images), self.batch_size):
-            payload = []
-            for image in subset.images[i : i + self.batch_size]:
-                buf = io.BytesIO()
-                image.save(buf, format="PNG")
-                payload.append(buf.getvalue())
-            body = self.client.classify(payload, labels=subset.class_names, templates=subset.templates,
-                                        top_k=len(subset.class_names), method=method, options=options or None,
-                                        seed=self.seed + i)
-            for result in body["results"]:
-                row = torch.zeros(len(subset.class_names))
-                for p in result["predictions"]:
-                    row[index[p["label"]]] = p["logit"]
-                rows.append(row)
-                preds.append(index[result["predictions"][0]["label"]])
-        return Outputs(torch.stack(rows), torch.tensor(preds), self.calibration.get(method, 1.0))
+from adapters import method_names
+from benchmarks._lib import shifts as shift_suite
+from benchmarks._lib.data import folder_subset, synthetic_subsets
+from benchmarks._lib.runners import DirectRunner, ServerRunner
+from benchmarks._lib.scoring import reliability, score
 
 
 def markdown(rows: list[dict[str, Any]], methods: list[str]) -> str:
@@ -312,19 +156,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"shift": shift, "method": method, **raw, "temperature": temperature,
                 "ece_cal": cal["ece"], "ece_cal_lo": cal["ece_lo"], "ece_cal_hi": cal["ece_hi"], "nll_cal": cal["nll"]}
 
-    with tqdm(total=len(subsets) * len(methods), unit="run", dynamic_ncols=True) as bar:
-        for subset in subsets:
-            reference = None
-            for method in methods:
-                bar.set_description(f"{subset.title} / {method}")
-                out = runner.run(subset, method, options.get(method, {}), bar)
-                reference = out.pred if method == "zero_shot" else reference
-                rows.append(scored(subset.title, method, out.logits, out.pred, subset.labels, reference,
-                                   out.temperature))
-                if subset.corruption:
-                    pooled[method].append((out.logits, out.pred, subset.labels, reference,
-                                           torch.tensor(out.temperature)))
-                bar.update()
+    try:
+        with tqdm(total=len(subsets) * len(methods), unit="run", dynamic_ncols=True) as bar:
+            for subset in subsets:
+                reference = None
+                for method in methods:
+                    bar.set_description(f"{subset.title} / {method}")
+                    out = runner.run(subset, method, options.get(method, {}), bar)
+                    reference = out.pred if method == "zero_shot" else reference
+                    rows.append(scored(subset.title, method, out.logits, out.pred, subset.labels, reference,
+                                       out.temperature))
+                    if subset.corruption:
+                        pooled[method].append((out.logits, out.pred, subset.labels, reference,
+                                               torch.tensor(out.temperature)))
+                    bar.update()
+    finally:
+        runner.close()
     diagrams = {}
     for method in methods:
         if pooled[method]:

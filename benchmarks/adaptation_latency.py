@@ -2,8 +2,8 @@
 
 For every label-set size C and method, on the same loaded model and the same images and seeds:
 
-- (a) ``reference``: the official algorithm as published (benchmarks/reference.py), one image at a time;
-- (b) ``ours``: our method called directly, as the engine calls it (``server.adaptation.adapt_image``);
+- (a) ``reference``: the official algorithm as published (benchmarks/_lib/reference.py), one image at a time;
+- (b) ``ours``: our method called directly, as the engine calls it (``server.engine.adaptation.adapt_image``);
 - (c) ``http cN``: a real ``python -m server`` process on loopback with the same weights, fed by N
   concurrent clients that each POST one PNG to /v1/classify with the method, the labels and a seed.
 
@@ -48,15 +48,15 @@ import torch
 from PIL import Image
 
 from adapters import get_method
-from benchmarks import reference, synthetic
-from benchmarks.accuracy import tensors_to_pil
-from benchmarks.latency_report import Setup, print_table, summarize, targets
-from benchmarks.peaks import CudaPeak, ProcessPeak, SmiPeak
-from benchmarks.serving import Server, post_all
-from server.adaptation import adapt_image, image_seed
-from server.backbone import Backbone
-from server.images import decode_image, to_uint8_tensor
-from server.routes import ORIGINAL_SIDE_FACTOR
+from benchmarks._lib import reference, synthetic
+from benchmarks._lib.data import tensors_to_pil
+from benchmarks._lib.latency_report import Setup, print_table, summarize, targets
+from benchmarks._lib.peaks import CudaPeak, ProcessPeak, SmiPeak
+from benchmarks._lib.serving import Server, post_all
+from server.clip import Backbone, load_backbone
+from server.engine.adaptation import adapt_image, image_seed
+from server.engine.classes import ClassFeatures
+from server.service.decoding import ORIGINAL_SIDE_FACTOR, decode_image, to_uint8_tensor
 from server.settings import Settings
 
 METHODS = ("tpt", "ctpt", "ttl", "tps", "zero")
@@ -178,10 +178,19 @@ def run_reference(method: str, options: Any, label_set: LabelSet, sample: Sample
     raise ValueError(f"no reference for {method!r}")
 
 
+_CLASS_FEATURES: dict[int, ClassFeatures] = {}
+
+
+def class_features(backbone: Backbone, labels: tuple[str, ...]) -> torch.Tensor:
+    """[C, D] the engine's class features of ``labels`` (one template), cached as the engine caches them."""
+    features = _CLASS_FEATURES.setdefault(id(backbone), ClassFeatures(backbone, 2**30))
+    return features.get(labels, TEMPLATES)
+
+
 def run_ours(method: str, options: Any, label_set: LabelSet, sample: Sample, seed: int) -> tuple[torch.Tensor, int]:
     """One image through our method as the engine runs it: the final logits [C] and the predicted class."""
     backbone = label_set.backbone
-    classes = backbone.class_features(label_set.labels, TEMPLATES).clone()  # [C, D], cached after the first
+    classes = class_features(backbone, label_set.labels).clone()  # [C, D], cached after the first
     generator = torch.Generator().manual_seed(image_seed(seed, 0))
     logits, report = adapt_image(backbone, get_method(method), options, sample.original, sample.base, classes,
                                  label_set.labels, generator)
@@ -300,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)  # random weights (--pretrained none) are the same on every run
     settings = Settings(model=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision,
                         _env_file=None)
-    backbone = Backbone.load(settings)
+    backbone = load_backbone(settings)
     backbone.warm_up()
     device = backbone.device
     meter = Meter(device)
@@ -330,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 labels = class_names(c)
                 label_set = LabelSet(backbone, labels)
                 t0 = time.perf_counter()
-                backbone.class_features(label_set.labels, TEMPLATES)
+                class_features(backbone, label_set.labels)
                 _sync(device)
                 ours_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -347,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 predictions: dict[str, list[int]] = {}
 
                 # The forward passes alone: the base view (zero-shot's cost) and the views (ZERO's).
-                classes = backbone.class_features(label_set.labels, TEMPLATES)
+                classes = class_features(backbone, label_set.labels)
                 fwd_base = Setup("zero_shot", "forward base view")
                 fwd_views = Setup("zero", "forward views")
                 for i in [0, *timed]:

@@ -13,7 +13,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from benchmarks import shifts, synthetic
+from benchmarks._lib import shifts, synthetic
 
 
 def raw_logits(model, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

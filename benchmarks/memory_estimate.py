@@ -1,6 +1,6 @@
 """The adaptation lane's memory estimate against the memory adapting one image really takes.
 
-For each method and label-set size C, on one loaded model: the bytes ``server.admission.MemoryModel``
+For each method and label-set size C, on one loaded model: the bytes ``server.engine.admission.MemoryModel``
 estimates for one image (what the lane stacks against ``TTA_ADAPT_MEMORY_BYTES`` and what a result
 reports as ``adaptation.memory_bytes``), beside the measured rise of memory while our method adapts
 one image, after a warm-up call has filled the caches. On a GPU the rise is
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from adapters import get_method
+from benchmarks._lib.peaks import CudaPeak, ProcessPeak
 from benchmarks.adaptation_latency import (
     LabelSet,
     add_model_arguments,
@@ -33,9 +34,9 @@ from benchmarks.adaptation_latency import (
     method_options,
     run_ours,
 )
-from benchmarks.peaks import CudaPeak, ProcessPeak
-from server.admission import ActivationBytes, MemoryModel
-from server.backbone import Backbone
+from server.clip import load_backbone
+from server.clip.probes import ActivationBytes
+from server.engine.admission import MemoryModel
 from server.settings import Settings
 
 METHODS = ("tpt", "ctpt", "ttl", "tps", "zero", "mta")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.device == "cpu":
         release_freed_memory()
     pretrained = None if args.pretrained in (None, "", "none") else args.pretrained
-    backbone = Backbone.load(Settings(model=args.model, pretrained=pretrained, device=args.device,
+    backbone = load_backbone(Settings(model=args.model, pretrained=pretrained, device=args.device,
                                       precision=args.precision, _env_file=None))
     backbone.warm_up()
     activations = ActivationBytes.measure(backbone)

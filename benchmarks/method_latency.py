@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from adapters import get_method, method_names
-from benchmarks import synthetic
-from benchmarks.accuracy import tensors_to_pil
-from server.adaptation import adapt_image, image_seed
-from server.backbone import Backbone
-from server.images import to_uint8_tensor
+from benchmarks._lib import synthetic
+from benchmarks._lib.data import tensors_to_pil
+from server.clip import load_backbone
+from server.engine.adaptation import adapt_image, image_seed
+from server.engine.classes import ClassFeatures
+from server.service.decoding import to_uint8_tensor
 from server.settings import Settings
 
 
@@ -44,13 +45,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    backbone = Backbone.load(Settings(model=args.model, pretrained=args.pretrained, device=args.device,
+    backbone = load_backbone(Settings(model=args.model, pretrained=args.pretrained, device=args.device,
                                       _env_file=None))
     methods = method_names() if args.methods == "all" else args.methods.split(",")
     batch = synthetic.make_split("test_seen", args.images, seed=1)
     images = tensors_to_pil(batch.images)
     labels = tuple(synthetic.CLASS_NAMES)
-    classes = backbone.class_features(labels, tuple(synthetic.TEMPLATES)).clone()
+    classes = ClassFeatures(backbone, 2**20).get(labels, tuple(synthetic.TEMPLATES)).clone()
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     print(f"model={backbone.spec.display} device={backbone.device} threads={args.threads} images={args.images} "
           f"classes={len(labels)}", flush=True)

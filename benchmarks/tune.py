@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import synthetic
-from benchmarks.accuracy import DirectRunner, Subset, tensors_to_pil
+from benchmarks._lib import synthetic
+from benchmarks._lib.data import Subset, tensors_to_pil
+from benchmarks._lib.runners import DirectRunner
 
 GRADIENT_METHODS = ("tpt", "ctpt", "tps", "ttl")
 LRS = (5e-3, 5e-2, 5e-1)
@@ -43,15 +44,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     runner = DirectRunner(args.model, args.pretrained, args.device, 64, args.seed)
     chosen: dict[str, dict[str, float]] = {}
     print(f"model: {runner.description}; {len(subset.images)} clean validation images", flush=True)
-    for method in args.methods.split(","):
-        scores = {}
-        for lr, steps in itertools.product(LRS, STEPS):
-            out = runner.run(subset, method, {"lr": lr, "steps": steps})
-            scores[(lr, steps)] = float((out.pred == subset.labels).float().mean() * 100)
-            print(f"{method:5s} lr={lr:<6g} steps={steps}: top-1 {scores[(lr, steps)]:.1f}%", flush=True)
-        default = (5e-3, 1)
-        best = max(scores, key=lambda k: (scores[k], k == default))
-        chosen[method] = {"lr": best[0], "steps": best[1]}
+    try:
+        for method in args.methods.split(","):
+            scores = {}
+            for lr, steps in itertools.product(LRS, STEPS):
+                out = runner.run(subset, method, {"lr": lr, "steps": steps})
+                scores[(lr, steps)] = float((out.pred == subset.labels).float().mean() * 100)
+                print(f"{method:5s} lr={lr:<6g} steps={steps}: top-1 {scores[(lr, steps)]:.1f}%", flush=True)
+            default = (5e-3, 1)
+            best = max(scores, key=lambda k: (scores[k], k == default))
+            chosen[method] = {"lr": best[0], "steps": best[1]}
+    finally:
+        runner.close()
     flags = " ".join(f"--options '{m}={json.dumps(o)}'" for m, o in chosen.items())
     print(f"chosen on clean validation: {flags}")
     if args.json:

@@ -27,8 +27,9 @@ import torch
 import uvicorn
 from PIL import Image
 
-from benchmarks.serving import wait_until_ready
-from server.app import create_app
+from clients import Client
+from server.api import create_app
+from server.engine.classes import ClassFeatures
 from server.settings import Settings
 
 LABELS = [f"class number {i}" for i in range(10)]
@@ -51,7 +52,7 @@ def run_direct(engine, jpegs: list[bytes], batch_size: int) -> float:
     """Images per second of encode + classify on preprocessed batches, on the engine's backbone."""
     backbone = engine.backbone
     tensors = torch.stack([backbone.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
-    classes = backbone.class_features(tuple(LABELS), ("a photo of a {}.",))
+    classes = ClassFeatures(backbone, 2**20).get(tuple(LABELS), ("a photo of a {}.",))
     started = time.perf_counter()
     for i in range(0, len(tensors), batch_size):
         feats = backbone.encode_images(tensors[i : i + batch_size])
@@ -114,10 +115,12 @@ def main() -> None:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{args.port}"
-    if not wait_until_ready(url, 600):
+    with Client(url) as client:
+        ready = client.wait_ready(600)
+    if not ready:
         raise SystemExit("server did not become ready")
 
-    engine = app.state.engine
+    engine = app.state.runtime.engine
     jpegs = make_jpegs(args.images, 224, seed=1)
     print(f"model={args.model} pretrained={args.pretrained} device={args.device} threads={args.threads} "
           f"images={args.images} concurrency={args.concurrency} batch={args.batch_size}", flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,13 @@ class Client:
             return self._http.get("/readyz").status_code == 200
         except httpx.TransportError:
             return False
+
+    def wait_ready(self, timeout_s: float, alive: Callable[[], bool] = lambda: True, poll_s: float = 0.1) -> bool:
+        """Poll ``/readyz`` until the model is loaded (True), or ``alive()`` (the server process, say) turns
+        False or ``timeout_s`` passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and alive():
+            if self.ready():
+                return True
+            time.sleep(poll_s)
+        return False

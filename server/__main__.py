@@ -7,10 +7,11 @@ import sys
 
 import uvicorn
 
-from server.app import check_settings, create_app
-from server.backbone import Backbone
+from server.api import create_app
+from server.clip import load_backbone
 from server.errors import ConfigError
 from server.logs import configure_logging
+from server.service import check_settings
 from server.settings import parse_args
 
 log = logging.getLogger("ttaserve")
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         # Checked here too, so a bad setting ends in one clear line instead of a start-up traceback.
         spec = check_settings(settings)
         if args.preload_only:
-            Backbone.load(settings, spec).warm_up()
+            load_backbone(settings, spec).warm_up()
             log.info("preloaded %s; exiting (--preload-only)", spec.display)
             return 0
     except ConfigError as exc:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
+from server.api import create_app
 from server.settings import Settings
 from tests.support.apps import wait_ready
 from tests.support.model import write_tiny_model

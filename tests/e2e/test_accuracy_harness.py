@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks import accuracy
+from benchmarks._lib.data import synthetic_subsets
+from benchmarks._lib.runners import DirectRunner, ServerRunner
 from tests.support.apps import PATIENCE_S
 from tests.support.servers import free_port, start, wait_served
 
@@ -65,3 +68,29 @@ def test_blurred_control_rows_and_unknown_shifts(tiny_model_dir, tmp_path):
     assert result["rows"][2]["n"] == 8
     with pytest.raises(SystemExit, match="unknown shift"):
         accuracy.main(["--model", f"local-dir:{tiny_model_dir}", "--shifts", "rain", "--out", str(tmp_path)])
+
+
+def test_the_harness_and_the_http_api_give_identical_answers_on_the_demo_model(tmp_path):
+    """One classify pipeline: in this process through the service, and over HTTP, image for image."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the served process runs on one thread too: same reductions, same bits
+    subsets = synthetic_subsets(["clean", "gaussian_noise"], [3], 6, seed=0)
+    port = free_port()
+    proc = start(["--port", str(port), "--torch-threads", "1"], tmp_path)  # the built-in demo model
+    direct = DirectRunner("demo", None, "cpu", batch_size=4, seed=3)
+    try:
+        wait_served(f"http://127.0.0.1:{port}", proc)
+        served = ServerRunner(f"http://127.0.0.1:{port}", batch_size=4, seed=3)
+        for method in ("zero_shot", "tps", "ttl"):
+            for subset in subsets:
+                a = direct.run(subset, method, {})
+                b = served.run(subset, method, {})
+                assert torch.equal(a.pred, b.pred), (method, subset.name)
+                assert torch.equal(a.logits, b.logits), (method, subset.name, (a.logits - b.logits).abs().max())
+                assert a.temperature == b.temperature != 1.0  # the demo model's fitted temperature
+        served.close()
+    finally:
+        direct.close()
+        proc.terminate()
+        proc.wait(PATIENCE_S)
+        torch.set_num_threads(threads)

@@ -8,8 +8,9 @@ import shutil
 
 import torch
 
-from benchmarks import adaptation_latency, calibrate, memory_estimate, method_latency, tune
-from benchmarks.calibrate import fit_temperature
+from benchmarks import adaptation_latency, memory_estimate, method_latency, tune
+from benchmarks.assets import calibrate
+from benchmarks.assets.calibrate import fit_temperature
 
 
 def test_fit_temperature_recovers_a_known_temperature():

@@ -28,7 +28,7 @@ def test_every_setting_is_in_the_configuration_table():
 
 
 def test_every_error_code_raised_in_the_server_is_documented():
-    source = "\n".join(p.read_text() for p in (ROOT / "server").glob("*.py"))
+    source = "\n".join(p.read_text() for p in (ROOT / "server").rglob("*.py"))
     codes = set(re.findall(r'code="([a-z_]+)"', source))
     missing = sorted(c for c in codes if f"`{c}`" not in README)
     assert not missing, missing

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
+from server.api import create_app
 from tests.support.apps import metric, wait_ready, wait_until
 from tests.support.gates import LaneHold, gated_loader
 from tests.support.images import b64, png_bytes

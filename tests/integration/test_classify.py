@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from server.templates import TEMPLATE_SETS
+from server.clip.templates import TEMPLATE_SETS
 from tests.support.images import b64, data_uri, png_bytes
 
 LABELS = ["red", "green", "blue", "a cat", "a dog"]

@@ -13,8 +13,8 @@ import threading
 
 import httpx
 
-from server.app import create_app
-from server.backbone import Backbone
+from server.api import create_app
+from server.clip import load_backbone
 from tests.support.apps import PATIENCE_S, metric, wait_until
 from tests.support.images import b64, png_bytes
 from tests.support.servers import serve_in_thread
@@ -28,7 +28,7 @@ def test_a_client_that_disconnects_stops_its_adaptation(settings, caplog):
     steps: list[int] = []  # one entry per pass of the request's prompts through the text tower
 
     def load(settings_, spec):
-        backbone = Backbone.load(settings_, spec)
+        backbone = load_backbone(settings_, spec)
         encode = backbone.encode_text_with_contexts
 
         def held(ctx, inputs):

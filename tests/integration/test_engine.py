@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.backbone import Backbone
+from server.api import create_app
+from server.clip import load_backbone
 from tests.support.apps import metric, state_hash, wait_ready, wait_until
 from tests.support.gates import gated_loader
 from tests.support.images import b64, png_bytes
@@ -24,7 +24,7 @@ def test_concurrent_requests_are_micro_batched_and_the_backbone_never_changes(se
     hold_next = gated_loader(gate, entered, hold=lambda images: armed.is_set() and not entered.is_set())
     with TestClient(create_app(settings, load=hold_next)) as c:
         wait_ready(c)
-        model = c.app.state.engine.backbone.model
+        model = c.app.state.runtime.engine.backbone.model
         before = state_hash(model)
         requests = [{"images": [b64(png_bytes(seed=i))], "labels": LABELS[: 2 + i % 2]} for i in range(48)]
         alone = {i: c.post("/v1/classify", json=requests[i]).json()["results"][0] for i in range(4)}
@@ -91,7 +91,7 @@ def test_a_failing_batch_fails_its_requests_not_the_worker(settings):
     fail_next = threading.Event()
 
     def flaky(settings_, spec):
-        backbone = Backbone.load(settings_, spec)
+        backbone = load_backbone(settings_, spec)
         encode = backbone.encode_images
 
         def sometimes(images):

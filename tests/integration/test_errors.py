@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import create_app
+from server.api import create_app
 from tests.support.apps import wait_ready
 from tests.support.images import b64, png_bytes
 

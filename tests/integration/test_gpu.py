@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from server.app import create_app
+from server.api import create_app
 from tests.support.apps import metric, state_hash, wait_ready
 from tests.support.gates import LaneHold
 from tests.support.requests import BATCHED, LABEL_SETS, body, logits, probabilities
@@ -74,7 +74,7 @@ def test_gpu_memory_is_reported_and_the_lane_learns_its_estimate(settings):
     settings.device = DEVICE
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
-        engine = c.app.state.engine
+        engine = c.app.state.runtime.engine
         assert c.get("/v1/models").json()["models"][0]["device"].startswith(DEVICE)
         before = state_hash(engine.backbone.model)
         results = [c.post("/v1/classify", json=body("tpt", seed, LABEL_SETS[0])).json()["results"][0]
@@ -86,7 +86,7 @@ def test_gpu_memory_is_reported_and_the_lane_learns_its_estimate(settings):
         peak = metric(text, "tta_gpu_memory_peak_bytes")
         if DEVICE.startswith("cuda"):
             assert 0 < allocated <= peak
-            assert engine.gpu_peak_bytes > 0  # the lane's peak measurements ran and kept the start-up peak
-            assert "tpt" in engine.memory._correction  # corrected by what the batches reached
+            assert engine.runner.gpu_peak_bytes > 0  # the lane's peak measurements ran and kept the start-up peak
+            assert "tpt" in engine.runner.memory._correction  # corrected by what the batches reached
         else:
             assert allocated == peak == 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.templates import TEMPLATE_SETS
+from server.api import create_app
+from server.clip.templates import TEMPLATE_SETS
 from tests.support.apps import wait_ready
 from tests.support.images import b64, png_bytes
 

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from adapters import method_names
-from server.app import create_app
-from server.templates import describe
+from server.api import create_app
+from server.clip.templates import describe
 from tests.support.apps import state_hash, wait_ready
 from tests.support.images import b64, png_bytes
 
@@ -159,7 +159,7 @@ def test_multipart_takes_seed_compare_and_abstain(client):
 
 
 def test_backbone_unchanged_and_no_state_left_after_50_mixed_requests(client):
-    model = client.app.state.engine.backbone.model
+    model = client.app.state.runtime.engine.backbone.model
     before = state_hash(model)
     jobs = [(m, s) for s in range(9) for m in method_names()][:50]
     with ThreadPoolExecutor(4) as pool:
@@ -196,7 +196,7 @@ def test_tps_prototypes_use_the_label_sets_descriptions(client):
     body = {"images": [b64(image)], "label_set": "described", "top_k": len(LABELS), "seed": 3}
     tps = client.post("/v1/classify", json=body | {"method": "tps", "options": {"steps": 0}}).json()["results"][0]
     plain = client.post("/v1/classify", json=body | {"method": "zero_shot"}).json()["results"][0]
-    backbone = client.app.state.engine.backbone
+    backbone = client.app.state.runtime.engine.backbone
     feat = backbone.encode_images(backbone.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None])[0]
     for label in LABELS:
         template = backbone.encode_prompts([f"a photo of a {label}."])[0]

@@ -6,8 +6,8 @@ import threading
 
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.backbone import Backbone
+from server.api import create_app
+from server.clip import load_backbone
 from tests.support.apps import PATIENCE_S, wait_ready
 from tests.support.images import b64, png_bytes
 
@@ -18,7 +18,7 @@ def test_readyz_is_503_until_loaded_and_warmed(settings):
 
     def slow_load(s, spec):
         release.wait(30)
-        backbone = Backbone.load(s, spec)
+        backbone = load_backbone(s, spec)
         original = backbone.warm_up
         backbone.warm_up = lambda: (original(), warmed.append(True))
         return backbone

@@ -14,30 +14,30 @@ from typing import Any
 import torch
 from fastapi.testclient import TestClient
 
-from server.backbone import Backbone
+from server.clip import Backbone, load_backbone
+from server.engine.engine import LOADER_THREAD
 from tests.support.apps import PATIENCE_S, metric, wait_until
 from tests.support.requests import plug
 
 
 def gated_loader(gate: threading.Event, entered: threading.Event | None = None,
                  hold: Callable[[torch.Tensor], bool] = lambda images: True) -> Callable[[Any, Any], Backbone]:
-    """A loader whose backbone holds the ``encode_images`` calls ``hold`` picks (all, by default) until
-    ``gate`` opens, setting ``entered`` when one is held."""
+    """A loader whose backbone holds the ``encode_images`` calls of the engine's lanes that ``hold`` picks (all,
+    by default) until ``gate`` opens, setting ``entered`` when one is held. The start-up warm-up and
+    measurements (on the engine's loader thread) are never held."""
 
     def load(settings: Any, spec: Any) -> Backbone:
-        backbone = Backbone.load(settings, spec)
+        backbone = load_backbone(settings, spec)
         encode = backbone.encode_images
-        backbone.warm_up()  # warm up before the gate is installed
 
         def held(images: torch.Tensor) -> torch.Tensor:
-            if hold(images):
+            if threading.current_thread().name != LOADER_THREAD and hold(images):
                 if entered is not None:
                     entered.set()
                 gate.wait(PATIENCE_S)
             return encode(images)
 
         backbone.encode_images = held  # type: ignore[method-assign]
-        backbone.warm_up = lambda: None  # type: ignore[method-assign]
         return backbone
 
     return load

@@ -7,16 +7,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from tests.support.apps import PATIENCE_S, wait_until
+from clients import Client
+from tests.support.apps import PATIENCE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,22 +34,14 @@ def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) ->
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _answers_ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=10).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 def wait_served(url: str, proc: subprocess.Popen[str]) -> None:
     """Wait until the process at ``url`` is ready; fail with its output if it exits first."""
-    deadline = time.monotonic() + PATIENCE_S
-    while not _answers_ready(url):
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
-        if time.monotonic() > deadline:
-            raise AssertionError("server never became ready")
-        time.sleep(0.05)
+    with Client(url, timeout_s=PATIENCE_S) as client:
+        if client.wait_ready(PATIENCE_S, alive=lambda: proc.poll() is None):
+            return
+    if proc.poll() is not None:
+        raise AssertionError(f"server exited {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
+    raise AssertionError("server never became ready")
 
 
 @contextmanager
@@ -66,8 +57,8 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers_ready(url) or not thread.is_alive(), "the server to start")
-        assert thread.is_alive(), "the server thread ended before it was ready"
+        with Client(url, timeout_s=PATIENCE_S) as client:
+            assert client.wait_ready(PATIENCE_S, alive=thread.is_alive), "the server never became ready"
         yield url
     finally:
         server.should_exit = True

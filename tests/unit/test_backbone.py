@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server import backbone as backbone_module
-from server.backbone import Backbone, resolve_device, resolve_model
-from server.cache import ByteLRU, tensor_bytes
+from server.clip import load_backbone, resolve_device, resolve_model
+from server.clip import spec as spec_module
+from server.clip.cache import ByteLRU, tensor_bytes
+from server.engine.classes import ClassFeatures
 from server.errors import ConfigError
 from server.settings import Settings
 from tests.support.model import TINY_CONFIG
@@ -22,13 +23,13 @@ def make_settings(**kw) -> Settings:
 
 
 def test_missing_demo_model_fails_fast_naming_the_setting(monkeypatch, tmp_path):
-    monkeypatch.setattr(backbone_module, "DEMO_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.setattr(spec_module, "DEMO_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(ConfigError, match="TTA_MODEL"):
         resolve_model(make_settings())
 
 
 def test_shipped_demo_model_is_the_default_when_present(monkeypatch, tiny_model_dir):
-    monkeypatch.setattr(backbone_module, "DEMO_MODEL_DIR", tiny_model_dir)
+    monkeypatch.setattr(spec_module, "DEMO_MODEL_DIR", tiny_model_dir)
     spec = resolve_model(make_settings())
     assert spec.display == "demo" and spec.name == f"local-dir:{tiny_model_dir}"
 
@@ -56,7 +57,7 @@ def test_offline_download_failure_names_local_dir(monkeypatch):
 
     monkeypatch.setattr(open_clip, "create_model", offline)
     with pytest.raises(ConfigError) as info:
-        Backbone.load(make_settings(model="ViT-B-32", pretrained="openai"))
+        load_backbone(make_settings(model="ViT-B-32", pretrained="openai"))
     assert "offline" in str(info.value) and "local-dir:" in str(info.value)
 
 
@@ -70,7 +71,7 @@ def test_cuda_device_without_cuda_is_a_config_error():
 
 def test_fp16_on_cpu_is_refused(tiny_model_dir):
     with pytest.raises(ConfigError, match="fp16"):
-        Backbone.load(make_settings(model=f"local-dir:{tiny_model_dir}", precision="fp16"))
+        load_backbone(make_settings(model=f"local-dir:{tiny_model_dir}", precision="fp16"))
 
 
 def assert_same_model(original, loaded, tokenizer) -> None:
@@ -98,7 +99,7 @@ def test_local_dir_save_and_reload_gives_identical_outputs(tmp_path):
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     state = {k: v.contiguous() for k, v in original.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
-    loaded = Backbone.load(make_settings(model=f"local-dir:{folder}"))
+    loaded = load_backbone(make_settings(model=f"local-dir:{folder}"))
     assert_same_model(original, loaded, open_clip.get_tokenizer("ViT-B-32", context_length=16))
     assert not loaded.model.training
     assert all(not p.requires_grad for p in loaded.model.parameters())
@@ -115,22 +116,23 @@ def test_builtin_name_with_a_local_checkpoint_file(tmp_path, suffix):
     checkpoint = tmp_path / f"weights{suffix}"
     state = {k: v.contiguous() for k, v in original.state_dict().items()}
     save_file(state, str(checkpoint)) if suffix == ".safetensors" else torch.save({"state_dict": state}, checkpoint)
-    loaded = Backbone.load(make_settings(model="tta-tiny-test", pretrained=str(checkpoint)))
+    loaded = load_backbone(make_settings(model="tta-tiny-test", pretrained=str(checkpoint)))
     assert loaded.spec.pretrained == str(checkpoint.resolve())
     assert_same_model(original, loaded, loaded.tokenizer)
 
 
 def test_class_features_are_cached_and_ensembled(tiny_model_dir):
-    bb = Backbone.load(make_settings(model=f"local-dir:{tiny_model_dir}"))
+    bb = load_backbone(make_settings(model=f"local-dir:{tiny_model_dir}"))
+    classes = ClassFeatures(bb, 2**20)
     templates = ("a {}.", "art of {}.")
-    feats = bb.class_features(("cat", "dog"), templates)
+    feats = classes.get(("cat", "dog"), templates)
     assert feats.shape == (2, 32)
     assert torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-6)
     per_template = bb.encode_prompts(["a cat.", "art of cat."])
     expected = torch.nn.functional.normalize(per_template.mean(0), dim=-1)
     assert torch.allclose(feats[0], expected, atol=1e-6)
-    assert bb.class_features(("cat", "dog"), templates) is feats  # served from the cache
-    assert bb.text_cache.bytes == feats.numel() * 4
+    assert classes.get(("cat", "dog"), templates) is feats  # served from the cache
+    assert classes.bytes == feats.numel() * 4
 
 
 def test_text_cache_is_bounded_in_bytes_and_evicts_least_recently_used():

@@ -11,9 +11,11 @@ import torch
 from adapters import AdaptInput, get_method
 from adapters.base import Stopped
 from adapters.common import optimize
-from server.adaptation import ImageTask, adapt_image, adapt_images
-from server.admission import ActivationBytes, MemoryModel, stack_within
-from server.backbone import Backbone
+from server.clip import Backbone, load_backbone
+from server.clip.probes import ActivationBytes
+from server.engine.adaptation import ImageTask, adapt_image, adapt_images
+from server.engine.admission import MemoryModel, stack_within
+from server.engine.classes import ClassFeatures
 from server.settings import Settings
 
 LABEL_SETS = [("red", "green", "blue"), ("a cat", "a dog"), ("a square", "a circle", "a star", "a heart")]
@@ -21,7 +23,7 @@ LABEL_SETS = [("red", "green", "blue"), ("a cat", "a dog"), ("a square", "a circ
 
 @pytest.fixture(scope="module")
 def backbone(tiny_model_dir) -> Backbone:
-    return Backbone.load(Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", _env_file=None))
+    return load_backbone(Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", _env_file=None))
 
 
 def task(backbone: Backbone, i: int) -> ImageTask:
@@ -29,7 +31,7 @@ def task(backbone: Backbone, i: int) -> ImageTask:
     original = torch.randint(0, 256, (3, 40 + i, 36), generator=gen, dtype=torch.uint8)
     base = torch.randn(3, *backbone.image_size, generator=gen)
     labels = LABEL_SETS[i % 3]
-    classes = backbone.class_features(labels, ("a photo of a {}.",)).clone()
+    classes = ClassFeatures(backbone, 2**20).get(labels, ("a photo of a {}.",)).clone()
     return ImageTask(original, base, classes, labels, torch.Generator().manual_seed(i))
 
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from server.backbone import Backbone
-from server.lowrank import LoraFactors, LoraTargets, lora_block
+from adapters.lowrank import LoraFactors, LoraTargets
+from server.clip import Backbone, load_backbone
+from server.clip.lowrank import lora_block
 from server.settings import Settings
 from tests.support.model import TINY_CONFIG, TINY_PREPROCESS
 
@@ -59,7 +60,7 @@ def backbones(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("lowrank")
     dirs = {"vit": tiny_model_dir, "vit-ls-avg": write_model(root / "vit", VIT_LS_AVG, 1),
             "resnet": write_model(root / "resnet", RESNET, 2)}
-    return {k: Backbone.load(Settings(model=f"local-dir:{d}", device="cpu", _env_file=None)) for k, d in dirs.items()}
+    return {k: load_backbone(Settings(model=f"local-dir:{d}", device="cpu", _env_file=None)) for k, d in dirs.items()}
 
 
 def images(bb: Backbone, n: int, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Our gradient methods against the references of the published loops in benchmarks/reference.py.
+"""Our gradient methods against the references of the published loops in benchmarks/_lib/reference.py.
 
 The references follow the official code's structure: one image, the views re-encoded at every step,
 the full text context (no truncation), a fresh AdamW. On the same fixed views, our methods must reach
@@ -12,8 +12,9 @@ import torch
 
 from adapters import AdaptInput, get_method
 from adapters.views import make_views
-from benchmarks import reference
-from server.backbone import Backbone
+from benchmarks._lib import reference
+from server.clip import Backbone, load_backbone
+from server.engine.classes import ClassFeatures
 from server.settings import Settings
 
 LABELS = ("red", "green", "blue", "a small cat", "a large striped dog")
@@ -21,7 +22,7 @@ LABELS = ("red", "green", "blue", "a small cat", "a large striped dog")
 
 @pytest.fixture(scope="module")
 def backbone(tiny_model_dir) -> Backbone:
-    return Backbone.load(Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", _env_file=None))
+    return load_backbone(Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", _env_file=None))
 
 
 def fixed_views(backbone: Backbone, seed: int, n: int = 64) -> torch.Tensor:
@@ -34,7 +35,7 @@ def fixed_views(backbone: Backbone, seed: int, n: int = 64) -> torch.Tensor:
 
 def run_ours(backbone: Backbone, method: str, views: torch.Tensor, options: dict, seed: int = 0):
     feats = backbone.encode_images(views).clone()
-    classes = backbone.class_features(LABELS, ("a photo of a {}.",)).clone()
+    classes = ClassFeatures(backbone, 2**20).get(LABELS, ("a photo of a {}.",)).clone()
     impl = get_method(method)
     inp = AdaptInput(feats, classes, backbone.logit_scale, LABELS, torch.Generator().manual_seed(seed), backbone, views)
     return impl.adapt(inp, impl.parse_options(options))

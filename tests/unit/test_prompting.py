@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.backbone import Backbone
-from server.prompting import PromptInputs
+from adapters.prompts import PromptInputs
+from server.clip import Backbone, load_backbone
 from server.settings import Settings
 
 # Bit-level agreement is expected (the same ops on the same values; the masked tail adds exact zeros),
@@ -22,7 +22,7 @@ LONG = ("red", "a colour with a very long name that does not fit in the context"
 
 @pytest.fixture(scope="module")
 def backbone(tiny_model_dir: Path) -> Backbone:
-    return Backbone.load(Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", _env_file=None))
+    return load_backbone(Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", _env_file=None))
 
 
 def reference(backbone: Backbone, labels: tuple[str, ...], ctx_init: str = "a photo of a") -> torch.Tensor:
@@ -46,7 +46,7 @@ def test_class_prompts_cut_to_their_longest_equal_encode_text(backbone, labels, 
         full = backbone.model.encode_text(backbone.tokenizer(prompts))  # all 16 tokens
     expected = torch.nn.functional.normalize(full.float(), dim=-1)
     torch.testing.assert_close(backbone.encode_prompts(prompts), expected, atol=ATOL, rtol=0)
-    monkeypatch.setattr("server.backbone.TEXT_CHUNK", 2)  # chunks cut to their own longest prompt
+    monkeypatch.setattr("server.clip.backbone.TEXT_CHUNK", 2)  # chunks cut to their own longest prompt
     torch.testing.assert_close(backbone.encode_prompts(prompts), expected, atol=ATOL, rtol=0)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.scoring import ece_from, reliability, score
+from benchmarks._lib.scoring import ece_from, reliability, score
 
 
 def test_ece_by_hand():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from benchmarks import shifts as X
-from benchmarks import synthetic as S
+from benchmarks._lib import shifts as X
+from benchmarks._lib import synthetic as S
 
 
 @pytest.fixture(scope="module")

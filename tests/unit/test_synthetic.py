@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import synthetic as S
+from benchmarks._lib import synthetic as S
 
 DEMO = Path(__file__).resolve().parents[2] / "server" / "models" / "demo"
 

@@ -1,0 +1,127 @@
+"""Running methods on a subset: in this process through the server's classify service, or against a live
+server over HTTP. Both send the same requests (``batch_size`` images each, seeded ``seed + start``) and
+read the same results, so their answers agree image for image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from benchmarks._lib.data import Subset
+from server.service import ClassifyRequest, Result, Runtime
+from server.settings import Settings
+
+DAY_S = 86_400.0  # the in-process runner's request deadline: a benchmark waits for its answers
+
+
+@dataclass
+class Outputs:
+    """A method's answers on a subset."""
+
+    logits: torch.Tensor  # [N, C] the method's final logits
+    pred: torch.Tensor  # [N] its labels (ZERO's vote winner need not be the arg-max)
+    temperature: float  # the model's fitted temperature for this method (1 when none)
+
+
+def _rows(results: list[dict[str, Any]], class_names: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """Each result's logits in class order (every class is among its predictions) and its label's index."""
+    index = {name: j for j, name in enumerate(class_names)}
+    rows, preds = [], []
+    for result in results:
+        row = torch.zeros(len(class_names))
+        for p in result["predictions"]:
+            row[index[p["label"]]] = p["logit"]
+        rows.append(row)
+        preds.append(index[result["predictions"][0]["label"]])
+    return rows, preds
+
+
+class DirectRunner:
+    """Runs methods in this process through ``server.service``'s classify pipeline, as the HTTP API does.
+
+    The runtime holds a label-set store in a temporary directory and a request deadline of a day;
+    everything else is the server's default configuration for the model.
+    """
+
+    def __init__(self, model: str, pretrained: str | None, device: str, batch_size: int, seed: int = 0):
+        self._data = tempfile.TemporaryDirectory(prefix="tta-bench-")
+        settings = Settings(model=model, pretrained=pretrained, device=device, data_dir=self._data.name,
+                            request_timeout_s=DAY_S, _env_file=None)
+        self.runtime = Runtime.open(settings)
+        engine = self.runtime.engine
+        while not engine.ready:
+            if engine.load_error is not None:
+                raise SystemExit(f"the model could not be loaded: {engine.load_error}")
+            time.sleep(0.05)
+        self._loop = asyncio.new_event_loop()
+        self.batch_size = min(batch_size, settings.max_images_per_request)
+        self.seed = seed
+        self.description = f"{self.runtime.spec.display} (direct, {engine.backbone.device if engine.backbone else '?'})"
+        self.calibration = self.runtime.calibration
+
+    def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
+        rows, preds = [], []
+        for start in range(0, len(subset.images), self.batch_size):
+            request = ClassifyRequest(images=subset.images[start : start + self.batch_size],
+                                      labels=subset.class_names, templates=subset.templates,
+                                      top_k=len(subset.class_names), method=method, options=options or None,
+                                      seed=self.seed + start)
+            answer = self._loop.run_until_complete(self.runtime.classifier.classify(request))
+            batch_rows, batch_preds = _rows([r.model_dump() for r in answer.results], subset.class_names)
+            rows += batch_rows
+            preds += batch_preds
+            if progress is not None:
+                progress.set_postfix_str(f"{start + len(batch_rows)}/{len(subset.images)} images")
+        return Outputs(torch.stack(rows), torch.tensor(preds), self.calibration.temperature(method))
+
+    def results(self, request: ClassifyRequest) -> list[Result]:
+        """One request's results, for callers that want more than the logits."""
+        return self._loop.run_until_complete(self.runtime.classifier.classify(request)).results
+
+    def close(self) -> None:
+        self.runtime.close()
+        self._loop.close()
+        self._data.cleanup()
+
+
+class ServerRunner:
+    """Runs methods through a TTAServe server's HTTP API, images sent as PNG uploads."""
+
+    def __init__(self, url: str, batch_size: int, seed: int = 0):
+        from clients import Client
+
+        self.client = Client(url, timeout_s=DAY_S)
+        model = self.client.models()[0]
+        self.batch_size = min(batch_size, self.client.methods()["methods"][0]["limits"]["max_images_per_request"])
+        self.seed = seed
+        self.description = f"{model['id']} (server {url}, {model.get('device')})"
+        self.temperatures = {m: v["temperature"] for m, v in model.get("calibration", {}).items()}
+
+    def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
+        rows, preds = [], []
+        for start in range(0, len(subset.images), self.batch_size):
+            payload = []
+            for image in subset.images[start : start + self.batch_size]:
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                payload.append(buf.getvalue())
+            body = self.client.classify(payload, labels=subset.class_names, templates=subset.templates,
+                                        top_k=len(subset.class_names), method=method, options=options or None,
+                                        seed=self.seed + start)
+            batch_rows, batch_preds = _rows(body["results"], subset.class_names)
+            rows += batch_rows
+            preds += batch_preds
+            if progress is not None:
+                progress.set_postfix_str(f"{start + len(batch_rows)}/{len(subset.images)} images")
+        return Outputs(torch.stack(rows), torch.tensor(preds), self.temperatures.get(method, 1.0))
+
+    def close(self) -> None:
+        self.client.close()

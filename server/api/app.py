@@ -1,0 +1,57 @@
+"""The application factory: ``create_app(settings)`` builds a FastAPI app; nothing happens at import.
+
+The lifespan opens the process's ``Runtime`` (checking the configuration, failing fast on a bad one),
+whose engine loads and warms the model on its own thread while ``/healthz`` already answers and
+``/readyz`` says 503; it closes the runtime on shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api.errors import install_handlers
+from server.api.middleware import RequestContext
+from server.api.openapi import document_classify_body
+from server.api.routes import router
+from server.clip.backbone import load_backbone
+from server.logs import install_record_factory
+from server.metrics import Metrics
+from server.service.runtime import Loader, Runtime
+from server.settings import Settings
+
+
+def create_app(settings: Settings | None = None, *, load: Loader | None = None) -> FastAPI:
+    """Build the app. ``load`` replaces ``load_backbone`` (tests use it to hold or break loading).
+
+    Set ``app.state.on_fatal`` before it starts to hear of a model that fails to load (``python -m
+    server`` exits then).
+    """
+    settings = settings or Settings()
+    metrics = Metrics()
+    install_record_factory()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime.open(settings, metrics, load or load_backbone, on_fatal=getattr(app.state, "on_fatal", None))
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            runtime.close()
+
+    app = FastAPI(
+        title="TTAServe",
+        version="0.1.0",
+        summary="Zero-shot CLIP classification with test-time adaptation.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    document_classify_body(app)
+    return app

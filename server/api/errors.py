@@ -1,0 +1,113 @@
+"""The one place errors become HTTP responses: each error class's status, and the shared error body.
+
+Every error the API returns has the shape ``{"error": {"code", "message", "request_id"}}``; it is
+logged with the request id, and refusals (413, 429, 503, 504) are counted in ``tta_rejected_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import (
+    BadRequest,
+    ClientClosed,
+    Conflict,
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    TTAError,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger("ttaserve.errors")
+
+STATUS: dict[type[TTAError], int] = {
+    BadRequest: 400,
+    NotFound: 404,
+    Conflict: 409,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InvalidInput: 422,
+    Overloaded: 429,
+    ClientClosed: 499,  # nginx's "client closed request": logged, never read by anyone
+    NotReady: 503,
+    DeadlineExceeded: 504,
+}
+COUNTED_AS_REJECTED = (413, 429, 503, 504)
+
+
+def status_of(exc: TTAError) -> int:
+    """The HTTP status of ``exc``: its class's, or its nearest base class's; 500 for anything else."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_body(code: str, message: str, request_id: str | None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "request_id": request_id}}
+
+
+def request_id_of(request: Request) -> str | None:
+    rid = getattr(request.state, "request_id", None)
+    return rid if isinstance(rid, str) else None
+
+
+def respond(request: Request, status: int, code: str, message: str,
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    """Log the error with the request id, count a refusal, and render the shared body."""
+    rid = request_id_of(request)
+    level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.INFO
+    log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, status, code, message)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None and status in COUNTED_AS_REJECTED:
+        metrics.rejected.labels(reason=code).inc()
+    headers = dict(headers or {})
+    if rid:
+        # Set here too: the generic 500 handler runs outside the middleware that echoes the id.
+        headers["X-Request-ID"] = rid
+    return JSONResponse(error_body(code, message, rid), status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Register the mapping from exceptions to the shared error shape."""
+
+    async def tta_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, TTAError)
+        headers = {"Retry-After": f"{exc.retry_after_s:g}"} if exc.retry_after_s is not None else None
+        return respond(request, status_of(exc), exc.code, exc.message, headers)
+
+    async def validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return respond(request, 422, "validation_error", _describe_validation(exc))
+
+    async def http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return respond(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return respond(request, 500, "internal_error", "internal server error; see the server log")
+
+    app.add_exception_handler(TTAError, tta_error)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http)
+    app.add_exception_handler(Exception, unexpected)

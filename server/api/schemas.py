@@ -1,0 +1,98 @@
+"""Request and response bodies of the HTTP API; the per-image results are the service's own types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.service.results import ModelRef, Result
+from server.storage import LabelSet
+
+
+class ClassifyRequest(BaseModel):
+    """JSON body of ``POST /v1/classify``; the multipart form carries the same fields."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": ["data:image/png;base64,iVBORw0KGgo..."], "labels": ["red star", "blue circle"],
+                 "top_k": 2},
+                {"images": ["iVBORw0KGgo..."], "label_set": "demo-shapes", "templates": "simple"},
+            ]
+        },
+    )
+
+    images: list[str] = Field(..., min_length=1, description="Base64 strings or data: URIs, one per image.")
+    labels: list[str] | None = Field(None, description="Class names; or use label_set.")
+    label_set: str | None = Field(None, description="Name of a registered label set, instead of labels.")
+    templates: list[str] | str | None = Field(
+        None, description="Prompt templates with {} for the label, or a named set: simple, openai_imagenet, ensemble7."
+    )
+    top_k: int | None = Field(None, ge=1, description="Predictions returned per image (default: server setting).")
+    method: str | None = Field(None, description="Test-time method; GET /v1/methods lists them.")
+    options: dict[str, Any] | None = Field(None, description="The method's options; see /v1/methods.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="Seeds the augmented views: the same request and seed give the same result.")
+    compare: bool = Field(False, description="Also return the zero-shot predictions beside the adapted ones.")
+    abstain_below: float | None = Field(
+        None, ge=0, le=1, description="Abstain (no label) when the calibrated confidence is below this.")
+    confidence_gate: float | None = Field(
+        None, ge=0, le=1, description="Do not adapt an image whose calibrated zero-shot margin (top-1 minus top-2 "
+        "probability) is at least this; it is answered zero-shot with adaptation.skipped = 'confident'. "
+        "Default: the server's TTA_CONFIDENCE_GATE.")
+
+
+class ClassifyResponse(BaseModel):
+    request_id: str
+    model: ModelRef
+    method: str
+    results: list[Result]
+    timings: dict[str, float] = Field(
+        ..., description="Seconds spent per stage: decode, queue, encode, classify, total.")
+
+
+class LabelSetIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "animals", "labels": ["cat", "dog", "bird"], "templates": "ensemble7",
+                          "descriptions": {"cat": ["a small furry pet with whiskers"]}}]
+        },
+    )
+
+    name: str = Field(..., description="1-64 characters: letters, digits, '.', '_' and '-'; starts alphanumeric.")
+    labels: list[str]
+    templates: list[str] | str | None = Field(None, description="Templates to use by default with this set.")
+    descriptions: dict[str, list[str]] | None = Field(
+        None, description="Per-label descriptive phrases; TPS averages them into the label's prototype.")
+
+
+class LabelSetOut(BaseModel):
+    name: str
+    labels: list[str]
+    templates: list[str] | None
+    descriptions: dict[str, list[str]] | None
+    created_at: float
+    source: str = Field(..., description="'user' (stored, survives restarts) or 'model' (ships with the model).")
+
+    @classmethod
+    def of(cls, label_set: LabelSet) -> LabelSetOut:
+        return cls(name=label_set.name, labels=list(label_set.labels),
+                   templates=list(label_set.templates) if label_set.templates is not None else None,
+                   descriptions=label_set.descriptions, created_at=label_set.created_at, source=label_set.source)
+
+
+class LabelSetList(BaseModel):
+    label_sets: list[LabelSetOut]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,91 @@
+"""One image, or several stacked, through a test-time method: the pipeline the adaptation lane runs.
+
+Per image: views made on the device from the decoded tensor with the image's own seeded generator,
+all images' views encoded in one pass (``Method.encode_views``), the method's ``adapt_batch`` over
+every image's own parameters, and a report of what it did. Benchmarks call ``adapt_image`` and
+``adapt_images`` directly, exactly as the engine does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapters import AdaptInput, Method, MethodOptions
+from adapters.views import make_views
+from server.clip.backbone import Backbone
+from server.engine.work import ImageReport
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The generator seed of image ``index`` of a request: distinct per image, fixed by the request's seed."""
+    return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
+
+
+@dataclass
+class ImageTask:
+    """One image to adapt: its decoded tensor, base view, classes and seeded generator."""
+
+    original: torch.Tensor  # [3, H0, W0] uint8
+    base_view: torch.Tensor  # [3, h, w]
+    classes: torch.Tensor  # [C, D] a normal (not inference-mode) tensor
+    labels: tuple[str, ...]
+    generator: torch.Generator
+    stop: Callable[[], bool] = lambda: False
+
+
+def adapt_images(backbone: Backbone, method: Method[Any], options: MethodOptions,
+                 tasks: list[ImageTask]) -> list[tuple[torch.Tensor, ImageReport]]:
+    """Images through a test-time method together: views, one encoder pass, stacked steps, predictions.
+
+    Each image's result is what it gets alone: its views come from its own generator and its
+    parameters and loss are its own. Raises ``adapters.base.Stopped`` when every image's ``stop``
+    says so between steps.
+
+    Returns:
+        per image, the final logits [C] (float32, CPU) and the report.
+    """
+    started = time.monotonic()
+    n_views = options.views
+    cfg = backbone.preprocess_cfg
+    views = [make_views(t.original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std,
+                        t.generator, base_view=t.base_view) for t in tasks]  # each [V, 3, h, w]
+    encoded = method.encode_views(backbone, views)
+    inputs = [AdaptInput(feats, t.classes, backbone.logit_scale, t.labels, t.generator, backbone, v, cache, t.stop)
+              for t, v, (feats, cache) in zip(tasks, views, encoded, strict=True)]
+    zero_shot = [inp.zero_shot_logits()[0].detach() for inp in inputs]  # each [C]
+    results = method.adapt_batch(inputs, options)
+    backbone.sync()
+    seconds = time.monotonic() - started
+    return [(r.logits.detach().float().cpu(),
+             ImageReport(zs.float().cpu(), r.steps, n_views, r.selected_views, seconds, r.order, r.extra,
+                         batch_images=len(tasks)))
+            for r, zs in zip(results, zero_shot, strict=True)]
+
+
+def adapt_image(backbone: Backbone, method: Method[Any], options: MethodOptions, original: torch.Tensor,
+                base_view: torch.Tensor,
+                classes: torch.Tensor, labels: tuple[str, ...],
+                generator: torch.Generator) -> tuple[torch.Tensor, ImageReport]:
+    """One image through a test-time method (``adapt_images`` of one): the final logits [C] and the report.
+
+    Args:
+        original: [3, H0, W0] uint8, the decoded image (views are cropped from it).
+        base_view: [3, h, w] its normal preprocessing (view 0).
+        classes: [C, D] class features, a normal (not inference-mode) tensor.
+        generator: the image's seeded generator; the only source of randomness.
+    """
+    return adapt_images(backbone, method, options, [ImageTask(original, base_view, classes, labels, generator)])[0]
+
+
+def margin(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N, C] logits -> [N] calibrated top-1 minus top-2 probability (1 with a single class)."""
+    probs = (logits / temperature).softmax(-1)
+    if probs.shape[-1] < 2:
+        return torch.ones(probs.shape[0])
+    top = probs.topk(2, dim=-1).values  # [N, 2]
+    return top[:, 0] - top[:, 1]

@@ -1,0 +1,164 @@
+"""What the lanes run, without threads: a zero-shot batch, and a stacked adaptation batch with its policy.
+
+``Runner.zero_shot`` encodes every job's images in one forward pass and classifies each job against
+its own classes. ``Runner.adapt`` adapts every image of jobs that share a method and options: it
+stacks images while their estimated activation bytes fit the memory budget (an image that does not
+fit alone is answered zero-shot, ``"memory"``), answers zero-shot the images whose calibrated
+zero-shot margin passes their request's confidence gate (``"confident"``), and runs the rest through
+``server.engine.adaptation.adapt_images``. Zero-shot answers always come from the method's own
+``predict``, the one zero-shot path. The lanes (``server.engine.engine``) call these and hand the
+results to the callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from adapters import Method
+from server.clip.backbone import Backbone
+from server.engine.adaptation import ImageTask, adapt_images, image_seed, margin
+from server.engine.admission import CostModel, MemoryModel, gpu_peak, stack_within
+from server.engine.classes import ClassFeatures
+from server.engine.work import ImageReport, Job, JobOutput, Work
+from server.metrics import Metrics
+
+log = logging.getLogger("ttaserve.engine")
+
+Image = tuple[Job, int]  # an image: its job and its index in the job
+Answer = tuple[torch.Tensor, ImageReport]  # an image's final logits [C] and its report
+
+
+class Runner:
+    """Runs batches on the backbone; every method call that touches the device goes through here."""
+
+    def __init__(self, backbone: Backbone, classes: ClassFeatures, costs: CostModel, memory: MemoryModel,
+                 metrics: Metrics, adapt_max_batch: int):
+        self.backbone = backbone
+        self.classes = classes
+        self.costs = costs
+        self.memory = memory
+        self.metrics = metrics
+        self.adapt_max_batch = adapt_max_batch
+        self.gpu_peak_bytes = 0  # the most GPU memory held since start, across the stacked batches' measurements
+
+    # -- zero-shot ------------------------------------------------------------------------------
+    def zero_shot(self, jobs: list[Job]) -> list[JobOutput]:
+        """Every job's images in one encoder pass, each job classified against its own classes."""
+        backbone = self.backbone
+        images = torch.cat([job.work.images for job in jobs])  # [B, 3, H, W]
+        started = time.monotonic()
+        feats = backbone.encode_images(images)  # [B, D]
+        backbone.sync()
+        encode_s = time.monotonic() - started
+        self.metrics.batch_size.observe(images.shape[0])
+        outputs, offset = [], 0
+        for job in jobs:
+            t0 = time.monotonic()
+            work = job.work
+            logits = self._predict(work.method, feats[offset : offset + job.n_images],
+                                   self.classes.get(work.labels, work.templates), work)  # [N, C]
+            offset += job.n_images
+            timings = {"queue": started - job.enqueued_at, "encode": encode_s, "classify": time.monotonic() - t0}
+            outputs.append(JobOutput(logits, timings, int(images.shape[0]), skipped=job.skipped))
+        self.metrics.text_cache_bytes.set(self.classes.bytes)
+        return outputs
+
+    def _predict(self, method: Method[Any], feats: torch.Tensor, classes: torch.Tensor, work: Work) -> torch.Tensor:
+        """[N, D] image features against [C, D] classes: the method's zero-shot logits [N, C], float32 on the CPU."""
+        with torch.inference_mode():
+            return method.predict(feats, classes, self.backbone.logit_scale, work.options).float().cpu()
+
+    # -- adaptation -----------------------------------------------------------------------------
+    def adapt(self, jobs: list[Job]) -> dict[int, JobOutput]:
+        """Adapt every image of ``jobs`` (same method and options), stacked within the memory budget.
+
+        Returns the output of each job (by ``id``) whose images all finished; a job stopped part-way
+        (its caller gone) has none. Raises ``adapters.Stopped`` once every image's caller is gone.
+        """
+        backbone = self.backbone
+        started = time.monotonic()
+        method = jobs[0].work.method
+        options = jobs[0].work.options
+        # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
+        classes = {id(job): self.classes.get(job.work.labels, job.work.templates,
+                                             job.work.descriptions if method.uses_descriptions else None).clone()
+                   for job in jobs}  # each [C, D]
+        done: dict[tuple[int, int], Answer] = {}
+        needs = {id(job): self.memory.image_bytes(backbone, method, options, job.work.labels) for job in jobs}
+        items = [(job, i) for job in jobs for i in range(job.n_images)]
+        chunks, too_big = stack_within(items, [needs[id(job)] for job, _ in items], self.memory.budget_bytes,
+                                       self.adapt_max_batch)
+        if too_big:
+            job = too_big[0][0]
+            log.warning("%d image(s) of %s need about %.0f MiB each to adapt, over the %.0f MiB memory budget "
+                        "(TTA_ADAPT_MEMORY_BYTES): served zero-shot", len(too_big), method.name,
+                        needs[id(job)] / 2**20, self.memory.budget_bytes / 2**20)
+            self._answer_zero_shot(too_big, classes, done, "memory")
+        for chunk in chunks:
+            chunk = [(job, i) for job, i in chunk if not job.stopped()]
+            if chunk:
+                chunk = self._gate(chunk, classes, done)
+            if not chunk:
+                continue
+            tasks = [ImageTask(job.work.originals[i], job.work.images[i], classes[id(job)],  # type: ignore[index]
+                               job.work.labels, torch.Generator().manual_seed(image_seed(job.work.seed, i)),
+                               job.stopped)
+                     for job, i in chunk]
+            with gpu_peak(backbone.device) as peak:
+                outs = adapt_images(backbone, method, options, tasks)
+            if peak:
+                self.gpu_peak_bytes = max(self.gpu_peak_bytes, peak["before"])
+                self.memory.learn(method.name, sum(needs[id(job)] for job, _ in chunk), peak["rise"])
+            for (job, i), out in zip(chunk, outs, strict=True):
+                done[(id(job), i)] = out
+            self.metrics.adapt_batch_size.observe(len(chunk))
+        elapsed = time.monotonic() - started
+        if not any(job.work.gate is not None for job in jobs):  # a gated batch skipped work it was priced for
+            self.costs.learn(method.name, sum(job.cost_s for job in jobs), elapsed)
+        outputs = {}
+        for job in jobs:
+            if any((id(job), i) not in done for i in range(job.n_images)):
+                continue  # stopped part-way: its caller is gone
+            logits, reports = zip(*(done[(id(job), i)] for i in range(job.n_images)), strict=True)
+            for report in reports:
+                report.memory_bytes = int(needs[id(job)])
+            timings = {"queue": started - job.enqueued_at, "adapt": elapsed}
+            outputs[id(job)] = JobOutput(torch.stack(logits), timings, max(r.batch_images for r in reports),
+                                         list(reports))
+        return outputs
+
+    def _gate(self, chunk: list[Image], classes: dict[int, torch.Tensor],
+              done: dict[tuple[int, int], Answer]) -> list[Image]:
+        """Answer zero-shot the gated images whose calibrated margin passes their gate; return the others."""
+        gated = [(job, i) for job, i in chunk if job.work.gate is not None]
+        if not gated:
+            return chunk
+
+        def confident(job: Job, logits: torch.Tensor) -> bool:
+            gate = job.work.gate
+            return gate is not None and float(margin(logits[None], job.work.gate_temperature)[0]) >= gate
+
+        answered = self._answer_zero_shot(gated, classes, done, "confident", when=confident)
+        return [(job, i) for job, i in chunk if (id(job), i) not in answered]
+
+    def _answer_zero_shot(self, items: list[Image], classes: dict[int, torch.Tensor],
+                          done: dict[tuple[int, int], Answer], reason: str,
+                          when: Callable[[Job, torch.Tensor], bool] = lambda job, logits: True
+                          ) -> set[tuple[int, int]]:
+        """Answer ``items`` (those ``when`` picks from their zero-shot logits) zero-shot, skipped for ``reason``."""
+        t0 = time.monotonic()
+        feats = self.backbone.encode_images(torch.stack([job.work.images[i] for job, i in items]))  # [N, D]
+        answered = set()
+        for row, (job, i) in enumerate(items):
+            logits = self._predict(job.work.method, feats[row : row + 1], classes[id(job)], job.work)[0]  # [C]
+            if when(job, logits):
+                answered.add((id(job), i))
+                done[(id(job), i)] = (logits, ImageReport(logits, 0, 1, 1, time.monotonic() - t0, skipped=reason))
+        if answered:
+            self.metrics.adapt_skipped.labels(reason=reason).inc(len(answered))
+        return answered

@@ -1,0 +1,128 @@
+"""What the engine is asked to do and what it hands back: work items, and how results reach the event loop.
+
+``Work`` is one classify request as the engine sees it (its images, classes and method); the engine
+wraps it in a ``Job`` with the future its caller awaits, its deadline and its bookkeeping. Results and
+errors are handed to the caller's event loop with ``Job.resolve`` and ``Job.fail``, from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adapters import Method, MethodOptions
+from server.errors import ClientClosed, DeadlineExceeded
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What an adaptation request asks of the adaptation lane, known before its images are decoded."""
+
+    method: Method[Any]
+    options: MethodOptions
+    n_images: int
+    n_classes: int
+
+
+@dataclass(frozen=True, eq=False)
+class Work:
+    """One request's images and classes, and how to classify them."""
+
+    images: torch.Tensor  # [N, 3, H, W] base views (the normal preprocessing), CPU
+    labels: tuple[str, ...]
+    templates: tuple[str, ...]
+    method: Method[Any]
+    options: MethodOptions
+    originals: list[torch.Tensor] | None = None  # [3, H0, W0] uint8 per image, for methods that adapt; None: zero-shot
+    seed: int = 0
+    descriptions: tuple[tuple[str, ...], ...] | None = None  # per label, from its label set (TPS's prototypes)
+    gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
+    gate_temperature: float = 1.0  # the zero-shot temperature that calibrates the margin
+
+    @property
+    def n_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def adapts(self) -> bool:
+        return self.originals is not None
+
+    @property
+    def demand(self) -> Demand:
+        return Demand(self.method, self.options, self.n_images, len(self.labels))
+
+
+@dataclass
+class ImageReport:
+    """What adaptation did for one image (the ``adaptation`` block of a result)."""
+
+    zero_shot_logits: torch.Tensor  # [C] the base view, unadapted
+    steps: int
+    views: int
+    selected_views: int
+    seconds: float
+    order: torch.Tensor | None = None  # [C] class ranking when it is not the logits' (ZERO)
+    extra: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None  # "confident" or "memory": answered zero-shot, nothing was adapted
+    batch_images: int = 1  # images adapted together with this one (itself included)
+    memory_bytes: int | None = None  # estimated activation bytes adapting this image holds
+
+
+@dataclass
+class JobOutput:
+    logits: torch.Tensor  # [N, C] float32, CPU: the method's final logits
+    timings: dict[str, float]  # seconds per stage: queue, encode, classify (adapt, for adaptation jobs)
+    batch_images: int  # images in the forward pass (or stacked adaptation) this job shared
+    reports: list[ImageReport] | None = None  # per image, for adaptation jobs
+    skipped: str | None = None  # "overload": served zero-shot because the adaptation lane was full
+
+
+@dataclass(eq=False)
+class Job:
+    """``Work`` waiting for a lane, with the future its caller awaits."""
+
+    work: Work
+    future: asyncio.Future[JobOutput]
+    loop: asyncio.AbstractEventLoop
+    deadline: float  # time.monotonic() after which the job is not worth running
+    adapts: bool  # runs in the adaptation lane (False: zero-shot, including adaptation refused as overload)
+    cost_s: float = 0.0  # estimated adaptation seconds, held against the lane's budget while admitted
+    skipped: str | None = None  # "overload": adaptation was refused and the job runs zero-shot
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # the client went away
+
+    @property
+    def n_images(self) -> int:
+        return self.work.n_images
+
+    def stopped(self) -> bool:
+        return self.cancelled or time.monotonic() > self.deadline
+
+    def stop_error(self) -> Exception:
+        if self.cancelled:
+            return ClientClosed("the client closed the connection")
+        return DeadlineExceeded("the request passed its deadline during adaptation")
+
+    def resolve(self, output: JobOutput) -> None:
+        """Hand ``output`` to the caller (from any thread)."""
+        self._settle(lambda: self.future.set_result(output))
+
+    def fail(self, exc: BaseException) -> None:
+        """Hand ``exc`` to the caller (from any thread)."""
+        self._settle(lambda: self.future.set_exception(exc))
+
+    def _settle(self, complete: Callable[[], None]) -> None:
+        """Complete the future on its event loop, unless it is done or nobody waits any more."""
+
+        def on_loop() -> None:
+            if not self.future.done():
+                complete()
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the caller is gone
+            self.loop.call_soon_threadsafe(on_loop)

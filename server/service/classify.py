@@ -1,0 +1,254 @@
+"""The classify pipeline, once: a validated request in, typed results out, whatever the transport.
+
+``ClassifyService.classify`` resolves the method and the classes (labels, or a stored label set with
+its templates and descriptions), checks the limits, asks the engine for capacity before any decoding,
+decodes the images off the event loop, runs the work on the engine (watching for the caller going
+away), then calibrates each answer, applies abstention, builds the adaptation report, and records the
+request's metrics. The HTTP API, the accuracy harness and (later) the command line, jobs and sessions
+all call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from adapters import Method, MethodOptions
+from adapters.losses import entropy
+from server.clip.spec import ModelSpec
+from server.engine import Demand, Engine, JobOutput, Work
+from server.errors import ClientClosed, ClientError, DeadlineExceeded, InvalidInput, NotReady, Rejected, TTAError
+from server.metrics import Metrics
+from server.service.calibration import Calibration, predictions
+from server.service.decoding import ImageInput, decode_images
+from server.service.label_sets import LabelSets
+from server.service.results import Adaptation, Classification, ModelRef, Result, ZeroShotView
+from server.service.validation import (
+    check_image_count,
+    check_limits,
+    resolve_method,
+    resolve_templates,
+    resolve_top_k,
+    validate_labels,
+)
+from server.settings import Settings
+from server.storage import LabelSet
+
+DISCONNECT_POLL_S = 0.1  # how often a request waiting on the engine asks whether its caller is still there
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """What a caller asks: images, the classes (``labels`` or a ``label_set``), and how to classify them.
+
+    Types are checked by the caller (the API's schemas); the service checks values against the limits.
+    """
+
+    images: Sequence[ImageInput]
+    labels: Sequence[str] | None = None
+    label_set: str | None = None
+    templates: Sequence[str] | str | None = None  # a named set or templates with {} (default: the set's, the server's)
+    top_k: int | None = None
+    method: str | None = None  # default: TTA_DEFAULT_METHOD
+    options: Mapping[str, Any] | None = None
+    seed: int | None = None  # seeds the augmented views; None: a random one, reported
+    compare: bool = False  # also return the zero-shot predictions
+    abstain_below: float | None = None  # no label when the calibrated confidence is below this
+    confidence_gate: float | None = None  # default: TTA_CONFIDENCE_GATE
+    timeout_s: float | None = None  # a deadline shorter than TTA_REQUEST_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class Classes:
+    labels: tuple[str, ...]
+    templates: tuple[str, ...]
+    descriptions: tuple[tuple[str, ...], ...] | None  # per label, from a label set with descriptions
+
+
+def outcome(exc: BaseException) -> str:
+    """The ``outcome`` label of ``tta_requests_total`` for a request that raised ``exc``."""
+    if isinstance(exc, Rejected):
+        return "rejected"
+    if isinstance(exc, DeadlineExceeded):
+        return "timeout"
+    if isinstance(exc, ClientClosed):
+        return "cancelled"
+    return "client_error" if isinstance(exc, ClientError) else "error"
+
+
+class ClassifyService:
+    """Classify images zero-shot or with test-time adaptation, on one engine."""
+
+    def __init__(self, settings: Settings, spec: ModelSpec, engine: Engine, label_sets: LabelSets,
+                 calibration: Calibration, metrics: Metrics, decode_pool: Executor):
+        self.settings = settings
+        self.spec = spec
+        self.engine = engine
+        self.label_sets = label_sets
+        self.calibration = calibration
+        self.metrics = metrics
+        self.decode_pool = decode_pool
+
+    async def classify(self, req: ClassifyRequest, disconnected: Disconnected | None = None) -> Classification:
+        """Classify ``req``'s images; ``disconnected`` says when the caller has gone (its work is then stopped).
+
+        Raises a ``server.errors.TTAError``: ClientError for a bad request, Rejected when the server
+        cannot take it now, DeadlineExceeded, ClientClosed.
+        """
+        started = time.monotonic()
+        method_label, result = "invalid", "error"  # a method name only once it is known to be one
+        self.metrics.inflight.inc()
+        try:
+            method, options = resolve_method(req.method, req.options, self.settings)
+            method_label = method.name
+            classification = await self._classify(req, method, options, disconnected, started)
+            result = "success"
+            return classification
+        except TTAError as exc:
+            result = outcome(exc)
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(method=method_label, outcome=result).inc()
+            self.metrics.request_duration.labels(method=method_label).observe(time.monotonic() - started)
+
+    async def _classify(self, req: ClassifyRequest, method: Method[Any], options: MethodOptions,
+                        disconnected: Disconnected | None, started: float) -> Classification:
+        settings = self.settings
+        check_image_count(len(req.images), settings)
+        classes = self._resolve_classes(req)
+        top_k = resolve_top_k(req.top_k, len(classes.labels), settings)
+        adaptive = method.name != "zero_shot"
+        if adaptive:
+            check_limits(options, settings)
+        timeout_s = min(req.timeout_s, settings.request_timeout_s) if req.timeout_s else settings.request_timeout_s
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        gate = req.confidence_gate if req.confidence_gate is not None else settings.confidence_gate
+        # Before decoding: a request that will be refused costs no decode.
+        demand = Demand(method, options, len(req.images), len(classes.labels)) if adaptive else None
+        self.engine.check_capacity(demand, timeout_s)
+        backbone = self.engine.backbone
+        if backbone is None:
+            raise NotReady("the model is still loading; retry shortly", retry_after_s=1)
+        t0 = time.monotonic()
+        images, originals = await asyncio.get_running_loop().run_in_executor(
+            self.decode_pool, decode_images, list(req.images), backbone.preprocess, backbone.image_size,
+            settings.max_image_pixels, adaptive)
+        decode_s = time.monotonic() - t0
+        work = Work(images, classes.labels, classes.templates, method, options, originals=originals, seed=seed,
+                    descriptions=classes.descriptions, gate=gate if adaptive else None,
+                    gate_temperature=self.calibration.temperature("zero_shot"))
+        remaining = timeout_s - (time.monotonic() - started)
+        output = await self._run(work, max(remaining, 0.001), disconnected)
+        timings = {"decode": decode_s, **output.timings}
+        for stage, seconds in timings.items():
+            self.metrics.stage_duration.labels(stage=stage).observe(seconds)
+        timings["total"] = time.monotonic() - started
+        self.metrics.images.labels(method=method.name).inc(work.n_images)
+        spec = self.spec
+        return Classification(
+            model=ModelRef(id=spec.display, pretrained=spec.pretrained, demo=spec.is_demo),
+            method=method.name,
+            results=self._results(output, work, top_k, req, seed if adaptive else None),
+            timings=timings,
+        )
+
+    def _resolve_classes(self, req: ClassifyRequest) -> Classes:
+        """Labels, templates and, for a label set with descriptions, each label's descriptions."""
+        settings = self.settings
+        if req.labels is not None and req.label_set is not None:
+            raise InvalidInput("give labels or label_set, not both", code="labels_and_label_set")
+        if req.label_set is not None:
+            label_set: LabelSet = self.label_sets.get(req.label_set)
+            described = label_set.descriptions
+            descriptions = tuple(tuple(described.get(label, ())) for label in label_set.labels) if described else None
+            return Classes(label_set.labels, resolve_templates(req.templates, settings, fallback=label_set.templates),
+                           descriptions)
+        return Classes(validate_labels(req.labels, settings), resolve_templates(req.templates, settings), None)
+
+    async def _run(self, work: Work, timeout_s: float, disconnected: Disconnected | None) -> JobOutput:
+        """Run ``work`` on the engine; if the caller goes away first, cancel it and raise ClientClosed.
+
+        Cancelling the engine's await marks the job cancelled, so the engine drops it before it runs
+        or stops it between adaptation steps.
+        """
+        task = asyncio.ensure_future(self.engine.run(work, timeout_s))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S if disconnected else None)
+                if done:
+                    return task.result()
+                if disconnected is not None and await disconnected():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, TTAError):
+                        await task
+                    raise ClientClosed("the client closed the connection before the answer was ready")
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _results(self, output: JobOutput, work: Work, top_k: int, req: ClassifyRequest,
+                 seed: int | None) -> list[Result]:
+        """Each image's calibrated predictions, abstention, adaptation report and zero-shot view."""
+        method, labels = work.method.name, work.labels
+        zero_shot_t = self.calibration.temperature("zero_shot")
+        results = []
+        for i in range(output.logits.shape[0]):
+            logits = output.logits[i]  # [C]
+            report = output.reports[i] if output.reports else None
+            zs_logits = report.zero_shot_logits if report else logits
+            skipped = output.skipped or (report.skipped if report else None)
+            # An image answered zero-shot is calibrated as zero-shot, whatever method was asked for.
+            temperature = zero_shot_t if skipped else self.calibration.temperature(method)
+            preds = predictions(logits, temperature, labels, report.order if report else None, top_k)
+            zs_preds = predictions(zs_logits, zero_shot_t, labels, None, top_k)
+            confidence = preds[0].probability
+            abstained = req.abstain_below is not None and confidence < req.abstain_below
+            entropy_before, entropy_after = float(entropy(zs_logits)), float(entropy(logits))
+            adaptation = Adaptation(
+                method=method,
+                steps=report.steps if report else 0,
+                views=report.views if report else 1,
+                selected_views=report.selected_views if report else 1,
+                entropy_before=entropy_before,
+                entropy_after=entropy_after,
+                zero_shot_label=zs_preds[0].label,
+                changed=zs_preds[0].label != preds[0].label,
+                seconds=report.seconds if report else output.timings.get("classify", 0.0),
+                seed=seed if report else None,
+                agreement=report.extra.get("agreement") if report else None,
+                skipped=skipped,
+                batch_images=report.batch_images if report else 1,
+                memory_bytes=report.memory_bytes if report else None,
+            )
+            self._observe(method, confidence, report.seconds if report and not skipped else None,
+                          entropy_before - entropy_after, adaptation.changed)
+            results.append(Result(
+                label=None if abstained else preds[0].label,
+                confidence=confidence,
+                entropy=float(entropy(logits / temperature)),
+                abstained=abstained,
+                predictions=preds,
+                adaptation=adaptation,
+                zero_shot=ZeroShotView(label=zs_preds[0].label, confidence=zs_preds[0].probability,
+                                       predictions=zs_preds) if req.compare else None,
+            ))
+        return results
+
+    def _observe(self, method: str, confidence: float, adapt_s: float | None, entropy_drop: float,
+                 changed: bool) -> None:
+        """The quality metrics of one image: its confidence, and for an adapted one what adaptation did."""
+        self.metrics.confidence.labels(method=method).observe(confidence)
+        if adapt_s is not None:
+            self.metrics.adapt_duration.labels(method=method).observe(adapt_s)
+            self.metrics.entropy_reduction.labels(method=method).observe(entropy_drop)
+            if changed:
+                self.metrics.prediction_changed.labels(method=method).inc()

@@ -1,0 +1,76 @@
+"""What a classification returns, per image: typed results shared by every caller (HTTP, in-process tools).
+
+These are the JSON shapes of ``POST /v1/classify``'s ``results``; the API wraps them in its response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    """The model that answered."""
+
+    id: str
+    pretrained: str | None
+    demo: bool
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float = Field(..., description="Calibrated probability: softmax(logit / T), T fitted per method.")
+    raw_probability: float = Field(..., description="Softmax of the logits as the model gives them.")
+    logit: float = Field(..., description="Scaled cosine similarity: the model's logit scale times cos(image, class).")
+
+
+class Adaptation(BaseModel):
+    method: str
+    steps: int = Field(..., description="Optimizer steps (iterations, for forward-only methods) taken.")
+    views: int = Field(..., description="Views encoded, the image included.")
+    selected_views: int = Field(..., description="Views the loss or vote used.")
+    entropy_before: float = Field(..., description="Entropy of the zero-shot prediction, nats.")
+    entropy_after: float = Field(..., description="Entropy of the adapted prediction, nats.")
+    zero_shot_label: str
+    changed: bool = Field(..., description="The adapted label differs from zero-shot's.")
+    seconds: float
+    seed: int | None = Field(None, description="The seed the views were drawn with.")
+    agreement: float | None = Field(
+        None, description="ZERO: share of kept views voting for the label (not a probability).")
+    skipped: str | None = Field(
+        None, description="Why the image was answered zero-shot instead: 'overload' (the adaptation lane was "
+        "over its budget), 'confident' (the zero-shot margin passed the confidence gate) or 'memory' (adapting "
+        "this image alone needs more than TTA_ADAPT_MEMORY_BYTES).")
+    batch_images: int = Field(1, description="Images adapted together in one stacked computation, this one included.")
+    memory_bytes: int | None = Field(
+        None, description="Estimated bytes of activations adapting this image holds, what the lane weighs against "
+        "TTA_ADAPT_MEMORY_BYTES (null when the request was not admitted to the lane).")
+
+
+class ZeroShotView(BaseModel):
+    label: str
+    confidence: float
+    predictions: list[Prediction]
+
+
+class Result(BaseModel):
+    """One image's answer."""
+
+    label: str | None = Field(..., description="The top prediction; null when abstained.")
+    confidence: float = Field(..., description="Calibrated probability of the top prediction.")
+    entropy: float = Field(..., description="Entropy of the calibrated prediction over all labels, in nats.")
+    abstained: bool = Field(False, description="Confidence was below the request's abstain_below.")
+    predictions: list[Prediction] = Field(..., description="The top_k predictions, best first.")
+    adaptation: Adaptation
+    zero_shot: ZeroShotView | None = Field(None, description="With compare=true: the unadapted predictions.")
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A classify request's answer: the model, the method, one result per image, seconds per stage."""
+
+    model: ModelRef
+    method: str
+    results: list[Result]
+    timings: dict[str, float]  # decode, queue, encode, classify or adapt, total

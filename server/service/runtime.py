@@ -1,0 +1,112 @@
+"""One server process's parts, built from the settings and opened and closed as one.
+
+``Runtime.open`` checks the configuration, opens the store, starts the engine (which loads the model in
+the background) and builds the services on them; ``close`` stops them in reverse. The HTTP app opens
+one in its lifespan; the accuracy harness and other in-process tools open their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from adapters import method_names
+from server.clip.backbone import Backbone, load_backbone
+from server.clip.spec import ModelSpec, resolve_device, resolve_model
+from server.clip.templates import TEMPLATE_SETS
+from server.engine import Engine
+from server.errors import ConfigError, NotReady
+from server.metrics import Metrics
+from server.service.calibration import Calibration
+from server.service.classify import ClassifyService
+from server.service.label_sets import LabelSets, shipped_label_sets
+from server.settings import Settings
+from server.storage import Store, open_store
+
+log = logging.getLogger("ttaserve")
+
+Loader = Callable[[Settings, ModelSpec], Backbone]
+
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def check_settings(settings: Settings) -> ModelSpec:
+    """Everything about the configuration that can be checked without loading weights; raises ConfigError."""
+    if settings.default_method not in method_names():
+        raise ConfigError(
+            f"TTA_DEFAULT_METHOD={settings.default_method!r} is not a method; known: {', '.join(method_names())}")
+    if settings.default_templates not in TEMPLATE_SETS:
+        raise ConfigError(f"TTA_DEFAULT_TEMPLATES={settings.default_templates!r} is not a template set; "
+                          f"known: {', '.join(sorted(TEMPLATE_SETS))}")
+    resolve_device(settings.device)
+    return resolve_model(settings)
+
+
+@dataclass
+class Runtime:
+    """The engine, the store and the services of one process."""
+
+    settings: Settings
+    metrics: Metrics
+    spec: ModelSpec
+    engine: Engine
+    store: Store
+    label_sets: LabelSets
+    calibration: Calibration
+    classifier: ClassifyService
+    decode_pool: ThreadPoolExecutor
+
+    @classmethod
+    def open(cls, settings: Settings, metrics: Metrics | None = None, load: Loader = load_backbone,
+             on_fatal: Callable[[BaseException], None] | None = None) -> Runtime:
+        """Check the settings, open the store, start loading the model; raises ConfigError on a bad setting.
+
+        ``load`` replaces ``load_backbone`` (tests use it to hold or break loading); ``on_fatal`` is called
+        if the model then fails to load.
+        """
+        spec = check_settings(settings)
+        metrics = metrics or Metrics()
+        device = resolve_device(settings.device)
+        log.info("effective configuration: %s", json.dumps(settings.masked(), sort_keys=True))
+        if spec.is_demo:
+            log.warning(
+                "serving the built-in demo model (%s): a tiny CLIP trained on synthetic shape images, useful to "
+                "try the API, not for real photos. Choose a real model with TTA_MODEL, e.g. "
+                "TTA_MODEL=ViT-B-16-quickgelu TTA_PRETRAINED=openai, or TTA_MODEL=local-dir:/path/to/model",
+                spec.display,
+            )
+        shipped = shipped_label_sets(spec.card, settings)
+        calibration = Calibration.from_card(spec.card)
+        store = open_store(settings)
+        engine = Engine(settings, metrics, lambda: load(settings, spec), on_fatal=on_fatal)
+        metrics.model_info.labels(model=spec.display, pretrained=spec.pretrained or "", device=str(device),
+                                  precision=settings.precision).set(1)
+        label_sets = LabelSets(store, shipped, settings)
+        decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tta-decode")
+        classifier = ClassifyService(settings, spec, engine, label_sets, calibration, metrics, decode_pool)
+        engine.start()
+        return cls(settings, metrics, spec, engine, store, label_sets, calibration, classifier, decode_pool)
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    def readiness(self) -> None:
+        """Return when the model is loaded and warm; raise NotReady saying why not."""
+        engine = self.engine
+        if engine.ready:
+            return
+        if engine.load_error is not None:
+            raise NotReady(f"the model failed to load: {engine.load_error}", code="load_failed")
+        raise NotReady("the model is loading", retry_after_s=1)
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of this process's metrics, gauges refreshed."""
+        self.engine.refresh_gauges()
+        return generate_latest(self.metrics.registry)

@@ -1,0 +1,112 @@
+"""The default store: an embedded SQLite file in the data directory, with a schema version and migrations.
+
+The database's ``user_version`` is its schema version; opening a file applies the migrations it has
+not had yet, each in its own transaction, and refuses a file from a newer server. A file written
+before versions existed (``user_version`` 0, the label-set table already there) takes migration 1,
+which creates nothing it already has.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from server.errors import ConfigError, Conflict, NotFound
+from server.storage.base import LabelSet
+
+# Migration n (1-based) brings a database from version n-1 to n. Append; never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS label_sets (
+        name TEXT PRIMARY KEY,
+        labels TEXT NOT NULL,          -- JSON list of strings
+        templates TEXT,                -- JSON list of strings, or NULL for the request's/server's default
+        descriptions TEXT,             -- JSON object: label -> list of descriptions, or NULL
+        created_at REAL NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SqliteStore:
+    """A thread-safe SQLite store; every write is committed (and synced) before the call returns."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._lock = threading.Lock()
+        self.schema_version = self._migrate()
+
+    def _migrate(self) -> int:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise ConfigError(f"{self.path} has schema version {version}, newer than this server's "
+                              f"{SCHEMA_VERSION}: run a newer TTAServe, or point TTA_DATA_DIR elsewhere")
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            try:
+                self._db.executescript(f"BEGIN; {script} PRAGMA user_version = {target}; COMMIT;")
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._db.close()
+                raise
+        return SCHEMA_VERSION
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create_label_set(self, label_set: LabelSet) -> LabelSet:
+        row = (
+            label_set.name,
+            json.dumps(list(label_set.labels)),
+            json.dumps(list(label_set.templates)) if label_set.templates is not None else None,
+            json.dumps(label_set.descriptions) if label_set.descriptions is not None else None,
+            label_set.created_at,
+        )
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO label_sets VALUES (?, ?, ?, ?, ?)", row)
+            except sqlite3.IntegrityError:
+                raise Conflict(
+                    f"label set {label_set.name!r} already exists; DELETE it first to replace it",
+                    code="label_set_exists",
+                ) from None
+        return label_set
+
+    def get_label_set(self, name: str) -> LabelSet:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM label_sets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no label set named {name!r}; GET /v1/label-sets lists them", code="unknown_label_set")
+        return _from_row(row)
+
+    def list_label_sets(self) -> list[LabelSet]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM label_sets ORDER BY name").fetchall()
+        return [_from_row(r) for r in rows]
+
+    def delete_label_set(self, name: str) -> None:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM label_sets WHERE name = ?", (name,))
+        if cursor.rowcount == 0:
+            raise NotFound(f"no label set named {name!r}", code="unknown_label_set")
+
+
+def _from_row(row: tuple[Any, ...]) -> LabelSet:
+    name, labels, templates, descriptions, created_at = row
+    return LabelSet(
+        name=name,
+        labels=tuple(json.loads(labels)),
+        templates=tuple(json.loads(templates)) if templates is not None else None,
+        descriptions=json.loads(descriptions) if descriptions is not None else None,
+        created_at=created_at,
+    )
