@@ -55,8 +55,8 @@ def sample_boxes(height: int, width: int, n: int, generator: torch.Generator,
         for _ in range(10):
             target_area = area * torch.empty(1, device=device).uniform_(scale[0], scale[1], generator=generator).item()
             aspect = torch.exp(torch.empty(1, device=device).uniform_(lo, hi, generator=generator)).item()
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
             if 0 < w <= width and 0 < h <= height:
                 i = int(torch.randint(0, height - h + 1, size=(1,), device=device, generator=generator).item())
                 j = int(torch.randint(0, width - w + 1, size=(1,), device=device, generator=generator).item())
@@ -65,10 +65,10 @@ def sample_boxes(height: int, width: int, n: int, generator: torch.Generator,
             in_ratio = float(width) / float(height)
             if in_ratio < min(ratio):
                 w = width
-                h = int(round(w / min(ratio)))
+                h = round(w / min(ratio))
             elif in_ratio > max(ratio):
                 h = height
-                w = int(round(h * max(ratio)))
+                w = round(h * max(ratio))
             else:
                 w, h = width, height
             i, j = (height - h) // 2, (width - w) // 2

@@ -41,8 +41,8 @@ from benchmarks._lib.scoring import reliability, score
 
 
 def markdown(rows: list[dict[str, Any]], methods: list[str]) -> str:
-    lines = ["| shift | method | n | top-1 % [95% CI] | ECE % [95% CI] | ECE % at T [95% CI] | NLL [95% CI] "
-             "| changed % |",
+    lines = [("| shift | method | n | top-1 % [95% CI] | ECE % [95% CI] | ECE % at T [95% CI] | NLL [95% CI] "
+             "| changed % |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         changed = f"{r['changed']:.1f}" if "changed" in r else "-"

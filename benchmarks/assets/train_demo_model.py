@@ -22,15 +22,15 @@ from pathlib import Path
 # before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import open_clip  # noqa: E402
-import torch  # noqa: E402
-from open_clip.loss import ClipLoss  # noqa: E402
-from open_clip.model import CLIP  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+from open_clip.model import CLIP
+from safetensors.torch import save_file
 
 from benchmarks import demo_eval
-from benchmarks._lib import synthetic  # noqa: E402
-from server.clip.card import ModelCard, read_card, write_card  # noqa: E402
+from benchmarks._lib import synthetic
+from server.clip.card import ModelCard, read_card, write_card
 
 CONTEXT_LENGTH = 20  # longest caption is 19 tokens with start/end
 TEXT_CFG = {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}

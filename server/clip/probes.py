@@ -64,7 +64,7 @@ def _vision_saved_bytes(visual: torch.nn.Module, images: torch.Tensor, weights: 
             for hook in hooks:
                 hook.remove()
     total = sum(seen.values())
-    return total, max(per_block + [total - sum(per_block)])
+    return total, max([*per_block, total - sum(per_block)])
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -109,7 +110,7 @@ def default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+    with contextlib.suppress(OSError, ValueError), Path("/proc/meminfo").open() as f:
         for line in f:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024 // 2

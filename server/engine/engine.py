@@ -238,7 +238,7 @@ class Engine:
             for job in live:
                 job.fail(job.stop_error())
             return
-        except Exception as exc:  # noqa: BLE001 - reported to the request; the lane carries on
+        except Exception as exc:
             if len(live) > 1:  # find the job that cannot run, without failing the others
                 log.warning("a stacked adaptation batch of %d jobs failed (%s); running them one by one",
                             len(live), exc)

@@ -65,7 +65,7 @@ class Lane:
         while (batch := self._next()) is not None:
             try:
                 self._run(batch)
-            except Exception as exc:  # noqa: BLE001 - the lane must outlive any one batch
+            except Exception as exc:
                 log.exception("%s batch of %d job(s) failed", self.name, len(batch))
                 for job in batch:
                     job.fail(exc)

@@ -122,18 +122,12 @@ def test_python_client_against_the_live_server(served, tmp_path):
         assert tta.classify([path], label_set="colours")["results"][0]["label"] in {"red", "green", "blue"}
         assert "colours" in [s["name"] for s in tta.label_sets()]
         tta.delete_label_set("colours")
-        try:
+        with pytest.raises(ApiError) as refused:
             tta.classify([path], label_set="colours")
-        except ApiError as exc:
-            assert (exc.status, exc.code) == (404, "unknown_label_set") and exc.request_id
-        else:
-            raise AssertionError("expected ApiError")
+        assert (refused.value.status, refused.value.code) == (404, "unknown_label_set") and refused.value.request_id
         assert tta.models()[0]["ready"] is True and "zero_shot" in [m["name"] for m in tta.methods()["methods"]]
         gated = tta.classify([path], labels=["red", "green"], method="tps", confidence_gate=0.0, timeout_s=300)
         assert gated["results"][0]["adaptation"]["skipped"] == "confident"
-        try:
+        with pytest.raises(ApiError) as refused:
             tta.classify([path], labels=["red", "green"], timeout_s=-1)
-        except ApiError as exc:
-            assert (exc.status, exc.code) == (400, "invalid_timeout")
-        else:
-            raise AssertionError("expected ApiError")
+        assert (refused.value.status, refused.value.code) == (400, "invalid_timeout")

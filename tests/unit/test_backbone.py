@@ -47,7 +47,7 @@ def test_bad_model_settings_name_the_setting(kw, words):
 
 
 def test_local_dir_without_config_is_explained(tmp_path):
-    with pytest.raises(ConfigError, match="open_clip_config.json"):
+    with pytest.raises(ConfigError, match=r"open_clip_config\.json"):
         resolve_model(make_settings(model=f"local-dir:{tmp_path}"))
 
 

@@ -121,7 +121,7 @@ def test_targets_are_the_q_and_v_projections(backbones):
 def test_other_towers_are_refused_with_a_reason(backbones):
     bb = copy.copy(backbones["vit"])
     bb.model = SimpleNamespace(visual=torch.nn.Identity())  # stands in for a timm or Hugging Face tower
-    with pytest.raises(ValueError, match="VisionTransformer or ModifiedResNet.*Identity"):
+    with pytest.raises(ValueError, match=r"VisionTransformer or ModifiedResNet.*Identity"):
         bb.lora_targets()
     with pytest.raises(ValueError, match="at least 1"):
         backbones["vit"].lora_targets(0)
