@@ -29,5 +29,17 @@ def method_names() -> list[str]:
     return sorted(REGISTRY)
 
 
-__all__ = ["AdaptInput", "AdaptResult", "Backbone", "Cost", "Method", "MethodOptions", "OptionsError", "Stopped",
-           "UnsupportedModel", "get_method", "method_names", "register"]
+__all__ = [
+    "AdaptInput",
+    "AdaptResult",
+    "Backbone",
+    "Cost",
+    "Method",
+    "MethodOptions",
+    "OptionsError",
+    "Stopped",
+    "UnsupportedModel",
+    "get_method",
+    "method_names",
+    "register",
+]

@@ -138,8 +138,9 @@ class Method(ABC, Generic[OptionsT]):
         """The forward passes adapting one image takes; the default encodes its views once."""
         return Cost(image_passes=float(options.views))
 
-    def encode_views(self, backbone: Backbone,
-                     views: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    def encode_views(
+        self, backbone: Backbone, views: Sequence[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """Encode each image's views in one pass: per image, [V, D] unit-norm features and a cache for ``adapt``.
 
         TTL overrides it to keep the activations that enter its adapted blocks.
@@ -166,8 +167,9 @@ class Method(ABC, Generic[OptionsT]):
             results.append(self.adapt(inp, options))
         return results
 
-    def predict(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float,
-                options: OptionsT) -> torch.Tensor:
+    def predict(
+        self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float, options: OptionsT
+    ) -> torch.Tensor:
         """[B, D] unit-norm image features, [C, D] unit-norm class features -> [B, C] zero-shot logits."""
         return logit_scale * image_features @ class_features.T
 

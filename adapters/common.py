@@ -34,9 +34,13 @@ class EpisodicOptions(MethodOptions):
         check_range("lr", self.lr, 0.0, 10.0)
 
 
-def optimize(params: Sequence[Sequence[torch.Tensor]], lr: float, steps: int,
-             loss_fn: Callable[[int], Sequence[torch.Tensor | None]],
-             stop: Callable[[], bool] = lambda: False) -> list[int]:
+def optimize(
+    params: Sequence[Sequence[torch.Tensor]],
+    lr: float,
+    steps: int,
+    loss_fn: Callable[[int], Sequence[torch.Tensor | None]],
+    stop: Callable[[], bool] = lambda: False,
+) -> list[int]:
     """Run ``steps`` AdamW steps for R stacked images at once, each as if it were alone.
 
     TPT's optimizer: torch's AdamW defaults (weight decay 0.01), fresh per request. ``params[r]`` are

@@ -60,8 +60,7 @@ def select_confident(logits: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.argsort(entropy(logits), stable=True)[:keep]  # [K]
 
 
-def ttl_weighted_entropy(logits: torch.Tensor, tau: float = 0.4,
-                         max_entropy: float = TTL_MAX_ENTROPY) -> torch.Tensor:
+def ttl_weighted_entropy(logits: torch.Tensor, tau: float = 0.4, max_entropy: float = TTL_MAX_ENTROPY) -> torch.Tensor:
     """TTL's loss: the mean over views of H_i * exp(-(H_i - tau)), the weights detached.
 
     TTL's code (DeYO's ``forward_and_adapt_sar`` with ``filter_ent=0``, ``reweight_ent=1``,

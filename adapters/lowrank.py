@@ -58,17 +58,18 @@ class LoraFactors:
 
     def __post_init__(self) -> None:
         if not (len(self.a) == len(self.b) == len(self.targets)):
-            raise ValueError(f"{len(self.targets)} targets need as many A and B factors, "
-                             f"got {len(self.a)} and {len(self.b)}")
+            raise ValueError(
+                f"{len(self.targets)} targets need as many A and B factors, got {len(self.a)} and {len(self.b)}"
+            )
         lead = tuple(self.a[0].shape[:-2])
         if len(lead) > 1:
-            raise ValueError(f"LoRA factors take at most one leading (request) axis, got A of shape "
-                             f"{tuple(self.a[0].shape)}")
+            raise ValueError(
+                f"LoRA factors take at most one leading (request) axis, got A of shape {tuple(self.a[0].shape)}"
+            )
         for t, a, b in zip(self.targets.targets, self.a, self.b, strict=True):
             want_a, want_b = (*lead, self.rank, t.in_features), (*lead, t.out_features, self.rank)
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-                raise ValueError(f"{t.name}: A {tuple(a.shape)} and B {tuple(b.shape)}, expected "
-                                 f"{want_a} and {want_b}")
+                raise ValueError(f"{t.name}: A {tuple(a.shape)} and B {tuple(b.shape)}, expected {want_a} and {want_b}")
 
     @property
     def rank(self) -> int:
@@ -87,8 +88,14 @@ class LoraFactors:
         return [t for pair in zip(self.a, self.b, strict=True) for t in pair]
 
     @classmethod
-    def init(cls, targets: LoraTargets, rank: int = 16, alpha: float = 32.0,
-             generator: torch.Generator | None = None, device: torch.device | str | None = None) -> LoraFactors:
+    def init(
+        cls,
+        targets: LoraTargets,
+        rank: int = 16,
+        alpha: float = 32.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> LoraFactors:
         """Fresh trainable factors: A xavier-normal, B zero, so the adapted model starts as the frozen one.
 
         TTL's code builds PEFT LoRA layers (A kaiming-uniform, B zero), then re-draws each q/v

@@ -34,8 +34,9 @@ def bandwidths(feats: torch.Tensor, neighbours: float = 0.3) -> torch.Tensor:
     return (0.5 * nearest.mean(-1)).sqrt().clamp_min(1e-8)  # [V]
 
 
-def mean_shift(feats: torch.Tensor, probs: torch.Tensor, lambda_y: float, lambda_q: float,
-               iterations: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def mean_shift(
+    feats: torch.Tensor, probs: torch.Tensor, lambda_y: float, lambda_q: float, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Joint mode and inlierness estimation: returns (mode [D], inlierness [V], outer iterations run)."""
     v = feats.shape[0]
     h = bandwidths(feats)  # [V]

@@ -67,8 +67,16 @@ class TPS(Method[TPSOptions]):
                 out.append(marginal_entropy(view_logits[idx]))
             return out
 
-        steps = optimize([[s] for s in shifts], options.lr, options.steps, loss,
-                         stop=lambda: all(inp.stop() for inp in inputs))
+        steps = optimize(
+            [[s] for s in shifts], options.lr, options.steps, loss, stop=lambda: all(inp.stop() for inp in inputs)
+        )
         with torch.no_grad():
-            return [AdaptResult(logits(r, 0), steps=steps[r], selected_views=selected[r] if steps[r] else 1,
-                                state={"shift": shifts[r].detach()}) for r in range(len(inputs))]
+            return [
+                AdaptResult(
+                    logits(r, 0),
+                    steps=steps[r],
+                    selected_views=selected[r] if steps[r] else 1,
+                    state={"shift": shifts[r].detach()},
+                )
+                for r in range(len(inputs))
+            ]

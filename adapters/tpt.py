@@ -57,8 +57,11 @@ class PromptTuning(Method[PromptOptionsT]):
     def cost(self, options: PromptOptionsT, n_classes: int) -> Cost:
         # Views once; the text tower forward and backward per step, and forward once more to predict.
         # One step's graph at a time: the activations of every class's prompt until its backward pass.
-        return Cost(image_passes=float(options.views), prompt_passes=float(n_classes * (3 * options.steps + 1)),
-                    kept_prompts=float(n_classes) if options.steps else 0.0)
+        return Cost(
+            image_passes=float(options.views),
+            prompt_passes=float(n_classes * (3 * options.steps + 1)),
+            kept_prompts=float(n_classes) if options.steps else 0.0,
+        )
 
     def adapt(self, inp: AdaptInput, options: PromptOptionsT) -> AdaptResult:
         return self.adapt_batch([inp], options)[0]
@@ -86,13 +89,20 @@ class PromptTuning(Method[PromptOptionsT]):
                 out.append(value - weight * dispersion(texts[r]) if weight else value)
             return out
 
-        steps = optimize([[c] for c in ctxs], options.lr, options.steps, loss,
-                         stop=lambda: all(inp.stop() for inp in inputs))
+        steps = optimize(
+            [[c] for c in ctxs], options.lr, options.steps, loss, stop=lambda: all(inp.stop() for inp in inputs)
+        )
         with torch.no_grad():
             texts = backbone.encode_text_with_contexts(torch.stack(ctxs), prompts)
-            return [AdaptResult(inp.logit_scale * inp.view_features[0] @ texts[r].T, steps=steps[r],
-                                selected_views=len(picked) if (picked := chosen[r]) is not None else 1,
-                                state={"ctx": ctxs[r].detach()}) for r, inp in enumerate(inputs)]
+            return [
+                AdaptResult(
+                    inp.logit_scale * inp.view_features[0] @ texts[r].T,
+                    steps=steps[r],
+                    selected_views=len(picked) if (picked := chosen[r]) is not None else 1,
+                    state={"ctx": ctxs[r].detach()},
+                )
+                for r, inp in enumerate(inputs)
+            ]
 
 
 @register

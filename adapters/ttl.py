@@ -67,11 +67,14 @@ class TTL(Method[TTLOptions]):
         # One pass of the views; per step the adapted blocks forward and backward (at most the tower).
         # Kept: the adapted blocks' activations for the backward pass, and the cached tokens entering them.
         share = min(1.0, options.blocks / 12)
-        return Cost(image_passes=float(options.views * (1 + 3 * options.steps * share)),
-                    kept_images=float(options.views * min(1.0, share + 1 / 12)))
+        return Cost(
+            image_passes=float(options.views * (1 + 3 * options.steps * share)),
+            kept_images=float(options.views * min(1.0, share + 1 / 12)),
+        )
 
-    def encode_views(self, backbone: Backbone,
-                     views: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    def encode_views(
+        self, backbone: Backbone, views: Sequence[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """One pass: the frozen prefix, kept for every step, then the suffix with B = 0 for the features.
 
         ``encode_views`` options are not known here, so the prefix is cut at TTL's default three blocks
@@ -82,8 +85,10 @@ class TTL(Method[TTLOptions]):
         prefix = backbone.vision_prefix(torch.cat(list(views)), targets)  # [sum V, ...]
         with torch.no_grad():
             feats = backbone.vision_suffix(prefix, LoraFactors.frozen(targets, backbone.device))  # [sum V, D]
-        return [(f, {"prefix": p, "blocks": TTLOptions.blocks})
-                for f, p in zip(torch.split(feats, sizes), torch.split(prefix, sizes), strict=True)]
+        return [
+            (f, {"prefix": p, "blocks": TTLOptions.blocks})
+            for f, p in zip(torch.split(feats, sizes), torch.split(prefix, sizes), strict=True)
+        ]
 
     def adapt(self, inp: AdaptInput, options: TTLOptions) -> AdaptResult:
         return self.adapt_batch([inp], options)[0]
@@ -100,8 +105,10 @@ class TTL(Method[TTLOptions]):
                 cached = backbone.vision_prefix(inp.views, targets)
             prefixes.append(cached)
         prefix = torch.stack(prefixes)  # [R, V, ...] frozen up to the first adapted block
-        loras = [LoraFactors.init(targets, options.rank, options.alpha, generator=inp.generator,
-                                  device=backbone.device) for inp in inputs]
+        loras = [
+            LoraFactors.init(targets, options.rank, options.alpha, generator=inp.generator, device=backbone.device)
+            for inp in inputs
+        ]
         stacked = [LoraFactors.stack(loras)]  # rebuilt from the leaves at every step
         kept = [inp.view_features.shape[0] for inp in inputs]
 
@@ -116,14 +123,25 @@ class TTL(Method[TTLOptions]):
                 out.append(ttl_weighted_entropy(logits, options.tau) if kept[r] else None)
             return out
 
-        steps = optimize([lora.parameters() for lora in loras], options.lr, options.steps, loss,
-                         stop=lambda: all(inp.stop() for inp in inputs))
+        steps = optimize(
+            [lora.parameters() for lora in loras],
+            options.lr,
+            options.steps,
+            loss,
+            stop=lambda: all(inp.stop() for inp in inputs),
+        )
         with torch.no_grad():
             feats = backbone.vision_suffix(prefix[:, :1], LoraFactors.stack(loras))[:, 0]  # [R, D] base views
             results = []
             for r, (inp, lora) in enumerate(zip(inputs, loras, strict=True)):
                 state = {f"a{i}": a.detach() for i, a in enumerate(lora.a)}
                 state |= {f"b{i}": b.detach() for i, b in enumerate(lora.b)}
-                results.append(AdaptResult(inp.logit_scale * feats[r] @ inp.class_features.T, steps=steps[r],
-                                           selected_views=kept[r], state=state))
+                results.append(
+                    AdaptResult(
+                        inp.logit_scale * feats[r] @ inp.class_features.T,
+                        steps=steps[r],
+                        selected_views=kept[r],
+                        state=state,
+                    )
+                )
             return results

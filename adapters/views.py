@@ -36,9 +36,15 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 FLIP_P = 0.5
 
 
-def sample_boxes(height: int, width: int, n: int, generator: torch.Generator,
-                 scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO,
-                 flip_p: float = FLIP_P) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_boxes(
+    height: int,
+    width: int,
+    n: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = SCALE,
+    ratio: tuple[float, float] = RATIO,
+    flip_p: float = FLIP_P,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``n`` crop boxes and flips as torchvision's RandomResizedCrop + RandomHorizontalFlip would.
 
     Returns:
@@ -94,8 +100,9 @@ def _axis(start: torch.Tensor, length: torch.Tensor, out: int) -> tuple[torch.Te
     return start[:, None] + i0, start[:, None] + i1, lam1
 
 
-def resize_crops(image: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
-                 flips: torch.Tensor | None = None) -> torch.Tensor:
+def resize_crops(
+    image: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flips: torch.Tensor | None = None
+) -> torch.Tensor:
     """Crop each box of ``image`` and resize it to ``size`` with bilinear interpolation, all at once.
 
     Equals torchvision's ``resized_crop(image, *box, size, BILINEAR, antialias=False)`` per box (and a
@@ -143,8 +150,15 @@ def resize_crops(image: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]
     return out.contiguous()
 
 
-def make_views(image: torch.Tensor, n_views: int, size: tuple[int, int], mean: Sequence[float],
-               std: Sequence[float], generator: torch.Generator, base_view: torch.Tensor) -> torch.Tensor:
+def make_views(
+    image: torch.Tensor,
+    n_views: int,
+    size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator,
+    base_view: torch.Tensor,
+) -> torch.Tensor:
     """TPT's views of one image: the base view, then ``n_views - 1`` random resized crops with flips.
 
     Args:

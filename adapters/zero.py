@@ -71,5 +71,10 @@ class Zero(Method[ZeroOptions]):
         votes, order, kept = vote(logits, options.gamma)
         mean_logits = logits[kept].mean(0)  # [C]
         winner = int(order[0])
-        return AdaptResult(mean_logits, steps=0, selected_views=len(kept), order=order,
-                           extra={"agreement": float(votes[winner]) / len(kept)})
+        return AdaptResult(
+            mean_logits,
+            steps=0,
+            selected_views=len(kept),
+            order=order,
+            extra={"agreement": float(votes[winner]) / len(kept)},
+        )

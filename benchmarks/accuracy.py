@@ -41,9 +41,10 @@ from benchmarks._lib.scoring import reliability, score
 
 
 def markdown(rows: list[dict[str, Any]], methods: list[str]) -> str:
-    lines = [("| shift | method | n | top-1 % [95% CI] | ECE % [95% CI] | ECE % at T [95% CI] | NLL [95% CI] "
-             "| changed % |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        ("| shift | method | n | top-1 % [95% CI] | ECE % [95% CI] | ECE % at T [95% CI] | NLL [95% CI] | changed % |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         changed = f"{r['changed']:.1f}" if "changed" in r else "-"
         lines.append(
@@ -51,20 +52,23 @@ def markdown(rows: list[dict[str, Any]], methods: list[str]) -> str:
             f"| {r['top1']:.1f} [{r['top1_lo']:.1f}, {r['top1_hi']:.1f}] "
             f"| {r['ece']:.1f} [{r['ece_lo']:.1f}, {r['ece_hi']:.1f}] "
             f"| {r['ece_cal']:.1f} [{r['ece_cal_lo']:.1f}, {r['ece_cal_hi']:.1f}] (T={r['temperature']:.2f}) "
-            f"| {r['nll']:.3f} [{r['nll_lo']:.3f}, {r['nll_hi']:.3f}] | {changed} |")
+            f"| {r['nll']:.3f} [{r['nll_lo']:.3f}, {r['nll_hi']:.3f}] | {changed} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], diagrams: dict[str, dict[str, list[float]]], methods: list[str],
-         path: Path) -> None:
+def plot(
+    rows: list[dict[str, Any]], diagrams: dict[str, dict[str, list[float]]], methods: list[str], path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shifts = list(dict.fromkeys(r["shift"] for r in rows))
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(10, 0.55 * len(shifts) * len(methods) + 6), 4.8),
-                                  gridspec_kw={"width_ratios": [3, 1]})
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(max(10, 0.55 * len(shifts) * len(methods) + 6), 4.8), gridspec_kw={"width_ratios": [3, 1]}
+    )
     width = 0.8 / len(methods)
     for k, method in enumerate(methods):
         mine = {r["shift"]: r for r in rows if r["method"] == method}
@@ -100,20 +104,27 @@ def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="demo", help="demo, demo-vit, or any TTA_MODEL form")
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--server", default=None, help="measure a running server instead (URL)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data", type=Path, action="append", default=[],
-                        help="ImageFolder-style directory (repeatable); default: the synthetic shift suite")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        default=[],
+        help="ImageFolder-style directory (repeatable); default: the synthetic shift suite",
+    )
     parser.add_argument("--class-names", type=Path, default=None, help="one class name per line, in folder order")
     parser.add_argument("--templates", default=None, help="JSON list of templates for --data (default: CLIP's simple)")
     parser.add_argument("--methods", default="all", help="comma-separated, or 'all' registered methods")
     parser.add_argument("--options", action="append", default=[], metavar="METHOD=JSON", help="a method's options")
-    parser.add_argument("--shifts", default="all",
-                        help="comma-separated shift names (NAME+blur adds the control's blur), or 'all'")
+    parser.add_argument(
+        "--shifts", default="all", help="comma-separated shift names (NAME+blur adds the control's blur), or 'all'"
+    )
     parser.add_argument("--severities", default="3", help="comma-separated severities 1-5 for corruptions")
     parser.add_argument("--max-samples", type=int, default=500, help="images per shift")
     parser.add_argument("--seed", type=int, default=0)
@@ -135,26 +146,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         templates = json.loads(args.templates) if args.templates else ["a photo of a {}."]
         subsets = [folder_subset(d, args.class_names, args.max_samples, args.seed, templates) for d in args.data]
     else:
-        names = (["clean", "control", "heldout", *shift_suite.SHIFTS] if args.shifts == "all"
-                 else args.shifts.split(","))
+        names = ["clean", "control", "heldout", *shift_suite.SHIFTS] if args.shifts == "all" else args.shifts.split(",")
         subsets = synthetic_subsets(names, [int(s) for s in args.severities.split(",")], args.max_samples, args.seed)
 
-    runner = ServerRunner(args.server, args.batch_size, args.seed) if args.server else DirectRunner(
-        args.model, args.pretrained, args.device, args.batch_size, args.seed)
-    print(f"model: {runner.description}; methods: {', '.join(methods)}; {len(subsets)} subsets x "
-          f"{args.max_samples} images", flush=True)
+    runner = (
+        ServerRunner(args.server, args.batch_size, args.seed)
+        if args.server
+        else DirectRunner(args.model, args.pretrained, args.device, args.batch_size, args.seed)
+    )
+    print(
+        f"model: {runner.description}; methods: {', '.join(methods)}; {len(subsets)} subsets x "
+        f"{args.max_samples} images",
+        flush=True,
+    )
 
     rows: list[dict[str, Any]] = []
     pooled: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {
-        m: [] for m in methods}
+        m: [] for m in methods
+    }
     started = time.perf_counter()
 
     def scored(shift: str, method: str, logits, pred, labels, reference, temperature) -> dict[str, Any]:
         ref = None if method == "zero_shot" else reference
         raw = score(logits.softmax(-1), labels, ref, args.bootstrap, args.seed, pred=pred)
         cal = score((logits / temperature).softmax(-1), labels, ref, args.bootstrap, args.seed, pred=pred)
-        return {"shift": shift, "method": method, **raw, "temperature": temperature,
-                "ece_cal": cal["ece"], "ece_cal_lo": cal["ece_lo"], "ece_cal_hi": cal["ece_hi"], "nll_cal": cal["nll"]}
+        return {
+            "shift": shift,
+            "method": method,
+            **raw,
+            "temperature": temperature,
+            "ece_cal": cal["ece"],
+            "ece_cal_lo": cal["ece_lo"],
+            "ece_cal_hi": cal["ece_hi"],
+            "nll_cal": cal["nll"],
+        }
 
     try:
         with tqdm(total=len(subsets) * len(methods), unit="run", dynamic_ncols=True) as bar:
@@ -164,11 +189,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     bar.set_description(f"{subset.title} / {method}")
                     out = runner.run(subset, method, options.get(method, {}), bar)
                     reference = out.pred if method == "zero_shot" else reference
-                    rows.append(scored(subset.title, method, out.logits, out.pred, subset.labels, reference,
-                                       out.temperature))
+                    rows.append(
+                        scored(subset.title, method, out.logits, out.pred, subset.labels, reference, out.temperature)
+                    )
                     if subset.corruption:
-                        pooled[method].append((out.logits, out.pred, subset.labels, reference,
-                                               torch.tensor(out.temperature)))
+                        pooled[method].append(
+                            (out.logits, out.pred, subset.labels, reference, torch.tensor(out.temperature))
+                        )
                     bar.update()
     finally:
         runner.close()
@@ -182,8 +209,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             diagrams[method] = reliability(probs.gather(1, pred[:, None]).squeeze(1), (pred == labels).float())
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, methods)
-    meta = {"model": runner.description, "methods": methods, "options": options, "max_samples": args.max_samples,
-            "severities": args.severities, "seed": args.seed, "seconds": time.perf_counter() - started}
+    meta = {
+        "model": runner.description,
+        "methods": methods,
+        "options": options,
+        "max_samples": args.max_samples,
+        "severities": args.severities,
+        "seed": args.seed,
+        "seconds": time.perf_counter() - started,
+    }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "reliability": diagrams}, indent=1))
     (args.out / "results.md").write_text(f"Model: {runner.description}\n\n{table}")
     plot(rows, diagrams, methods, args.out / "accuracy.png")

@@ -61,8 +61,24 @@ from server.settings import Settings
 
 METHODS = ("tpt", "ctpt", "ttl", "tps", "zero")
 TEMPLATES = (reference.PROMPT,)  # one template: the references' prompt, so (a) and (b) share class features
-MODIFIERS = ("", "small", "large", "striped", "dotted", "checkered", "pale", "dark", "glossy", "faded", "tiny",
-             "giant", "hollow", "plain", "bright", "dull")
+MODIFIERS = (
+    "",
+    "small",
+    "large",
+    "striped",
+    "dotted",
+    "checkered",
+    "pale",
+    "dark",
+    "glossy",
+    "faded",
+    "tiny",
+    "giant",
+    "hollow",
+    "plain",
+    "bright",
+    "dull",
+)
 # Largest |logit (a) - logit (b)| that still counts as float rounding. fp32: the parity tests hold 1e-5
 # on a 2-layer model and ViT-B-32 on the CPU stayed under 1e-5 (C <= 100); 100 times that leaves room for
 # deeper towers, other kernels and 1000 classes. bf16 (8 mantissa bits, 0.4% per rounding) and fp16 (11)
@@ -147,8 +163,9 @@ class LabelSet:
 
     def learner(self, ctx_init: str) -> reference.PromptLearner:
         if ctx_init not in self._learners:
-            self._learners[ctx_init] = reference.PromptLearner(self.backbone.model, self.backbone.tokenizer,
-                                                               self.labels, ctx_init)
+            self._learners[ctx_init] = reference.PromptLearner(
+                self.backbone.model, self.backbone.tokenizer, self.labels, ctx_init
+            )
         return self._learners[ctx_init]
 
     @property
@@ -159,8 +176,9 @@ class LabelSet:
         return self._text
 
 
-def run_reference(method: str, options: Any, label_set: LabelSet, sample: Sample, n_views: int,
-                  seed: int) -> reference.ReferenceResult:
+def run_reference(
+    method: str, options: Any, label_set: LabelSet, sample: Sample, n_views: int, seed: int
+) -> reference.ReferenceResult:
     """One image through the published loop, its views made as the server makes them for ``seed``."""
     backbone = label_set.backbone
     views, generator = reference.request_views(backbone, sample.original, sample.base, n_views, seed)
@@ -171,8 +189,19 @@ def run_reference(method: str, options: Any, label_set: LabelSet, sample: Sample
     if method == "tps":
         return reference.tps(model, label_set.text, views, o.steps, o.lr, o.selection)
     if method == "ttl":
-        return reference.ttl(model, backbone.tokenizer, label_set.labels, views, generator, o.steps, o.lr, o.rank,
-                             o.alpha, o.blocks, o.tau)
+        return reference.ttl(
+            model,
+            backbone.tokenizer,
+            label_set.labels,
+            views,
+            generator,
+            o.steps,
+            o.lr,
+            o.rank,
+            o.alpha,
+            o.blocks,
+            o.tau,
+        )
     if method == "zero":
         return reference.zero(model, label_set.text, views, o.gamma)
     raise ValueError(f"no reference for {method!r}")
@@ -192,8 +221,9 @@ def run_ours(method: str, options: Any, label_set: LabelSet, sample: Sample, see
     backbone = label_set.backbone
     classes = class_features(backbone, label_set.labels).clone()  # [C, D], cached after the first
     generator = torch.Generator().manual_seed(image_seed(seed, 0))
-    logits, report = adapt_image(backbone, get_method(method), options, sample.original, sample.base, classes,
-                                 label_set.labels, generator)
+    logits, report = adapt_image(
+        backbone, get_method(method), options, sample.original, sample.base, classes, label_set.labels, generator
+    )
     top = int(report.order[0]) if report.order is not None else int(logits.argmax())
     return logits, top
 
@@ -210,17 +240,31 @@ def method_options(method: str, views: int, steps: int) -> dict[str, int]:
 
 
 # -- (c) the server over HTTP ---------------------------------------------------------------------
-def classify_body(sample: Sample, labels: tuple[str, ...], method: str, options: dict[str, int] | None,
-                  seed: int) -> bytes:
-    body: dict[str, Any] = {"images": [base64.b64encode(sample.png).decode()], "labels": list(labels),
-                            "templates": list(TEMPLATES), "method": method, "seed": seed, "top_k": 1}
+def classify_body(
+    sample: Sample, labels: tuple[str, ...], method: str, options: dict[str, int] | None, seed: int
+) -> bytes:
+    body: dict[str, Any] = {
+        "images": [base64.b64encode(sample.png).decode()],
+        "labels": list(labels),
+        "templates": list(TEMPLATES),
+        "method": method,
+        "seed": seed,
+        "top_k": 1,
+    }
     if options:
         body["options"] = options
     return json.dumps(body).encode()
 
 
-def run_http(server: Server, device: torch.device, method: str, label_set: LabelSet, samples: list[Sample],
-             options: dict[str, int] | None, concurrency: int) -> tuple[Setup, list[str | None]]:
+def run_http(
+    server: Server,
+    device: torch.device,
+    method: str,
+    label_set: LabelSet,
+    samples: list[Sample],
+    options: dict[str, int] | None,
+    concurrency: int,
+) -> tuple[Setup, list[str | None]]:
     """``max(images, concurrency)`` requests, request j with image j mod n and seed j; the labels of the first n."""
     n = max(len(samples), concurrency)
     bodies = [classify_body(samples[j % len(samples)], label_set.labels, method, options, j) for j in range(n)]
@@ -262,10 +306,17 @@ def agreement(method: str, rows: list[dict[str, Any]], tolerance: float) -> dict
         else:
             unexplained.append(row["image"])
     worst = max((r["diff"] for r in rows), default=0.0)
-    return {"images": len(rows), "agree": sum(r["a"] == r["b"] for r in rows),
-            "distinct_classes": len({r["a"] for r in rows}), "explained": explained, "unexplained": unexplained,
-            "max_logit_diff": worst, "tolerance": tolerance, "ok": not unexplained and worst <= tolerance,
-            "rows": rows}
+    return {
+        "images": len(rows),
+        "agree": sum(r["a"] == r["b"] for r in rows),
+        "distinct_classes": len({r["a"] for r in rows}),
+        "explained": explained,
+        "unexplained": unexplained,
+        "max_logit_diff": worst,
+        "tolerance": tolerance,
+        "ok": not unexplained and worst <= tolerance,
+        "rows": rows,
+    }
 
 
 def csv_ints(text: str) -> list[int]:
@@ -307,25 +358,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # random weights (--pretrained none) are the same on every run
-    settings = Settings(model=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision,
-                        _env_file=None)
+    settings = Settings(
+        model=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, _env_file=None
+    )
     backbone = load_backbone(settings)
     backbone.warm_up()
     device = backbone.device
     meter = Meter(device)
-    memory_note = ("CUDA max_memory_allocated of this process (+: above what was allocated before); the server: "
-                   "nvidia-smi peak" if device.type == "cuda" else
-                   "peak RSS (VmHWM) of the process that ran it, model included; + is GPU-only")
+    memory_note = (
+        "CUDA max_memory_allocated of this process (+: above what was allocated before); the server: nvidia-smi peak"
+        if device.type == "cuda"
+        else "peak RSS (VmHWM) of the process that ran it, model included; + is GPU-only"
+    )
     samples = make_samples(backbone, args.images + 1, args.image_size)  # sample 0 warms up, unrecorded
     timed = list(range(1, len(samples)))
     tolerance = ROUNDING[args.precision]
-    print(f"model={backbone.spec.display} pretrained={args.pretrained} device={device} precision={args.precision} "
-          f"threads={args.threads} open_clip={open_clip.__version__} views={args.views} steps={args.steps} "
-          f"images={args.images} classes={args.classes} concurrency={args.concurrency} methods={args.methods}",
-          flush=True)
+    print(
+        f"model={backbone.spec.display} pretrained={args.pretrained} device={device} precision={args.precision} "
+        f"threads={args.threads} open_clip={open_clip.__version__} views={args.views} steps={args.steps} "
+        f"images={args.images} classes={args.classes} concurrency={args.concurrency} methods={args.methods}",
+        flush=True,
+    )
 
-    output: dict[str, Any] = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                              "memory": memory_note, "results": {}}
+    output: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "memory": memory_note,
+        "results": {},
+    }
     failed = False
     with tempfile.TemporaryDirectory(prefix="tta-bench-") as tmp:
         server = None
@@ -346,9 +405,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 label_set.text  # noqa: B018 - the published way, the whole 77-token context; kept for (a)
                 _sync(device)
                 published_s = time.perf_counter() - t0
-                print(f"\n[C={c}] class features: ours {ours_s:.2f} s (cut to the longest prompt), published "
-                      f"{published_s:.2f} s (77 tokens): {published_s / ours_s:.1f}x "
-                      f"(longest label: {max(labels, key=len)!r})", flush=True)
+                print(
+                    f"\n[C={c}] class features: ours {ours_s:.2f} s (cut to the longest prompt), published "
+                    f"{published_s:.2f} s (77 tokens): {published_s / ours_s:.1f}x "
+                    f"(longest label: {max(labels, key=len)!r})",
+                    flush=True,
+                )
                 setups: list[Setup] = []
                 references: dict[str, Setup] = {}
                 checks: dict[str, dict[str, Any]] = {}
@@ -364,8 +426,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     base = samples[i].base[None]
                     meter(fwd_base if i else None, functools.partial(forward, backbone, base, classes))
                     meter(fwd_views if i else None, functools.partial(forward, backbone, views, classes))
-                print(f"[C={c}] forward: base view p50 {1000 * fwd_base.p50:.1f} ms, {args.views} views p50 "
-                      f"{1000 * fwd_views.p50:.1f} ms", flush=True)
+                print(
+                    f"[C={c}] forward: base view p50 {1000 * fwd_base.p50:.1f} ms, {args.views} views p50 "
+                    f"{1000 * fwd_views.p50:.1f} ms",
+                    flush=True,
+                )
                 forwards = {"zero_shot": fwd_base, "zero": fwd_views}
                 setups += [fwd_base, fwd_views]
 
@@ -376,9 +441,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     rows, preds = [], []
                     for i in [0, *timed]:
                         seed = i - 1 if i else 10**6  # timed image k has request seed k, as (c)'s request k
-                        calls = [("a", ref, functools.partial(run_reference, method, options, label_set, samples[i],
-                                                              args.views, seed)),
-                                 ("b", ours, functools.partial(run_ours, method, options, label_set, samples[i], seed))]
+                        calls = [
+                            (
+                                "a",
+                                ref,
+                                functools.partial(
+                                    run_reference, method, options, label_set, samples[i], args.views, seed
+                                ),
+                            ),
+                            ("b", ours, functools.partial(run_ours, method, options, label_set, samples[i], seed)),
+                        ]
                         if i % 2 == 0:  # alternate which goes first, so neither always follows the other
                             calls.reverse()
                         got = {name: meter(setup if i else None, fn) for name, setup, fn in calls}
@@ -386,12 +458,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             continue
                         a, (b_logits, b_top) = got["a"], got["b"]
                         top2 = a.logits.topk(min(2, a.logits.numel())).values
-                        rows.append({"image": i - 1, "a": a.prediction, "b": b_top,
-                                     "diff": float((a.logits.float().cpu() - b_logits).abs().max()),
-                                     "margin": float(top2[0] - top2[-1]), "tied": bool(a.extra.get("tied"))})
+                        rows.append(
+                            {
+                                "image": i - 1,
+                                "a": a.prediction,
+                                "b": b_top,
+                                "diff": float((a.logits.float().cpu() - b_logits).abs().max()),
+                                "margin": float(top2[0] - top2[-1]),
+                                "tied": bool(a.extra.get("tied")),
+                            }
+                        )
                         preds.append(a.prediction)
-                        print(f"[C={c} {method}] image {i}/{len(timed)}: reference {ref.seconds[-1]:.3f} s, "
-                              f"ours {ours.seconds[-1]:.3f} s, top-1 {a.prediction}/{b_top}", flush=True)
+                        print(
+                            f"[C={c} {method}] image {i}/{len(timed)}: reference {ref.seconds[-1]:.3f} s, "
+                            f"ours {ours.seconds[-1]:.3f} s, top-1 {a.prediction}/{b_top}",
+                            flush=True,
+                        )
                     checks[method] = agreement(method, rows, tolerance)
                     failed |= not checks[method]["ok"]
                     references[method] = ref
@@ -406,8 +488,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         for k in args.concurrency:
                             setup, labels_c = run_http(server, device, method, label_set, samples[1:], options, k)
                             setups.append(setup)
-                            print(f"[C={c} {method}] http c{k}: p50 {1000 * setup.p50:.1f} ms, "
-                                  f"{setup.images_per_s:.3f} img/s", flush=True)
+                            print(
+                                f"[C={c} {method}] http c{k}: p50 {1000 * setup.p50:.1f} ms, "
+                                f"{setup.images_per_s:.3f} img/s",
+                                flush=True,
+                            )
                             if method in predictions and k == args.concurrency[0]:
                                 want = [labels[p] for p in predictions[method]]
                                 same = sum(x == y for x, y in zip(want, labels_c, strict=True))
@@ -415,8 +500,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
                 table = summarize(setups, references, forwards)
                 print_table(c, table, checks, http_agree, memory_note)
-                output["results"][c] = {"labels_longest": max(labels, key=len), "setups": table,
-                                        "agreement": checks, "http_agreement": http_agree}
+                output["results"][c] = {
+                    "labels_longest": max(labels, key=len),
+                    "setups": table,
+                    "agreement": checks,
+                    "http_agreement": http_agree,
+                }
         finally:
             if server is not None:
                 server.stop()
@@ -427,8 +516,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\ntargets (reported, not enforced):")
     for line in lines:
         print(f"  {line}")
-    print("\n(a) and (b) agree on every image, up to float rounding" if not failed else
-          "\n(a) and (b) DISAGREE beyond float rounding: see UNEXPLAINED and BEYOND ROUNDING above")
+    print(
+        "\n(a) and (b) agree on every image, up to float rounding"
+        if not failed
+        else "\n(a) and (b) DISAGREE beyond float rounding: see UNEXPLAINED and BEYOND ROUNDING above"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(output, indent=2))

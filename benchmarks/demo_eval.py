@@ -1,6 +1,6 @@
 """Zero-shot top-1 of a `local-dir:` model on the synthetic suite: clean, held-out and every shift.
 
-    python -m benchmarks.demo_eval --model server/models/demo --max-samples 500 [--all-severities]
+python -m benchmarks.demo_eval --model server/models/demo --max-samples 500 [--all-severities]
 """
 
 from __future__ import annotations
@@ -25,18 +25,24 @@ def raw_logits(model, images: torch.Tensor, text_features: torch.Tensor) -> torc
 @torch.no_grad()
 def class_embeddings(model, tokenizer, labels: list[str], templates: list[str]) -> torch.Tensor:
     """Template-ensembled class embeddings: mean of normalised template embeddings; [C, D]."""
-    per_template = [F.normalize(model.encode_text(tokenizer([t.format(c) for c in labels])), dim=-1)
-                    for t in templates]  # T x [C, D]
+    per_template = [
+        F.normalize(model.encode_text(tokenizer([t.format(c) for c in labels])), dim=-1) for t in templates
+    ]  # T x [C, D]
     return F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
 
 @torch.no_grad()
-def zero_shot_logits(model, images: torch.Tensor, classes: torch.Tensor, mean, std,
-                     batch_size: int = 256) -> torch.Tensor:
+def zero_shot_logits(
+    model, images: torch.Tensor, classes: torch.Tensor, mean, std, batch_size: int = 256
+) -> torch.Tensor:
     """Logits for images in [0, 1] [N, 3, H, W]; normalised with the folder's mean/std; [N, C]."""
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    return torch.cat([raw_logits(model, (images[i:i + batch_size] - m) / s, classes)
-                      for i in range(0, images.shape[0], batch_size)])
+    return torch.cat(
+        [
+            raw_logits(model, (images[i : i + batch_size] - m) / s, classes)
+            for i in range(0, images.shape[0], batch_size)
+        ]
+    )
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -63,8 +69,9 @@ def load_folder(path: Path):
     return model, tokenizer, pre
 
 
-def evaluate_folder(path: Path, max_samples: int = 500, seed: int = 0, severities=(3,),
-                    names: list[str] | None = None) -> dict:
+def evaluate_folder(
+    path: Path, max_samples: int = 500, seed: int = 0, severities=(3,), names: list[str] | None = None
+) -> dict:
     """Accuracy on clean val/test, held-out and each shift x severity, plus the fitted temperature."""
     model, tokenizer, pre = load_folder(path)
     classes = class_embeddings(model, tokenizer, synthetic.CLASS_NAMES, synthetic.TEMPLATES)
@@ -75,12 +82,18 @@ def evaluate_folder(path: Path, max_samples: int = 500, seed: int = 0, severitie
     t = fit_temperature(val_logits, val.labels)
     test = synthetic.make_split("test_seen", max_samples, seed)
     held = synthetic.make_split("test_heldout", max_samples, seed)
-    out = {"val": acc(val_logits, val.labels), "clean": acc(run(test.images), test.labels),
-           "heldout": acc(run(held.images), held.labels), "temperature": t,
-           "logit_scale": model.logit_scale.exp().item(),
-           "nll_raw": F.cross_entropy(val_logits, val.labels).item(),
-           "nll_cal": F.cross_entropy(val_logits / t, val.labels).item(), "shifts": {},
-           "max_samples": max_samples, "seed": seed}
+    out = {
+        "val": acc(val_logits, val.labels),
+        "clean": acc(run(test.images), test.labels),
+        "heldout": acc(run(held.images), held.labels),
+        "temperature": t,
+        "logit_scale": model.logit_scale.exp().item(),
+        "nll_raw": F.cross_entropy(val_logits, val.labels).item(),
+        "nll_cal": F.cross_entropy(val_logits / t, val.labels).item(),
+        "shifts": {},
+        "max_samples": max_samples,
+        "seed": seed,
+    }
     out["control"] = acc(run(shifts.control(test.images)), test.labels)
     for name in names or list(shifts.SHIFTS):
         for sev in severities:
@@ -94,13 +107,19 @@ def evaluate_folder(path: Path, max_samples: int = 500, seed: int = 0, severitie
 def print_table(r: dict) -> None:
     """Plain-text table of an evaluate_folder result."""
     print(f"{'split':<24}{'top-1 %':>9}{'drop':>8}")
-    for name, v in [("clean val (seen)", r["val"]), ("clean test (seen)", r["clean"]),
-                    ("held-out compositions", r["heldout"]), ("control (blur 0.8px)", r["control"])]:
+    for name, v in [
+        ("clean val (seen)", r["val"]),
+        ("clean test (seen)", r["clean"]),
+        ("held-out compositions", r["heldout"]),
+        ("control (blur 0.8px)", r["control"]),
+    ]:
         print(f"{name:<24}{v * 100:9.1f}{(r['clean'] - v) * 100:8.1f}")
     for name, v in r["shifts"].items():
         print(f"{name:<24}{v * 100:9.1f}{(r['clean'] - v) * 100:8.1f}")
-    print(f"avg drop, corruptions @3: {r['avg_drop'] * 100:.1f} points; temperature {r['temperature']:.4f}; "
-          f"logit scale {r['logit_scale']:.2f}")
+    print(
+        f"avg drop, corruptions @3: {r['avg_drop'] * 100:.1f} points; temperature {r['temperature']:.4f}; "
+        f"logit scale {r['logit_scale']:.2f}"
+    )
 
 
 def main() -> None:

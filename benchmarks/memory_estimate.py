@@ -81,14 +81,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.device == "cpu":
         release_freed_memory()
     pretrained = None if args.pretrained in (None, "", "none") else args.pretrained
-    backbone = load_backbone(Settings(model=args.model, pretrained=pretrained, device=args.device,
-                                      precision=args.precision, _env_file=None))
+    backbone = load_backbone(
+        Settings(model=args.model, pretrained=pretrained, device=args.device, precision=args.precision, _env_file=None)
+    )
     backbone.warm_up()
     activations = ActivationBytes.measure(backbone)
     model = MemoryModel(activations, budget_bytes=2**62)
-    print(f"{args.model} on {backbone.device} at {args.precision}: activations kept for a backward pass "
-          f"{activations.image / 2**20:.1f} MiB per image, {activations.prompt_token / 2**10:.1f} KiB per prompt "
-          f"token; {args.views} views, {args.steps} step(s)", flush=True)
+    print(
+        f"{args.model} on {backbone.device} at {args.precision}: activations kept for a backward pass "
+        f"{activations.image / 2**20:.1f} MiB per image, {activations.prompt_token / 2**10:.1f} KiB per prompt "
+        f"token; {args.views} views, {args.steps} step(s)",
+        flush=True,
+    )
     sample = make_samples(backbone, 1, 256)[0]
     rows = []
     print(f"{'method':8s} {'C':>6s} {'estimate MiB':>13s} {'measured MiB':>13s} {'estimate/measured':>18s}")

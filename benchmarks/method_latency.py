@@ -45,16 +45,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    backbone = load_backbone(Settings(model=args.model, pretrained=args.pretrained, device=args.device,
-                                      _env_file=None))
+    backbone = load_backbone(Settings(model=args.model, pretrained=args.pretrained, device=args.device, _env_file=None))
     methods = method_names() if args.methods == "all" else args.methods.split(",")
     batch = synthetic.make_split("test_seen", args.images, seed=1)
     images = tensors_to_pil(batch.images)
     labels = tuple(synthetic.CLASS_NAMES)
     classes = ClassFeatures(backbone, 2**20).get(labels, tuple(synthetic.TEMPLATES)).clone()
     seconds: dict[str, list[float]] = {m: [] for m in methods}
-    print(f"model={backbone.spec.display} device={backbone.device} threads={args.threads} images={args.images} "
-          f"classes={len(labels)}", flush=True)
+    print(
+        f"model={backbone.spec.display} device={backbone.device} threads={args.threads} images={args.images} "
+        f"classes={len(labels)}",
+        flush=True,
+    )
     for i, image in enumerate([images[0], *images]):  # the first image warms every method up, unrecorded
         original, base = to_uint8_tensor(image), backbone.preprocess(image)
         for method in methods:
@@ -64,8 +66,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             if method == "zero_shot":
                 impl.predict(backbone.encode_images(base[None]), classes, backbone.logit_scale, options)
             else:
-                adapt_image(backbone, impl, options, original, base, classes, labels,
-                            torch.Generator().manual_seed(image_seed(0, i)))
+                adapt_image(
+                    backbone,
+                    impl,
+                    options,
+                    original,
+                    base,
+                    classes,
+                    labels,
+                    torch.Generator().manual_seed(image_seed(0, i)),
+                )
             if backbone.device.type == "cuda":
                 torch.cuda.synchronize()
             if i > 0:

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     torch.set_num_threads(args.threads)
 
     batch = synthetic.make_split("val", args.max_samples, args.seed)
-    subset = Subset("val", tensors_to_pil(batch.images), batch.labels, synthetic.CLASS_NAMES, synthetic.TEMPLATES,
-                    corruption=False)
+    subset = Subset(
+        "val", tensors_to_pil(batch.images), batch.labels, synthetic.CLASS_NAMES, synthetic.TEMPLATES, corruption=False
+    )
     runner = DirectRunner(args.model, args.pretrained, args.device, 64, args.seed)
     chosen: dict[str, dict[str, float]] = {}
     print(f"model: {runner.description}; {len(subset.images)} clean validation images", flush=True)

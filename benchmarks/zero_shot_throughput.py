@@ -64,14 +64,16 @@ def run_direct(engine, jpegs: list[bytes], batch_size: int) -> float:
 
 async def run_http(url: str, jpegs: list[bytes], concurrency: int) -> tuple[float, list[float]]:
     """Images per second and per-request latencies with ``concurrency`` clients, one image per request."""
-    bodies = [json.dumps({"images": [base64.b64encode(b).decode()], "labels": LABELS, "top_k": 1}).encode()
-              for b in jpegs]
+    bodies = [
+        json.dumps({"images": [base64.b64encode(b).decode()], "labels": LABELS, "top_k": 1}).encode() for b in jpegs
+    ]
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
         async def worker() -> None:
             while not queue.empty():
                 body = queue.get_nowait()
@@ -88,8 +90,9 @@ async def run_http(url: str, jpegs: list[bytes], concurrency: int) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="ViT-B-32",
-                        help="any TTA_MODEL form; ViT-B-32 without --pretrained has random weights")
+    parser.add_argument(
+        "--model", default="ViT-B-32", help="any TTA_MODEL form; ViT-B-32 without --pretrained has random weights"
+    )
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
@@ -105,13 +108,24 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    settings = Settings(model=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision,
-                        port=args.port, max_batch_size=args.batch_size, max_batch_delay_ms=args.batch_delay_ms,
-                        torch_threads=args.threads, request_timeout_s=600, log_level="warning",
-                        data_dir=Path("benchmarks/out/data"), _env_file=None)
+    settings = Settings(
+        model=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        precision=args.precision,
+        port=args.port,
+        max_batch_size=args.batch_size,
+        max_batch_delay_ms=args.batch_delay_ms,
+        torch_threads=args.threads,
+        request_timeout_s=600,
+        log_level="warning",
+        data_dir=Path("benchmarks/out/data"),
+        _env_file=None,
+    )
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning",
-                                           access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{args.port}"
@@ -122,8 +136,11 @@ def main() -> None:
 
     engine = app.state.runtime.engine
     jpegs = make_jpegs(args.images, 224, seed=1)
-    print(f"model={args.model} pretrained={args.pretrained} device={args.device} threads={args.threads} "
-          f"images={args.images} concurrency={args.concurrency} batch={args.batch_size}", flush=True)
+    print(
+        f"model={args.model} pretrained={args.pretrained} device={args.device} threads={args.threads} "
+        f"images={args.images} concurrency={args.concurrency} batch={args.batch_size}",
+        flush=True,
+    )
     run_direct(engine, jpegs[: args.batch_size], args.batch_size)  # warm-up of both paths
     asyncio.run(run_http(url, jpegs[: args.concurrency], args.concurrency))
     direct, http, latencies = [], [], []
@@ -132,20 +149,30 @@ def main() -> None:
         rate, lat = asyncio.run(run_http(url, jpegs, args.concurrency))
         http.append(rate)
         latencies += lat
-        print(f"round {r + 1}: direct {direct[-1]:.2f} img/s, http {http[-1]:.2f} img/s, "
-              f"ratio {http[-1] / direct[-1]:.3f}", flush=True)
+        print(
+            f"round {r + 1}: direct {direct[-1]:.2f} img/s, http {http[-1]:.2f} img/s, "
+            f"ratio {http[-1] / direct[-1]:.3f}",
+            flush=True,
+        )
     server.should_exit = True
     thread.join(30)
     lat = sorted(latencies)
     result = {
-        "model": args.model, "device": args.device, "threads": args.threads, "concurrency": args.concurrency,
-        "direct_images_per_s": statistics.mean(direct), "http_images_per_s": statistics.mean(http),
+        "model": args.model,
+        "device": args.device,
+        "threads": args.threads,
+        "concurrency": args.concurrency,
+        "direct_images_per_s": statistics.mean(direct),
+        "http_images_per_s": statistics.mean(http),
         "ratio": statistics.mean(http) / statistics.mean(direct),
-        "http_p50_s": lat[len(lat) // 2], "http_p95_s": lat[int(len(lat) * 0.95) - 1],
+        "http_p50_s": lat[len(lat) // 2],
+        "http_p95_s": lat[int(len(lat) * 0.95) - 1],
     }
     print(f"direct batched forward: {result['direct_images_per_s']:.2f} img/s")
-    print(f"server over HTTP, {args.concurrency} clients: {result['http_images_per_s']:.2f} img/s "
-          f"(p50 {result['http_p50_s'] * 1000:.0f} ms, p95 {result['http_p95_s'] * 1000:.0f} ms)")
+    print(
+        f"server over HTTP, {args.concurrency} clients: {result['http_images_per_s']:.2f} img/s "
+        f"(p50 {result['http_p50_s'] * 1000:.0f} ms, p95 {result['http_p95_s'] * 1000:.0f} ms)"
+    )
     print(f"ratio http/direct: {result['ratio']:.3f} (target >= 0.70)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

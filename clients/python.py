@@ -72,18 +72,30 @@ class Client:
             return response
         raise AssertionError("unreachable")
 
-    def classify(self, images: list[ImageLike], labels: list[str] | None = None, *, label_set: str | None = None,
-                 templates: list[str] | str | None = None, top_k: int | None = None, method: str | None = None,
-                 options: dict[str, Any] | None = None, seed: int | None = None, compare: bool = False,
-                 abstain_below: float | None = None, confidence_gate: float | None = None,
-                 timeout_s: float | None = None) -> dict[str, Any]:
+    def classify(
+        self,
+        images: list[ImageLike],
+        labels: list[str] | None = None,
+        *,
+        label_set: str | None = None,
+        templates: list[str] | str | None = None,
+        top_k: int | None = None,
+        method: str | None = None,
+        options: dict[str, Any] | None = None,
+        seed: int | None = None,
+        compare: bool = False,
+        abstain_below: float | None = None,
+        confidence_gate: float | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         """Classify images (sent as multipart uploads); returns the response body.
 
         ``timeout_s`` is sent as ``X-Request-Timeout``: the server gives up (504) and stops the work
         after that many seconds, if it is shorter than the server's own deadline.
         """
-        files = [("image", (f"image{i}", _image_bytes(img), "application/octet-stream"))
-                 for i, img in enumerate(images)]
+        files = [
+            ("image", (f"image{i}", _image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)
+        ]
         data: dict[str, Any] = {}
         if labels is not None:
             data["labels"] = json.dumps(list(labels))  # one field, whatever the label count
@@ -107,10 +119,16 @@ class Client:
             data["confidence_gate"] = str(confidence_gate)
         headers = {"X-Request-Timeout": str(timeout_s)} if timeout_s is not None else {}
         return self._request(  # type: ignore[no-any-return]
-            "POST", "/v1/classify", files=files, data=data, headers=headers).json()
+            "POST", "/v1/classify", files=files, data=data, headers=headers
+        ).json()
 
-    def create_label_set(self, name: str, labels: list[str], templates: list[str] | str | None = None,
-                         descriptions: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    def create_label_set(
+        self,
+        name: str,
+        labels: list[str],
+        templates: list[str] | str | None = None,
+        descriptions: dict[str, list[str]] | None = None,
+    ) -> dict[str, Any]:
         body = {"name": name, "labels": labels, "templates": templates, "descriptions": descriptions}
         return self._request("POST", "/v1/label-sets", json=body).json()  # type: ignore[no-any-return]
 

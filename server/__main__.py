@@ -31,9 +31,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=None, access_log=False,
-                            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
     server = uvicorn.Server(config)
     fatal: list[BaseException] = []
 

@@ -62,45 +62,57 @@ class Metrics:
             ["model", "pretrained", "device", "precision"],
             registry=r,
         )
-        self.text_cache_bytes = Gauge(
-            "tta_text_cache_bytes", "Bytes held by the class text-feature cache.", registry=r
-        )
+        self.text_cache_bytes = Gauge("tta_text_cache_bytes", "Bytes held by the class text-feature cache.", registry=r)
         self.adapt_duration = Histogram(
-            "tta_adapt_duration_seconds", "Time to adapt to one image and predict it, by method.", ["method"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "tta_adapt_duration_seconds",
+            "Time to adapt to one image and predict it, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.entropy_reduction = Histogram(
             "tta_entropy_reduction_nats",
             "Zero-shot entropy minus adapted entropy of each image's prediction (negative: less sure).",
-            ["method"], buckets=ENTROPY_BUCKETS, registry=r,
+            ["method"],
+            buckets=ENTROPY_BUCKETS,
+            registry=r,
         )
         self.prediction_changed = Counter(
             "tta_prediction_changed", "Images whose adapted label differs from zero-shot's.", ["method"], registry=r
         )
         self.confidence = Histogram(
-            "tta_confidence", "Calibrated confidence of each prediction: a drift signal.", ["method"],
-            buckets=CONFIDENCE_BUCKETS, registry=r,
+            "tta_confidence",
+            "Calibrated confidence of each prediction: a drift signal.",
+            ["method"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
         )
         self.adapt_batch_size = Histogram(
-            "tta_adapt_batch_size", "Images adapted together in one stacked computation.", buckets=BATCH_BUCKETS,
+            "tta_adapt_batch_size",
+            "Images adapted together in one stacked computation.",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.adapt_skipped = Counter(
-            "tta_adapt_skipped", "Images served zero-shot instead of adapted, by reason (overload, confident, memory).",
-            ["reason"], registry=r,
+            "tta_adapt_skipped",
+            "Images served zero-shot instead of adapted, by reason (overload, confident, memory).",
+            ["reason"],
+            registry=r,
         )
         self.adapt_pending = Gauge(
             "tta_adapt_pending_seconds", "Estimated seconds of adaptation work admitted and not finished.", registry=r
         )
         self.adapt_memory_budget = Gauge(
-            "tta_adapt_memory_budget_bytes", "Estimated activation bytes one stacked adaptation batch may hold.",
+            "tta_adapt_memory_budget_bytes",
+            "Estimated activation bytes one stacked adaptation batch may hold.",
             registry=r,
         )
         self.gpu_memory_allocated = Gauge(
             "tta_gpu_memory_allocated_bytes", "Bytes of GPU memory held by tensors now (0 on the CPU).", registry=r
         )
         self.gpu_memory_peak = Gauge(
-            "tta_gpu_memory_peak_bytes", "Most bytes of GPU memory held by tensors since start (0 on the CPU).",
+            "tta_gpu_memory_peak_bytes",
+            "Most bytes of GPU memory held by tensors since start (0 on the CPU).",
             registry=r,
         )
         for reason in SKIP_REASONS:

@@ -79,16 +79,23 @@ class Settings(BaseSettings):
         8, ge=1, description="Most images (of one or many requests) adapted together in one stacked computation."
     )
     adapt_budget_s: float | None = Field(
-        None, gt=0, description="Most estimated seconds of adaptation work admitted and unfinished; beyond it, "
+        None,
+        gt=0,
+        description="Most estimated seconds of adaptation work admitted and unfinished; beyond it, "
         "requests are served zero-shot (adaptation.skipped = overload). Unset: TTA_REQUEST_TIMEOUT_S.",
     )
     adapt_memory_bytes: int | None = Field(
-        None, ge=1, description="Most estimated bytes of activations one stacked adaptation batch may hold; an "
+        None,
+        ge=1,
+        description="Most estimated bytes of activations one stacked adaptation batch may hold; an "
         "image that needs more alone is served zero-shot (adaptation.skipped = memory). Unset: half the memory "
         "free after loading (GPU) or available (CPU).",
     )
     confidence_gate: float | None = Field(
-        None, ge=0, le=1, description="Skip adaptation of images whose calibrated zero-shot margin (top-1 minus "
+        None,
+        ge=0,
+        le=1,
+        description="Skip adaptation of images whose calibrated zero-shot margin (top-1 minus "
         "top-2 probability) is at least this (adaptation.skipped = confident). Unset: never skip.",
     )
 
@@ -153,9 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         if typing.get_origin(field.annotation) is Literal:
             kwargs["choices"] = list(typing.get_args(field.annotation))
         parser.add_argument(flag, help=f"{field.description} [env: TTA_{name.upper()}]", **kwargs)
-    parser.add_argument("--preload-only", action="store_true",
-                        help="Load the model (downloading its weights into --cache-dir if needed) and exit: "
-                        "the step that bakes weights into a container image.")
+    parser.add_argument(
+        "--preload-only",
+        action="store_true",
+        help="Load the model (downloading its weights into --cache-dir if needed) and exit: "
+        "the step that bakes weights into a container image.",
+    )
     return parser
 
 

@@ -37,8 +37,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
-    return Settings(model=f"local-dir:{tiny_model_dir}", data_dir=tmp_path / "data", device="cpu",
-                    max_batch_delay_ms=2.0, request_timeout_s=RELAXED_TIMEOUT_S, _env_file=None)
+    return Settings(
+        model=f"local-dir:{tiny_model_dir}",
+        data_dir=tmp_path / "data",
+        device="cpu",
+        max_batch_delay_ms=2.0,
+        request_timeout_s=RELAXED_TIMEOUT_S,
+        _env_file=None,
+    )
 
 
 @pytest.fixture

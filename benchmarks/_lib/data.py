@@ -47,16 +47,26 @@ def synthetic_subsets(names: list[str], severities: list[int], n: int, seed: int
     for entry in names:
         name, blurred = entry.removesuffix(BLURRED), entry.endswith(BLURRED)
         if name not in shift_suite.SHIFTS and name not in ("clean", "control", "heldout"):
-            raise SystemExit(f"unknown shift {entry!r}; known: clean, control, heldout, "
-                             f"{', '.join(shift_suite.SHIFTS)} (each may end in {BLURRED})")
+            raise SystemExit(
+                f"unknown shift {entry!r}; known: clean, control, heldout, "
+                f"{', '.join(shift_suite.SHIFTS)} (each may end in {BLURRED})"
+            )
         levels = severities if name in shift_suite.SHIFTS else [0]
         for severity in levels:
             images, labels = shift_suite.make_shifted(name, severity, n, seed)
             if blurred:
                 images = shift_suite.control(images)
             title = (f"{name}-{severity}" if severity else name) + (BLURRED if blurred else "")
-            out.append(Subset(title, tensors_to_pil(images), labels, synthetic.CLASS_NAMES, synthetic.TEMPLATES,
-                              corruption=name in shift_suite.CORRUPTIONS and not blurred))
+            out.append(
+                Subset(
+                    title,
+                    tensors_to_pil(images),
+                    labels,
+                    synthetic.CLASS_NAMES,
+                    synthetic.TEMPLATES,
+                    corruption=name in shift_suite.CORRUPTIONS and not blurred,
+                )
+            )
     return out
 
 
@@ -69,8 +79,9 @@ def folder_subset(root: Path, class_names_file: Path | None, n: int, seed: int, 
             raise SystemExit(f"{class_names_file} has {len(names)} names for {len(folders)} class folders in {root}")
     else:
         names = [f.name.replace("_", " ") for f in folders]
-    files = [(p, i) for i, f in enumerate(folders) for p in sorted(f.rglob("*"))
-             if p.suffix.lower() in IMAGE_EXTENSIONS]
+    files = [
+        (p, i) for i, f in enumerate(folders) for p in sorted(f.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
     rng = np.random.default_rng(seed)
     if n and len(files) > n:
         files = [files[i] for i in sorted(rng.choice(len(files), n, replace=False))]

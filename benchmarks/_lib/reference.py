@@ -126,8 +126,9 @@ def encode_labels(model: Any, tokenizer: Any, labels: Sequence[str], template: s
         return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
-def request_views(backbone: Any, original: torch.Tensor, base_view: torch.Tensor, n_views: int,
-                  seed: int, index: int = 0) -> tuple[torch.Tensor, torch.Generator]:
+def request_views(
+    backbone: Any, original: torch.Tensor, base_view: torch.Tensor, n_views: int, seed: int, index: int = 0
+) -> tuple[torch.Tensor, torch.Generator]:
     """The views the server makes for image ``index`` of a request with ``seed``, as
     ``server.engine.adaptation.adapt_image`` does.
 
@@ -141,8 +142,9 @@ def request_views(backbone: Any, original: torch.Tensor, base_view: torch.Tensor
     """
     generator = torch.Generator().manual_seed(image_seed(seed, index))
     cfg = backbone.preprocess_cfg
-    views = make_views(original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std, generator,
-                       base_view=base_view)  # [V, 3, h, w]
+    views = make_views(
+        original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std, generator, base_view=base_view
+    )  # [V, 3, h, w]
     return views, generator
 
 
@@ -184,8 +186,14 @@ class PromptLearner:
         return F.normalize(x.float(), dim=-1)
 
 
-def tpt(learner: PromptLearner, views: torch.Tensor, steps: int = 1, lr: float = 5e-3, selection: float = 0.1,
-        dispersion_weight: float = 0.0) -> ReferenceResult:
+def tpt(
+    learner: PromptLearner,
+    views: torch.Tensor,
+    steps: int = 1,
+    lr: float = 5e-3,
+    selection: float = 0.1,
+    dispersion_weight: float = 0.0,
+) -> ReferenceResult:
     """TPT's ``test_time_tuning`` then ``inference`` for one image; C-TPT with ``dispersion_weight`` > 0.
 
     Args:
@@ -212,13 +220,15 @@ def tpt(learner: PromptLearner, views: torch.Tensor, steps: int = 1, lr: float =
         optimizer.step()
     with torch.no_grad():
         final = scale * encode_images(model, views[:1])[0] @ learner.text_features().T  # [C]
-    return ReferenceResult(final, int(final.argmax()), steps, len(selected) if selected is not None else 1,
-                           {"ctx": ctx.detach().clone()})
+    return ReferenceResult(
+        final, int(final.argmax()), steps, len(selected) if selected is not None else 1, {"ctx": ctx.detach().clone()}
+    )
 
 
 # -- TPS --------------------------------------------------------------------------------------------
-def tps(model: Any, prototypes: torch.Tensor, views: torch.Tensor, steps: int = 1, lr: float = 5e-3,
-        selection: float = 0.1) -> ReferenceResult:
+def tps(
+    model: Any, prototypes: torch.Tensor, views: torch.Tensor, steps: int = 1, lr: float = 5e-3, selection: float = 0.1
+) -> ReferenceResult:
     """TPS's per-image loop: a zero-initialised per-class shift of the prototypes, views re-selected every step.
 
     Args:
@@ -260,8 +270,10 @@ def lora_sites(visual: Any, blocks: int = 3) -> list[LoraSite]:
     ``attn.in_proj_weight``), or of a ModifiedResNet's attention pool."""
     if hasattr(visual, "attnpool"):
         pool = visual.attnpool
-        return [LoraSite(f"attnpool.{p}_proj.weight", 0, w.shape[0], w.shape[1])
-                for p, w in (("q", pool.q_proj.weight), ("v", pool.v_proj.weight))]
+        return [
+            LoraSite(f"attnpool.{p}_proj.weight", 0, w.shape[0], w.shape[1])
+            for p, w in (("q", pool.q_proj.weight), ("v", pool.v_proj.weight))
+        ]
     resblocks = visual.transformer.resblocks
     sites = []
     for i in range(max(0, len(resblocks) - blocks), len(resblocks)):
@@ -271,9 +283,19 @@ def lora_sites(visual: Any, blocks: int = 3) -> list[LoraSite]:
     return sites
 
 
-def ttl(model: Any, tokenizer: Any, labels: Sequence[str], views: torch.Tensor, generator: torch.Generator,
-        steps: int = 1, lr: float = 5e-3, rank: int = 16, alpha: float = 32.0, blocks: int = 3,
-        tau: float = 0.4) -> ReferenceResult:
+def ttl(
+    model: Any,
+    tokenizer: Any,
+    labels: Sequence[str],
+    views: torch.Tensor,
+    generator: torch.Generator,
+    steps: int = 1,
+    lr: float = 5e-3,
+    rank: int = 16,
+    alpha: float = 32.0,
+    blocks: int = 3,
+    tau: float = 0.4,
+) -> ReferenceResult:
     """TTL's per-image loop: LoRA on q and v of the last vision blocks, DeYO's weighted entropy over all views.
 
     Args:
@@ -327,8 +349,9 @@ def ttl(model: Any, tokenizer: Any, labels: Sequence[str], views: torch.Tensor, 
         taken += 1
     with torch.no_grad():
         final = scale * image_features(views[:1])[0] @ encode_labels(model, tokenizer, labels).T  # [C]
-    state = {f"a{i}": t.detach().clone() for i, t in enumerate(a)} | {f"b{i}": t.detach().clone()
-                                                                     for i, t in enumerate(b)}
+    state = {f"a{i}": t.detach().clone() for i, t in enumerate(a)} | {
+        f"b{i}": t.detach().clone() for i, t in enumerate(b)
+    }
     return ReferenceResult(final, int(final.argmax()), taken, kept, state)
 
 

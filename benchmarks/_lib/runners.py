@@ -53,8 +53,14 @@ class DirectRunner:
 
     def __init__(self, model: str, pretrained: str | None, device: str, batch_size: int, seed: int = 0):
         self._data = tempfile.TemporaryDirectory(prefix="tta-bench-")
-        settings = Settings(model=model, pretrained=pretrained, device=device, data_dir=self._data.name,
-                            request_timeout_s=DAY_S, _env_file=None)
+        settings = Settings(
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            data_dir=self._data.name,
+            request_timeout_s=DAY_S,
+            _env_file=None,
+        )
         self.runtime = Runtime.open(settings)
         engine = self.runtime.engine
         while not engine.ready:
@@ -70,10 +76,15 @@ class DirectRunner:
     def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
         rows, preds = [], []
         for start in range(0, len(subset.images), self.batch_size):
-            request = ClassifyRequest(images=subset.images[start : start + self.batch_size],
-                                      labels=subset.class_names, templates=subset.templates,
-                                      top_k=len(subset.class_names), method=method, options=options or None,
-                                      seed=self.seed + start)
+            request = ClassifyRequest(
+                images=subset.images[start : start + self.batch_size],
+                labels=subset.class_names,
+                templates=subset.templates,
+                top_k=len(subset.class_names),
+                method=method,
+                options=options or None,
+                seed=self.seed + start,
+            )
             answer = self._loop.run_until_complete(self.runtime.classifier.classify(request))
             batch_rows, batch_preds = _rows([r.model_dump() for r in answer.results], subset.class_names)
             rows += batch_rows
@@ -113,9 +124,15 @@ class ServerRunner:
                 buf = io.BytesIO()
                 image.save(buf, format="PNG")
                 payload.append(buf.getvalue())
-            body = self.client.classify(payload, labels=subset.class_names, templates=subset.templates,
-                                        top_k=len(subset.class_names), method=method, options=options or None,
-                                        seed=self.seed + start)
+            body = self.client.classify(
+                payload,
+                labels=subset.class_names,
+                templates=subset.templates,
+                top_k=len(subset.class_names),
+                method=method,
+                options=options or None,
+                seed=self.seed + start,
+            )
             batch_rows, batch_preds = _rows(body["results"], subset.class_names)
             rows += batch_rows
             preds += batch_preds

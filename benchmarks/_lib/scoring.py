@@ -34,8 +34,14 @@ def reliability(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE
     return {"confidence": conf.tolist(), "accuracy": acc.tolist(), "count": count.tolist()}
 
 
-def score(probs: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None,
-          n_boot: int = 1000, seed: int = 0, pred: torch.Tensor | None = None) -> dict[str, float]:
+def score(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    pred: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Top-1 and ECE in percent and NLL, each with a 95% bootstrap interval; ``changed``: share of
     predictions differing from ``reference`` (the zero-shot predictions [N]), in percent.
 

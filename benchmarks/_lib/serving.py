@@ -53,18 +53,25 @@ class Server:
         repo = Path(__file__).resolve().parents[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
         env |= server_model_env(args, backbone, workdir) | {
-            "TTA_DEVICE": args.device, "TTA_PRECISION": args.precision, "TTA_TORCH_THREADS": str(args.threads),
-            "TTA_HOST": "127.0.0.1", "TTA_PORT": str(self.port), "TTA_DATA_DIR": str(workdir / "data"),
-            "TTA_REQUEST_TIMEOUT_S": "86400", "TTA_LOG_LEVEL": "warning",
-            "TTA_MAX_VIEWS": str(max(128, args.views)), "TTA_MAX_STEPS": str(max(10, args.steps)),
+            "TTA_DEVICE": args.device,
+            "TTA_PRECISION": args.precision,
+            "TTA_TORCH_THREADS": str(args.threads),
+            "TTA_HOST": "127.0.0.1",
+            "TTA_PORT": str(self.port),
+            "TTA_DATA_DIR": str(workdir / "data"),
+            "TTA_REQUEST_TIMEOUT_S": "86400",
+            "TTA_LOG_LEVEL": "warning",
+            "TTA_MAX_VIEWS": str(max(128, args.views)),
+            "TTA_MAX_STEPS": str(max(10, args.steps)),
             "TTA_MAX_LABELS": str(max(1000, *args.classes)),
             "TTA_MAX_QUEUE_SIZE": str(max(256, 4 * max(args.concurrency))),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")])),
         }
         self.log = (workdir / "server.log").open("wb")
         # The working directory is the temporary folder, so no stray .env is read.
-        self.process = subprocess.Popen([sys.executable, "-m", "server"], cwd=workdir, env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server"], cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         self.workdir = workdir
 
     def wait_ready(self, timeout_s: float = 900.0) -> None:
@@ -100,6 +107,7 @@ async def post_all(url: str, bodies: list[bytes], concurrency: int) -> tuple[flo
     pending = list(range(len(bodies)))[::-1]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+
         async def worker() -> None:
             while pending:
                 j = pending.pop()

@@ -55,8 +55,9 @@ def plasma(b: int, h: int, w: int, gen: torch.Generator, octaves=(4, 8, 16)) -> 
     """Smooth random fields in [0, 1], coarse octaves weighted most; [B, 1, H, W]."""
     field = torch.zeros(b, 1, h, w)
     for i, k in enumerate(octaves):
-        field += 0.5**i * F.interpolate(torch.rand(b, 1, k, k, generator=gen), size=(h, w), mode="bicubic",
-                                        align_corners=False)
+        field += 0.5**i * F.interpolate(
+            torch.rand(b, 1, k, k, generator=gen), size=(h, w), mode="bicubic", align_corners=False
+        )
     lo, hi = field.amin((2, 3), keepdim=True), field.amax((2, 3), keepdim=True)
     return (field - lo) / (hi - lo + 1e-8)
 
@@ -181,9 +182,18 @@ def quantise(x: torch.Tensor) -> torch.Tensor:
 
 Shift = Callable[..., torch.Tensor]
 CORRUPTIONS: dict[str, Shift] = {
-    "gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "impulse_noise": impulse_noise,
-    "defocus_blur": defocus_blur, "motion_blur": motion_blur, "fog": fog, "snow": snow,
-    "contrast": contrast, "brightness": brightness, "pixelate": pixelate, "jpeg": jpeg, "hue": hue,
+    "gaussian_noise": gaussian_noise,
+    "shot_noise": shot_noise,
+    "impulse_noise": impulse_noise,
+    "defocus_blur": defocus_blur,
+    "motion_blur": motion_blur,
+    "fog": fog,
+    "snow": snow,
+    "contrast": contrast,
+    "brightness": brightness,
+    "pixelate": pixelate,
+    "jpeg": jpeg,
+    "hue": hue,
 }
 SHIFTS: dict[str, Shift] = {**CORRUPTIONS, "style": style}
 
@@ -193,8 +203,9 @@ def shift_seed(name: str, severity: int, seed: int) -> int:
     return (zlib.crc32(name.encode()) * 31 + severity * 1_000_003 + seed * 7919) % (2**62)
 
 
-def apply(name: str, images: torch.Tensor, severity: int, seed: int = 0,
-          masks: torch.Tensor | None = None) -> torch.Tensor:
+def apply(
+    name: str, images: torch.Tensor, severity: int, seed: int = 0, masks: torch.Tensor | None = None
+) -> torch.Tensor:
     """Apply shift `name` at `severity` to images [B, 3, H, W] in [0, 1]; same shape back."""
     gen = torch.Generator().manual_seed(shift_seed(name, severity, seed))
     return quantise(SHIFTS[name](images.float(), severity, gen, masks))

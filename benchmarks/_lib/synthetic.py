@@ -98,8 +98,9 @@ def shape_mask(shape: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return tests[shape]()
 
 
-def object_masks(shape: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, rot: torch.Tensor,
-                 res: int) -> torch.Tensor:
+def object_masks(
+    shape: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, rot: torch.Tensor, res: int
+) -> torch.Tensor:
     """Coverage masks of one object per image; [B, res, res]. Each shape is tested only on its rows."""
     n = shape.shape[0]
     coords = (torch.arange(res) + 0.5) / res
@@ -183,12 +184,24 @@ def render(attrs: dict[str, torch.Tensor], gen: torch.Generator, supersample: in
     row = (first[:, 1] * 3).long().clamp(0, 2)
     col = (first[:, 0] * 3).long().clamp(0, 2)
     caps = make_captions(attrs, row, col, gen)
-    return Batch(img, mask, attrs["labels"], attrs["colour"], attrs["shape"], attrs["size"],
-                 attrs["count"], attrs["background"], row, col, caps)
+    return Batch(
+        img,
+        mask,
+        attrs["labels"],
+        attrs["colour"],
+        attrs["shape"],
+        attrs["size"],
+        attrs["count"],
+        attrs["background"],
+        row,
+        col,
+        caps,
+    )
 
 
-def make_captions(attrs: dict[str, torch.Tensor], row: torch.Tensor, col: torch.Tensor,
-                  gen: torch.Generator) -> list[str]:
+def make_captions(
+    attrs: dict[str, torch.Tensor], row: torch.Tensor, col: torch.Tensor, gen: torch.Generator
+) -> list[str]:
     """Captions naming colour and shape always, and size, background, position sometimes."""
     n = row.shape[0]
     flags = torch.rand(n, 4, generator=gen)  # prefix choice, size, background, position
@@ -220,8 +233,10 @@ def make_batch(split: str, seed: int, index: int, batch_size: int) -> Batch:
 def make_split(split: str, n: int, seed: int = 0, chunk: int = 256) -> Batch:
     """The first n images of a split, rendered in fixed chunks so any n is a prefix of a larger n."""
     parts = [make_batch(split, seed, i, chunk) for i in range((n + chunk - 1) // chunk)]
-    cat = {k: torch.cat([getattr(p, k) for p in parts])[:n]
-           for k in ("images", "masks", "labels", "colour", "shape", "size", "count", "background", "row", "col")}
+    cat = {
+        k: torch.cat([getattr(p, k) for p in parts])[:n]
+        for k in ("images", "masks", "labels", "colour", "shape", "size", "count", "background", "row", "col")
+    }
     return Batch(**cat, captions=[c for p in parts for c in p.captions][:n])
 
 

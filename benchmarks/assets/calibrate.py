@@ -40,11 +40,10 @@ def ece_at(logits: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor, tempe
     return 100 * float(ece_from(confidence, (pred == labels).float()))
 
 
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="demo")
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--device", default="cpu")
@@ -67,12 +66,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         subset = folder_subset(args.data, args.class_names, args.max_samples, args.seed, templates)
     else:
         batch = synthetic.make_split("val", args.max_samples, args.seed)
-        subset = Subset("val", tensors_to_pil(batch.images), batch.labels, synthetic.CLASS_NAMES,
-                        synthetic.TEMPLATES, corruption=False)
+        subset = Subset(
+            "val",
+            tensors_to_pil(batch.images),
+            batch.labels,
+            synthetic.CLASS_NAMES,
+            synthetic.TEMPLATES,
+            corruption=False,
+        )
     runner = DirectRunner(args.model, args.pretrained, args.device, 64, args.seed)
     half = len(subset.images) // 2
-    print(f"model: {runner.description}; {len(subset.images)} labelled images "
-          f"(fit on {half}, ECE reported on the other {len(subset.images) - half})", flush=True)
+    print(
+        f"model: {runner.description}; {len(subset.images)} labelled images "
+        f"(fit on {half}, ECE reported on the other {len(subset.images) - half})",
+        flush=True,
+    )
     fitted: dict[str, CardCalibration] = {}
     try:
         for method in methods:
@@ -81,18 +89,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             temperature = fit_temperature(out.logits[:half], subset.labels[:half])
             rest = (out.logits[half:], out.pred[half:], subset.labels[half:])
             before, after = ece_at(*rest, 1.0), ece_at(*rest, temperature)
-            fitted[method] = CardCalibration(temperature=round(temperature, 4), ece_before=round(before, 2),
-                                             ece_after=round(after, 2), images=len(subset.images),
-                                             data=subset.name, options=options.get(method, {}))
-            print(f"{method:10s} T = {temperature:6.3f}   ECE {before:5.1f}% -> {after:5.1f}% "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            fitted[method] = CardCalibration(
+                temperature=round(temperature, 4),
+                ece_before=round(before, 2),
+                ece_after=round(after, 2),
+                images=len(subset.images),
+                data=subset.name,
+                options=options.get(method, {}),
+            )
+            print(
+                f"{method:10s} T = {temperature:6.3f}   ECE {before:5.1f}% -> {after:5.1f}% "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
         folder = runner.runtime.spec.folder
     finally:
         runner.close()
     if args.write:
         if folder is None:
-            raise SystemExit("--write stores temperatures in a local-dir model's ttaserve.json; package the model "
-                             "as a folder (open_clip_config.json + weights) and pass --model local-dir:PATH")
+            raise SystemExit(
+                "--write stores temperatures in a local-dir model's ttaserve.json; package the model "
+                "as a folder (open_clip_config.json + weights) and pass --model local-dir:PATH"
+            )
         card = read_card(folder)
         card.calibration.update(fitted)
         print(f"wrote {len(fitted)} temperature(s) to {write_card(folder, card)}")

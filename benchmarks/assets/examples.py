@@ -1,6 +1,6 @@
 """Example PNGs for the README's curl calls: seen classes the demo model gets right.
 
-    python -m benchmarks.assets.examples --model server/models/demo --out docs/examples
+python -m benchmarks.assets.examples --model server/models/demo --out docs/examples
 """
 
 from __future__ import annotations
@@ -15,17 +15,25 @@ from PIL import Image
 from benchmarks import demo_eval
 from benchmarks._lib import synthetic
 
-EXAMPLES = {"red_star": ("red", "star", "plain"), "blue_square": ("blue", "square", "striped"),
-            "green_circle": ("green", "circle", "dotted")}
+EXAMPLES = {
+    "red_star": ("red", "star", "plain"),
+    "blue_square": ("blue", "square", "striped"),
+    "green_circle": ("green", "circle", "dotted"),
+}
 
 
 def render_example(colour: str, shape: str, background: str, seed: int) -> torch.Tensor:
     """One large object of the given class on the given background; [1, 3, 64, 64]."""
     gen = torch.Generator().manual_seed(seed)
     label = synthetic.COLOUR_NAMES.index(colour) * len(synthetic.SHAPES) + synthetic.SHAPES.index(shape)
-    attrs = {"labels": torch.tensor([label]), "colour": torch.tensor([label // len(synthetic.SHAPES)]),
-             "shape": torch.tensor([label % len(synthetic.SHAPES)]), "size": torch.tensor([1]),
-             "count": torch.tensor([1]), "background": torch.tensor([synthetic.BACKGROUNDS.index(background)])}
+    attrs = {
+        "labels": torch.tensor([label]),
+        "colour": torch.tensor([label // len(synthetic.SHAPES)]),
+        "shape": torch.tensor([label % len(synthetic.SHAPES)]),
+        "size": torch.tensor([1]),
+        "count": torch.tensor([1]),
+        "background": torch.tensor([synthetic.BACKGROUNDS.index(background)]),
+    }
     return synthetic.render(attrs, gen).images
 
 

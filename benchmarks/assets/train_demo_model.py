@@ -36,11 +36,23 @@ CONTEXT_LENGTH = 20  # longest caption is 19 tokens with start/end
 TEXT_CFG = {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}
 MODEL_CFGS = {
     # ModifiedResNet (layers as a list) with attention pooling: learns shape far faster than a ViT.
-    "resnet": {"embed_dim": 128, "vision_cfg": {"image_size": synthetic.IMAGE_SIZE, "layers": [1, 1, 1, 1],
-                                                "width": 16, "head_width": 64}, "text_cfg": TEXT_CFG},
-    "vit": {"embed_dim": 128, "vision_cfg": {"image_size": synthetic.IMAGE_SIZE, "layers": 4, "width": 128,
-                                             "head_width": 32, "patch_size": 8, "mlp_ratio": 2.0},
-            "text_cfg": TEXT_CFG},
+    "resnet": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": synthetic.IMAGE_SIZE, "layers": [1, 1, 1, 1], "width": 16, "head_width": 64},
+        "text_cfg": TEXT_CFG,
+    },
+    "vit": {
+        "embed_dim": 128,
+        "vision_cfg": {
+            "image_size": synthetic.IMAGE_SIZE,
+            "layers": 4,
+            "width": 128,
+            "head_width": 32,
+            "patch_size": 8,
+            "mlp_ratio": 2.0,
+        },
+        "text_cfg": TEXT_CFG,
+    },
 }
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -63,11 +75,16 @@ def train(args: argparse.Namespace) -> tuple[CLIP, dict]:
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=CONTEXT_LENGTH)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     warmup = max(1, min(100, args.steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+    )
     loss_fn = ClipLoss()
     model.train()
     start, done, losses = time.time(), 0, []
@@ -87,9 +104,11 @@ def train(args: argparse.Namespace) -> tuple[CLIP, dict]:
         elapsed = time.time() - start
         if done % args.log_every == 0 or done == args.steps:
             eta = elapsed / done * (args.steps - done)
-            print(f"step {done}/{args.steps} loss {sum(losses[-args.log_every:]) / len(losses[-args.log_every:]):.3f} "
-                  f"scale {model.logit_scale.exp().item():.1f} elapsed {elapsed / 60:.1f} min ETA {eta / 60:.1f} min",
-                  flush=True)
+            print(
+                f"step {done}/{args.steps} loss {sum(losses[-args.log_every :]) / len(losses[-args.log_every :]):.3f} "
+                f"scale {model.logit_scale.exp().item():.1f} elapsed {elapsed / 60:.1f} min ETA {eta / 60:.1f} min",
+                flush=True,
+            )
         if done == args.stop_after:  # replays a run the time cap cut short, on the same schedule
             break
         if elapsed > args.minutes * 60:
@@ -106,9 +125,16 @@ def write_folder(model: CLIP, args: argparse.Namespace, out: Path) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.float() for k, v in state.items()})  # evaluate exactly the shipped weights
     save_file(state, str(out / "open_clip_model.safetensors"))
-    config = {"model_cfg": MODEL_CFGS[args.arch],
-              "preprocess_cfg": {"size": synthetic.IMAGE_SIZE, "mean": list(MEAN), "std": list(STD),
-                                 "interpolation": "bicubic", "resize_mode": "shortest"}}
+    config = {
+        "model_cfg": MODEL_CFGS[args.arch],
+        "preprocess_cfg": {
+            "size": synthetic.IMAGE_SIZE,
+            "mean": list(MEAN),
+            "std": list(STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+    }
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -127,31 +153,53 @@ def check_reload(model: CLIP, out: Path) -> float:
 
 def write_cards(out: Path, training: dict, results: dict) -> None:
     """MODEL_CARD.md and ttaserve.json (the server's model card) from the training record and an evaluation."""
-    arch = "ModifiedResNet (layers 1,1,1,1, width 16, attention pooling)" if training["arch"] == "resnet" else \
-        "ViT (patch 8, width 128, 4 layers, 4 heads, MLP ratio 2)"
+    arch = (
+        "ModifiedResNet (layers 1,1,1,1, width 16, attention pooling)"
+        if training["arch"] == "resnet"
+        else "ViT (patch 8, width 128, 4 layers, 4 heads, MLP ratio 2)"
+    )
     t = results["temperature"]
-    card = ModelCard.model_validate({
-        "demo": True, "description": "Demo model for synthetic 64x64 coloured-shape images; not for real photos.",
-        "image_size": synthetic.IMAGE_SIZE, "label_sets": synthetic.label_sets(),
-        "calibration": {"zero_shot": {"temperature": round(t, 4)}}, "training": training})
+    card = ModelCard.model_validate(
+        {
+            "demo": True,
+            "description": "Demo model for synthetic 64x64 coloured-shape images; not for real photos.",
+            "image_size": synthetic.IMAGE_SIZE,
+            "label_sets": synthetic.label_sets(),
+            "calibration": {"zero_shot": {"temperature": round(t, 4)}},
+            "training": training,
+        }
+    )
     write_card(out, card)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != "MODEL_CARD.md") / 1e6
     names = list(dict.fromkeys(k.split("@")[0] for k in results["shifts"]))
-    rows = "\n".join(f"| {n} | " + " | ".join(f"{results['shifts'][f'{n}@{v}'] * 100:.1f}" for v in range(1, 6)) + " |"
-                     for n in names)
+    rows = "\n".join(
+        f"| {n} | " + " | ".join(f"{results['shifts'][f'{n}@{v}'] * 100:.1f}" for v in range(1, 6)) + " |"
+        for n in names
+    )
     replayed = "--stop-after" in training["command"]
-    cap = (f" It stopped after {training['steps_done']} of {training['steps']} scheduled steps ("
-           + ("`--stop-after`" if replayed else f"the {training['minutes']:g}-minute cap; the machine's 2 cores "
-              "were shared with other work") + "), where the cosine learning rate had fallen to "
-           f"{0.5 * (1 + math.cos(math.pi * training['steps_done'] / training['steps'])) * 100:.0f}% of its peak."
-           + ("" if replayed else f" To replay exactly this schedule: add `--stop-after {training['steps_done']}`.")
-           if training["steps_done"] < training["steps"] else "")
+    cap = (
+        f" It stopped after {training['steps_done']} of {training['steps']} scheduled steps ("
+        + (
+            "`--stop-after`"
+            if replayed
+            else f"the {training['minutes']:g}-minute cap; the machine's 2 cores were shared with other work"
+        )
+        + "), where the cosine learning rate had fallen to "
+        f"{0.5 * (1 + math.cos(math.pi * training['steps_done'] / training['steps'])) * 100:.0f}% of its peak."
+        + ("" if replayed else f" To replay exactly this schedule: add `--stop-after {training['steps_done']}`.")
+        if training["steps_done"] < training["steps"]
+        else ""
+    )
     warm = max(1, min(100, training["steps"] // 10))
     # Why the ViT is weak: tiny ViTs learn colour at once but shape very slowly on 2 CPU cores.
-    vit_note = ("\n\n**Weak for lack of training time:** this tiny ViT learns colour at once but shape very slowly in "
-                "15 CPU minutes, so its 64-way accuracy sits near the colour-only ceiling of 1/8. It is shipped so "
-                "that every method (LoRA on attention blocks included) runs on a trained ViT; measure adaptation "
-                "quality on the ResNet demo model." if training["arch"] == "vit" else "")
+    vit_note = (
+        "\n\n**Weak for lack of training time:** this tiny ViT learns colour at once but shape very slowly in "
+        "15 CPU minutes, so its 64-way accuracy sits near the colour-only ceiling of 1/8. It is shipped so "
+        "that every method (LoRA on attention blocks included) runs on a trained ViT; measure adaptation "
+        "quality on the ResNet demo model."
+        if training["arch"] == "vit"
+        else ""
+    )
     drop = {k: f"{(results['clean'] - results[k]) * 100:+.1f}" for k in ("control", "heldout")}
     card = f"""# TTAServe demo model: `{out.name}`
 
@@ -167,31 +215,31 @@ open_clip `CLIP` built from `open_clip_config.json`: vision tower {arch}, 64x64 
 context 20) with open_clip's `ViT-B-32` BPE tokenizer (full 49,408-token vocabulary); joint embedding 128.
 Weights stored in fp16 ({size:.1f} MB); every figure below was measured on the fp16-rounded weights,
 and the folder reloaded with `open_clip.create_model('local-dir:...')` reproduces the trained model's
-logits exactly. Learned logit scale: {results['logit_scale']:.2f}.
+logits exactly. Learned logit scale: {results["logit_scale"]:.2f}.
 
 ## Training
 
-- Command: `{training['command']}`
-- Seed {training['seed']}, {training['steps_done']} steps of batch {training['batch_size']} (fresh images every step,
-  no augmentation), AdamW lr {training['lr']} (betas 0.9/0.98, weight decay {training['wd']}),
-  {warm} warm-up steps, cosine decay over {training['steps']} steps, open_clip `ClipLoss`.
+- Command: `{training["command"]}`
+- Seed {training["seed"]}, {training["steps_done"]} steps of batch {training["batch_size"]} (fresh images every step,
+  no augmentation), AdamW lr {training["lr"]} (betas 0.9/0.98, weight decay {training["wd"]}),
+  {warm} warm-up steps, cosine decay over {training["steps"]} steps, open_clip `ClipLoss`.
   Captions name colour and shape always, size/background/position sometimes.{cap}
-- Training wall time: {training['train_seconds'] / 60:.1f} min with {training['threads']} torch threads
-  ({training['cpus']} CPU cores, `OMP_WAIT_POLICY=PASSIVE`); mean loss over the last 50 steps
-  {training['final_loss']:.3f}.
-- Held-out (colour, shape) pairs never seen in training: {', '.join(synthetic.HELD_OUT_NAMES)}.
+- Training wall time: {training["train_seconds"] / 60:.1f} min with {training["threads"]} torch threads
+  ({training["cpus"]} CPU cores, `OMP_WAIT_POLICY=PASSIVE`); mean loss over the last 50 steps
+  {training["final_loss"]:.3f}.
+- Held-out (colour, shape) pairs never seen in training: {", ".join(synthetic.HELD_OUT_NAMES)}.
 
 ## Zero-shot accuracy (64-way colour x shape, templates {synthetic.TEMPLATES})
 
-Measured by `python -m benchmarks.demo_eval --model {out} --max-samples {results['max_samples']} --all-severities`
-(seed {results['seed']}).
+Measured by `python -m benchmarks.demo_eval --model {out} --max-samples {results["max_samples"]} --all-severities`
+(seed {results["seed"]}).
 
 | split | top-1 % | drop vs clean test |
 |---|---|---|
-| clean validation (seen) | {results['val'] * 100:.1f} | |
-| clean test (seen) | {results['clean'] * 100:.1f} | |
-| control: slight blur, sigma 0.8 px | {results['control'] * 100:.1f} | {drop['control']} |
-| held-out compositions | {results['heldout'] * 100:.1f} | {drop['heldout']} |
+| clean validation (seen) | {results["val"] * 100:.1f} | |
+| clean test (seen) | {results["clean"] * 100:.1f} | |
+| control: slight blur, sigma 0.8 px | {results["control"] * 100:.1f} | {drop["control"]} |
+| held-out compositions | {results["heldout"] * 100:.1f} | {drop["heldout"]} |
 
 Shifted copies of the clean test split, top-1 % by severity (`benchmarks/_lib/shifts.py`; style = backgrounds
 never seen in training):
@@ -201,13 +249,13 @@ never seen in training):
 {rows}
 
 Average drop over the 12 corruption shifts at severity 3 (style and held-out excluded):
-**{results['avg_drop'] * 100:.1f} points**.
+**{results["avg_drop"] * 100:.1f} points**.
 
 ## Calibration
 
 One scalar temperature T fitted on the clean validation split by minimising NLL:
 calibrated probabilities are `softmax(logits / T)` where `logits = logit_scale.exp() * cosine`.
-**T = {t:.4f}** (validation NLL {results['nll_raw']:.3f} -> {results['nll_cal']:.3f}).
+**T = {t:.4f}** (validation NLL {results["nll_raw"]:.3f} -> {results["nll_cal"]:.3f}).
 """
     (out / "MODEL_CARD.md").write_text(card)
 
@@ -220,16 +268,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--steps", type=int, default=1300)
     p.add_argument("--minutes", type=float, default=15.0, help="hard wall-time cap for the training loop")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many steps of the --steps schedule (to replay a capped run)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many steps of the --steps schedule (to replay a capped run)",
+    )
     p.add_argument("--batch-size", type=int, default=96)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--eval-seed", type=int, default=0)
-    p.add_argument("--eval-only", action="store_true",
-                   help="re-evaluate an existing --out folder and rewrite its card (training record kept)")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="re-evaluate an existing --out folder and rewrite its card (training record kept)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,11 +293,21 @@ def main() -> None:
     else:
         model, log = train(args)
         print(f"trained {log['steps_done']} steps in {log['train_seconds'] / 60:.1f} min", flush=True)
-        training = {"arch": args.arch, "seed": args.seed, "steps": args.steps, "steps_done": log["steps_done"],
-                    "minutes": args.minutes, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
-                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                    "train_seconds": round(log["train_seconds"], 1), "final_loss": round(log["final_loss"], 4),
-                    "command": "python -m benchmarks.assets.train_demo_model " + " ".join(sys.argv[1:])}
+        training = {
+            "arch": args.arch,
+            "seed": args.seed,
+            "steps": args.steps,
+            "steps_done": log["steps_done"],
+            "minutes": args.minutes,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "wd": args.wd,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "train_seconds": round(log["train_seconds"], 1),
+            "final_loss": round(log["final_loss"], 4),
+            "command": "python -m benchmarks.assets.train_demo_model " + " ".join(sys.argv[1:]),
+        }
         write_folder(model, args, args.out)
         print(f"reload max |logit difference|: {check_reload(model, args.out):.2e}", flush=True)
     results = demo_eval.evaluate_folder(args.out, args.eval_samples, args.eval_seed, severities=[1, 2, 3, 4, 5])

@@ -62,8 +62,9 @@ def request_id_of(request: Request) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
-def respond(request: Request, status: int, code: str, message: str,
-            headers: dict[str, str] | None = None) -> JSONResponse:
+def respond(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """Log the error with the request id, count a refusal, and render the shared body."""
     rid = request_id_of(request)
     level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.INFO

@@ -20,8 +20,19 @@ from server.service.decoding import ImageInput
 from server.settings import Settings
 
 TIMEOUT_HEADER = "X-Request-Timeout"
-_FORM_FIELDS = {"image", "labels", "label_set", "templates", "top_k", "method", "options", "seed", "compare",
-                "abstain_below", "confidence_gate"}
+_FORM_FIELDS = {
+    "image",
+    "labels",
+    "label_set",
+    "templates",
+    "top_k",
+    "method",
+    "options",
+    "seed",
+    "compare",
+    "abstain_below",
+    "confidence_gate",
+}
 
 
 async def read_classify(request: Request, settings: Settings) -> ClassifyRequest:
@@ -29,9 +40,11 @@ async def read_classify(request: Request, settings: Settings) -> ClassifyRequest
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         try:
-            form = await request.form(max_files=settings.max_images_per_request + 1,
-                                      max_fields=settings.max_labels + settings.max_templates + 16,
-                                      max_part_size=settings.max_body_bytes)
+            form = await request.form(
+                max_files=settings.max_images_per_request + 1,
+                max_fields=settings.max_labels + settings.max_templates + 16,
+                max_part_size=settings.max_body_bytes,
+            )
         except StarletteHTTPException as exc:
             raise BadRequest(f"malformed multipart body: {exc.detail}", code="invalid_form") from exc
         try:
@@ -45,9 +58,17 @@ async def read_classify(request: Request, settings: Settings) -> ClassifyRequest
             f"content type {ctype!r} is not accepted; send application/json or multipart/form-data",
         )
     return ClassifyRequest(
-        images=images, labels=body.labels, label_set=body.label_set, templates=body.templates, top_k=body.top_k,
-        method=body.method, options=body.options, seed=body.seed, compare=body.compare,
-        abstain_below=body.abstain_below, confidence_gate=body.confidence_gate,
+        images=images,
+        labels=body.labels,
+        label_set=body.label_set,
+        templates=body.templates,
+        top_k=body.top_k,
+        method=body.method,
+        options=body.options,
+        seed=body.seed,
+        compare=body.compare,
+        abstain_below=body.abstain_below,
+        confidence_gate=body.confidence_gate,
         timeout_s=read_timeout(request.headers.get(TIMEOUT_HEADER)),
     )
 
@@ -61,8 +82,7 @@ def read_timeout(raw: str | None) -> float | None:
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}",
-                         code="invalid_timeout")
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}", code="invalid_timeout")
     return value
 
 
@@ -102,8 +122,9 @@ async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody]:
     images: list[ImageInput] = []
     for item in form.getlist("image"):
         if not isinstance(item, UploadFile):
-            raise InvalidInput("form field 'image' must be a file upload (curl -F image=@photo.jpg)",
-                               code="invalid_form")
+            raise InvalidInput(
+                "form field 'image' must be a file upload (curl -F image=@photo.jpg)", code="invalid_form"
+            )
         images.append(await item.read())
     if not images:
         raise InvalidInput("no images: add one or more 'image' file fields", code="no_images")
@@ -134,5 +155,6 @@ def _validated(data: dict[str, Any]) -> ClassifyBody:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        raise InvalidInput(f"{where}: {first.get('msg')}" if where else str(first.get("msg")),
-                           code="validation_error") from exc
+        raise InvalidInput(
+            f"{where}: {first.get('msg')}" if where else str(first.get("msg")), code="validation_error"
+        ) from exc

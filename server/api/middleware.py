@@ -71,9 +71,7 @@ class RequestContext:
             if message["type"] == "http.request":
                 total += len(message.get("body", b""))
                 if total > limit:
-                    raise PayloadTooLarge(
-                        f"the request body exceeds {limit} bytes (TTA_MAX_BODY_BYTES)"
-                    )
+                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes (TTA_MAX_BODY_BYTES)")
             return message
 
         return wrapped
@@ -84,7 +82,15 @@ class RequestContext:
         message = f"the request body is {size} bytes; the limit is {self.max_body_bytes} (TTA_MAX_BODY_BYTES)"
         body = json.dumps(error_body("body_too_large", message, rid)).encode()
         log.info("413 body_too_large: %s", message)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

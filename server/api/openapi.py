@@ -26,10 +26,16 @@ MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["image"],
     "properties": {
-        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                  "description": "One or more image files (repeat the field)."},
-        "labels": {"type": "array", "items": {"type": "string"},
-                   "description": "Repeat the field, or send one JSON list."},
+        "image": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "One or more image files (repeat the field).",
+        },
+        "labels": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Repeat the field, or send one JSON list.",
+        },
         "label_set": {"type": "string"},
         "templates": {"type": "string", "description": "A named set, or a JSON list of templates."},
         "top_k": {"type": "integer", "minimum": 1},
@@ -45,12 +51,18 @@ CLASSIFY_OPENAPI = {
             "application/json": {
                 "schema": {"$ref": "#/components/schemas/ClassifyRequest"},
                 "examples": {
-                    "labels": {"summary": "Labels inline",
-                               "value": {"images": ["<base64 PNG or data:image/png;base64,...>"],
-                                         "labels": ["red star", "blue circle", "green square"], "top_k": 2}},
-                    "label_set": {"summary": "A registered label set",
-                                  "value": {"images": ["<base64>"], "label_set": "demo-shapes",
-                                            "templates": "simple"}},
+                    "labels": {
+                        "summary": "Labels inline",
+                        "value": {
+                            "images": ["<base64 PNG or data:image/png;base64,...>"],
+                            "labels": ["red star", "blue circle", "green square"],
+                            "top_k": 2,
+                        },
+                    },
+                    "label_set": {
+                        "summary": "A registered label set",
+                        "value": {"images": ["<base64>"], "label_set": "demo-shapes", "templates": "simple"},
+                    },
                 },
             },
             "multipart/form-data": {
@@ -75,7 +87,8 @@ def document_classify_body(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = build()
             schema.setdefault("components", {}).setdefault("schemas", {})["ClassifyRequest"] = (
-                ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}"))
+                ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            )
             app.openapi_schema = schema
         return app.openapi_schema
 

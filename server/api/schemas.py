@@ -17,8 +17,7 @@ class ClassifyRequest(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"images": ["data:image/png;base64,iVBORw0KGgo..."], "labels": ["red star", "blue circle"],
-                 "top_k": 2},
+                {"images": ["data:image/png;base64,iVBORw0KGgo..."], "labels": ["red star", "blue circle"], "top_k": 2},
                 {"images": ["iVBORw0KGgo..."], "label_set": "demo-shapes", "templates": "simple"},
             ]
         },
@@ -33,15 +32,24 @@ class ClassifyRequest(BaseModel):
     top_k: int | None = Field(None, ge=1, description="Predictions returned per image (default: server setting).")
     method: str | None = Field(None, description="Test-time method; GET /v1/methods lists them.")
     options: dict[str, Any] | None = Field(None, description="The method's options; see /v1/methods.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1,
-                             description="Seeds the augmented views: the same request and seed give the same result.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="Seeds the augmented views: the same request and seed give the same result.",
+    )
     compare: bool = Field(False, description="Also return the zero-shot predictions beside the adapted ones.")
     abstain_below: float | None = Field(
-        None, ge=0, le=1, description="Abstain (no label) when the calibrated confidence is below this.")
+        None, ge=0, le=1, description="Abstain (no label) when the calibrated confidence is below this."
+    )
     confidence_gate: float | None = Field(
-        None, ge=0, le=1, description="Do not adapt an image whose calibrated zero-shot margin (top-1 minus top-2 "
+        None,
+        ge=0,
+        le=1,
+        description="Do not adapt an image whose calibrated zero-shot margin (top-1 minus top-2 "
         "probability) is at least this; it is answered zero-shot with adaptation.skipped = 'confident'. "
-        "Default: the server's TTA_CONFIDENCE_GATE.")
+        "Default: the server's TTA_CONFIDENCE_GATE.",
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -50,15 +58,22 @@ class ClassifyResponse(BaseModel):
     method: str
     results: list[Result]
     timings: dict[str, float] = Field(
-        ..., description="Seconds spent per stage: decode, queue, encode, classify, total.")
+        ..., description="Seconds spent per stage: decode, queue, encode, classify, total."
+    )
 
 
 class LabelSetIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"name": "animals", "labels": ["cat", "dog", "bird"], "templates": "ensemble7",
-                          "descriptions": {"cat": ["a small furry pet with whiskers"]}}]
+            "examples": [
+                {
+                    "name": "animals",
+                    "labels": ["cat", "dog", "bird"],
+                    "templates": "ensemble7",
+                    "descriptions": {"cat": ["a small furry pet with whiskers"]},
+                }
+            ]
         },
     )
 
@@ -66,7 +81,8 @@ class LabelSetIn(BaseModel):
     labels: list[str]
     templates: list[str] | str | None = Field(None, description="Templates to use by default with this set.")
     descriptions: dict[str, list[str]] | None = Field(
-        None, description="Per-label descriptive phrases; TPS averages them into the label's prototype.")
+        None, description="Per-label descriptive phrases; TPS averages them into the label's prototype."
+    )
 
 
 class LabelSetOut(BaseModel):
@@ -79,9 +95,14 @@ class LabelSetOut(BaseModel):
 
     @classmethod
     def of(cls, label_set: LabelSet) -> LabelSetOut:
-        return cls(name=label_set.name, labels=list(label_set.labels),
-                   templates=list(label_set.templates) if label_set.templates is not None else None,
-                   descriptions=label_set.descriptions, created_at=label_set.created_at, source=label_set.source)
+        return cls(
+            name=label_set.name,
+            labels=list(label_set.labels),
+            templates=list(label_set.templates) if label_set.templates is not None else None,
+            descriptions=label_set.descriptions,
+            created_at=label_set.created_at,
+            source=label_set.source,
+        )
 
 
 class LabelSetList(BaseModel):

@@ -8,5 +8,13 @@ from server.clip.backbone import Backbone, load_backbone
 from server.clip.card import ModelCard, read_card, write_card
 from server.clip.spec import ModelSpec, resolve_device, resolve_model
 
-__all__ = ["Backbone", "ModelCard", "ModelSpec", "load_backbone", "read_card", "resolve_device", "resolve_model",
-           "write_card"]
+__all__ = [
+    "Backbone",
+    "ModelCard",
+    "ModelSpec",
+    "load_backbone",
+    "read_card",
+    "resolve_device",
+    "resolve_model",
+    "write_card",
+]

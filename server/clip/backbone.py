@@ -41,8 +41,15 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Backbone:
     """A loaded, frozen open_clip model and what is needed to use it."""
 
-    def __init__(self, spec: ModelSpec, model: torch.nn.Module, tokenizer: Any, device: torch.device,
-                 precision: str, prompt_cache_bytes: int):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: torch.device,
+        precision: str,
+        prompt_cache_bytes: int,
+    ):
         self.spec = spec
         self.model = model
         self.tokenizer = tokenizer
@@ -143,8 +150,10 @@ class Backbone:
             if n_ctx < 1:
                 raise UnsupportedModel(f"ctx_init {ctx_init!r} has no tokens")
             if n_ctx + 3 > self.context_length:  # SOT, the context, one label token, EOT
-                raise UnsupportedModel(f"ctx_init {ctx_init!r} ({n_ctx} tokens) does not fit the text context "
-                                 f"of {self.context_length} tokens with a label after it")
+                raise UnsupportedModel(
+                    f"ctx_init {ctx_init!r} ({n_ctx} tokens) does not fit the text context "
+                    f"of {self.context_length} tokens with a label after it"
+                )
             ids = tok([f"{ctx_init} {label}." for label in labels]).to(self.device)  # [C, 77]
             if not bool((ids[:, 1 : 1 + n_ctx] == init_ids).all()):
                 raise UnsupportedModel(f"ctx_init {ctx_init!r} tokenizes differently when a label follows it")
@@ -200,15 +209,17 @@ class Backbone:
             raise ValueError(f"ctx has shape {tuple(ctx.shape)}; expected [{len(inputs)}, n_ctx, W]")
         for inp in inputs:
             if tuple(ctx.shape[1:]) != tuple(inp.ctx_init.shape):
-                raise ValueError(f"ctx has shape {tuple(ctx.shape)}, expected [R, {inp.n_ctx}, "
-                                 f"{inp.ctx_init.shape[-1]}]")
+                raise ValueError(
+                    f"ctx has shape {tuple(ctx.shape)}, expected [R, {inp.n_ctx}, {inp.ctx_init.shape[-1]}]"
+                )
         length = max(inp.context_length for inp in inputs)
         sizes = [inp.prefix.shape[0] for inp in inputs]
         ctx = ctx.to(self.device, tower.cast_dtype)
         pos = tower.positional_embedding[:length].to(tower.cast_dtype)  # [L, W]
         eot = torch.cat([inp.eot for inp in inputs])  # [P]
-        tails = torch.cat([torch.nn.functional.pad(inp.suffix, (0, 0, 0, length - inp.context_length))
-                           for inp in inputs])  # [P, L-1-n, W] label tokens, ".", EOT, padding
+        tails = torch.cat(
+            [torch.nn.functional.pad(inp.suffix, (0, 0, 0, length - inp.context_length)) for inp in inputs]
+        )  # [P, L-1-n, W] label tokens, ".", EOT, padding
         mask = tower.attn_mask[:length, :length]
         if shares_prefix(tower):
             # SOT and the context are the same tokens in every prompt of a request: in a causal tower their
@@ -216,14 +227,19 @@ class Backbone:
             head = 1 + ctx.shape[1]
             shared = torch.cat([torch.stack([inp.prefix[0] for inp in inputs]), ctx], dim=1) + pos[:head]  # [R, h, W]
             x = tails + pos[head:]  # [P, L-h, W]
-            owner = torch.repeat_interleave(torch.arange(len(inputs), device=x.device),
-                                            torch.tensor(sizes, device=x.device))  # [P] request of each prompt
+            owner = torch.repeat_interleave(
+                torch.arange(len(inputs), device=x.device), torch.tensor(sizes, device=x.device)
+            )  # [P] request of each prompt
             for blk in tower.blocks:
                 shared, x = shared_prefix_block(blk, shared, x, owner, mask)
             eot = eot - head
         else:
-            x = torch.cat([torch.cat([inp.prefix, ctx[r][None].expand(c, -1, -1)], dim=1)
-                           for r, (inp, c) in enumerate(zip(inputs, sizes, strict=True))])  # [P, 1+n, W]
+            x = torch.cat(
+                [
+                    torch.cat([inp.prefix, ctx[r][None].expand(c, -1, -1)], dim=1)
+                    for r, (inp, c) in enumerate(zip(inputs, sizes, strict=True))
+                ]
+            )  # [P, 1+n, W]
             x = torch.cat([x, tails], dim=1) + pos  # [P, L, W]
             # open_clip's text transformer is batch-first and takes the causal mask as an argument.
             x = tower.transformer(x, attn_mask=mask)  # [P, L, W]

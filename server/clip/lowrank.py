@@ -41,22 +41,36 @@ def lora_targets(visual: torch.nn.Module, n_blocks: int = 3) -> LoraTargets:
         raise ValueError(f"n_blocks must be at least 1, got {n_blocks}")
     if isinstance(visual, ModifiedResNet) and isinstance(visual.attnpool, AttentionPool2d):
         pool = visual.attnpool
-        return LoraTargets("resnet", (), tuple(
-            LoraTarget(f"attnpool.{p}_proj", RESNET_POOL, p, lin.in_features, lin.out_features)
-            for p, lin in (("q", pool.q_proj), ("v", pool.v_proj))))
+        return LoraTargets(
+            "resnet",
+            (),
+            tuple(
+                LoraTarget(f"attnpool.{p}_proj", RESNET_POOL, p, lin.in_features, lin.out_features)
+                for p, lin in (("q", pool.q_proj), ("v", pool.v_proj))
+            ),
+        )
     if not isinstance(visual, VisionTransformer):
-        raise UnsupportedModel(f"TTL's LoRA needs open_clip's VisionTransformer or ModifiedResNet vision tower; "
-                         f"this model's is {type(visual).__name__} (timm and Hugging Face towers are not supported)")
+        raise UnsupportedModel(
+            f"TTL's LoRA needs open_clip's VisionTransformer or ModifiedResNet vision tower; "
+            f"this model's is {type(visual).__name__} (timm and Hugging Face towers are not supported)"
+        )
     blocks = visual.transformer.resblocks
     first = max(0, len(blocks) - n_blocks)
     targets = []
     for i in range(first, len(blocks)):
         blk = blocks[i]
         attn = getattr(blk, "attn", None)
-        if (type(blk) is not ResidualAttentionBlock or not isinstance(attn, torch.nn.MultiheadAttention)
-                or not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn):
-            raise UnsupportedModel(f"TTL's LoRA needs open_clip's ResidualAttentionBlock with a packed "
-                             f"nn.MultiheadAttention; vision block {i} is {type(blk).__name__}")
+        if (
+            type(blk) is not ResidualAttentionBlock
+            or not isinstance(attn, torch.nn.MultiheadAttention)
+            or not attn._qkv_same_embed_dim
+            or attn.bias_k is not None
+            or attn.add_zero_attn
+        ):
+            raise UnsupportedModel(
+                f"TTL's LoRA needs open_clip's ResidualAttentionBlock with a packed "
+                f"nn.MultiheadAttention; vision block {i} is {type(blk).__name__}"
+            )
         width = attn.embed_dim
         targets += [LoraTarget(f"transformer.resblocks.{i}.attn.{p}", i, p, width, width) for p in ("q", "v")]
     return LoraTargets("vit", tuple(range(first, len(blocks))), tuple(targets))
@@ -100,8 +114,10 @@ def vision_suffix(visual: Any, prefix: torch.Tensor, lora: LoraFactors) -> torch
     feature_dims = 3 if targets.tower == "resnet" else 2
     want = feature_dims + (2 if lora.stacked else 1)
     if prefix.dim() != want:
-        raise ValueError(f"prefix has shape {tuple(prefix.shape)}; expected {want} dims for "
-                         f"{'stacked' if lora.stacked else 'unstacked'} factors on a {targets.tower} tower")
+        raise ValueError(
+            f"prefix has shape {tuple(prefix.shape)}; expected {want} dims for "
+            f"{'stacked' if lora.stacked else 'unstacked'} factors on a {targets.tower} tower"
+        )
     r = lora.a[0].shape[0] if lora.stacked else 1
     x = prefix if lora.stacked else prefix[None]  # [R, N, ...]
     if x.shape[0] != r:
@@ -129,9 +145,16 @@ def _delta(x: torch.Tensor, r: int, a: torch.Tensor, b: torch.Tensor, scaling: f
     return (low @ b.transpose(-1, -2) * scaling).view(rn, t, -1)  # [R*N, T, out]
 
 
-def _lora_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor, r: int,
-                    lq: tuple[torch.Tensor, torch.Tensor] | None, lv: tuple[torch.Tensor, torch.Tensor] | None,
-                    scaling: float, attn_mask: torch.Tensor | None = None, queries: int | None = None) -> torch.Tensor:
+def _lora_attention(
+    attn: torch.nn.MultiheadAttention,
+    x: torch.Tensor,
+    r: int,
+    lq: tuple[torch.Tensor, torch.Tensor] | None,
+    lv: tuple[torch.Tensor, torch.Tensor] | None,
+    scaling: float,
+    attn_mask: torch.Tensor | None = None,
+    queries: int | None = None,
+) -> torch.Tensor:
     """nn.MultiheadAttention's self-attention (need_weights=False) with LoRA on the packed q and v slices.
 
     Follows ``F.multi_head_attention_forward``: packed in-projection, per-head SDPA with the float mask,
@@ -153,8 +176,9 @@ def _lora_attention(attn: torch.nn.MultiheadAttention, x: torch.Tensor, r: int,
     return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)  # [B, T', W]
 
 
-def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                     attn_mask: torch.Tensor | None) -> torch.Tensor:
+def heads_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
     """Multi-head scaled dot-product attention, batch-first: [B, Tq, W], [B, T, W] x2 -> [B, Tq, W]."""
     bsz, tq, width = q.shape
     hd = width // heads
@@ -165,9 +189,16 @@ def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return out.transpose(1, 2).reshape(bsz, tq, width)  # [B, Tq, W]
 
 
-def lora_block(blk: ResidualAttentionBlock, x: torch.Tensor, r: int,
-               lq: tuple[torch.Tensor, torch.Tensor] | None, lv: tuple[torch.Tensor, torch.Tensor] | None,
-               scaling: float, attn_mask: torch.Tensor | None = None, queries: int | None = None) -> torch.Tensor:
+def lora_block(
+    blk: ResidualAttentionBlock,
+    x: torch.Tensor,
+    r: int,
+    lq: tuple[torch.Tensor, torch.Tensor] | None,
+    lv: tuple[torch.Tensor, torch.Tensor] | None,
+    scaling: float,
+    attn_mask: torch.Tensor | None = None,
+    queries: int | None = None,
+) -> torch.Tensor:
     """open_clip's ``ResidualAttentionBlock.forward`` (self-attention) with LoRA on q and v.
 
     x: [R*N, T, W] batch-first -> [R*N, T', W] (T' = ``queries`` when given: the tokens kept).
@@ -182,8 +213,15 @@ def lora_block(blk: ResidualAttentionBlock, x: torch.Tensor, r: int,
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))  # type: ignore[no-any-return]
 
 
-def _vit_suffix(visual: Any, adapted: tuple[int, ...], x: torch.Tensor, r: int, a: list[torch.Tensor],
-                b: list[torch.Tensor], scaling: float) -> torch.Tensor:
+def _vit_suffix(
+    visual: Any,
+    adapted: tuple[int, ...],
+    x: torch.Tensor,
+    r: int,
+    a: list[torch.Tensor],
+    b: list[torch.Tensor],
+    scaling: float,
+) -> torch.Tensor:
     """The adapted resblocks (the tower's last ones), then open_clip's pooling and projection:
     [R*N, T, W] -> [R*N, D]. Factors are in target order: q then v of each adapted block."""
     blocks = visual.transformer.resblocks
@@ -193,16 +231,29 @@ def _vit_suffix(visual: Any, adapted: tuple[int, ...], x: torch.Tensor, r: int, 
     cls_only = visual.attn_pool is None and visual.pool_type == "tok"
     for j, i in enumerate(adapted):
         last = i == len(blocks) - 1
-        x = lora_block(blocks[i], x, r, (a[2 * j], b[2 * j]), (a[2 * j + 1], b[2 * j + 1]), scaling,
-                       queries=1 if last and cls_only else None)  # [R*N, T, W] ([R*N, 1, W] after the last)
+        x = lora_block(
+            blocks[i],
+            x,
+            r,
+            (a[2 * j], b[2 * j]),
+            (a[2 * j + 1], b[2 * j + 1]),
+            scaling,
+            queries=1 if last and cls_only else None,
+        )  # [R*N, T, W] ([R*N, 1, W] after the last)
     pooled, _ = visual._pool(x)  # [R*N, W']
     if visual.proj is not None:
         pooled = pooled @ visual.proj  # [R*N, D]
     return pooled  # type: ignore[no-any-return]
 
 
-def _attnpool(pool: AttentionPool2d, x: torch.Tensor, r: int, lq: tuple[torch.Tensor, torch.Tensor],
-              lv: tuple[torch.Tensor, torch.Tensor], scaling: float) -> torch.Tensor:
+def _attnpool(
+    pool: AttentionPool2d,
+    x: torch.Tensor,
+    r: int,
+    lq: tuple[torch.Tensor, torch.Tensor],
+    lv: tuple[torch.Tensor, torch.Tensor],
+    scaling: float,
+) -> torch.Tensor:
     """open_clip's ``AttentionPool2d.forward`` with LoRA on q_proj and v_proj: [R*N, C, h, w] -> [R*N, D].
 
     Batch-first where open_clip is sequence-first (same math). The pool returns only the mean token's

@@ -78,8 +78,9 @@ def text_tower(model: torch.nn.Module, tokenizer: Any) -> TextTower:
     from open_clip.transformer import TextTransformer
 
     if not isinstance(tokenizer, SimpleTokenizer):
-        raise UnsupportedModel("prompt learning needs CLIP's BPE tokenizer (SOT ... EOT), "
-                               f"not {type(tokenizer).__name__}")
+        raise UnsupportedModel(
+            f"prompt learning needs CLIP's BPE tokenizer (SOT ... EOT), not {type(tokenizer).__name__}"
+        )
     if isinstance(model, open_clip.CLIP):
         src: Any = model
         pool_type, eos_id = model.text_pool_type, getattr(model, "text_eos_id", None)
@@ -89,26 +90,40 @@ def text_tower(model: torch.nn.Module, tokenizer: Any) -> TextTower:
             raise UnsupportedModel("prompt learning does not support text towers with a class token or padding mask")
         pool_type, eos_id = src.pool_type, getattr(src, "eos_id", None)
     else:
-        raise UnsupportedModel(f"prompt learning needs open_clip's own text transformer; {type(model).__name__} "
-                         "has another text tower")
+        raise UnsupportedModel(
+            f"prompt learning needs open_clip's own text transformer; {type(model).__name__} has another text tower"
+        )
     if src.attn_mask is None:
         raise UnsupportedModel("prompt learning needs a causal text tower (this one attends in both directions)")
     if pool_type not in ("argmax", "eos") or (pool_type == "eos" and eos_id is None):
         raise UnsupportedModel(f"prompt learning needs EOT pooling; this text tower pools with {pool_type!r}")
-    return TextTower(src.token_embedding, src.positional_embedding, src.transformer, src.ln_final,
-                      src.text_projection, src.attn_mask, pool_type, eos_id)
+    return TextTower(
+        src.token_embedding,
+        src.positional_embedding,
+        src.transformer,
+        src.ln_final,
+        src.text_projection,
+        src.attn_mask,
+        pool_type,
+        eos_id,
+    )
 
 
 def shares_prefix(tower: TextTower) -> bool:
     """Whether the tower's blocks are open_clip's plain self-attention blocks, which the shared-prefix path runs."""
     blocks = tower.blocks
     return bool(blocks) and all(
-        isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, torch.nn.MultiheadAttention)
-        and b.attn.in_proj_weight is not None and not hasattr(b, "ln_1_kv") for b in blocks)
+        isinstance(b, ResidualAttentionBlock)
+        and isinstance(b.attn, torch.nn.MultiheadAttention)
+        and b.attn.in_proj_weight is not None
+        and not hasattr(b, "ln_1_kv")
+        for b in blocks
+    )
 
 
-def shared_prefix_block(blk: ResidualAttentionBlock, shared: torch.Tensor, x: torch.Tensor, owner: torch.Tensor,
-                         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_prefix_block(
+    blk: ResidualAttentionBlock, shared: torch.Tensor, x: torch.Tensor, owner: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip's ``ResidualAttentionBlock.forward`` for prompts whose first h tokens are shared per request.
 
     Args:

@@ -38,8 +38,9 @@ class ImageTask:
     stop: Callable[[], bool] = lambda: False
 
 
-def adapt_images(backbone: Backbone, method: Method[Any], options: MethodOptions,
-                 tasks: list[ImageTask]) -> list[tuple[torch.Tensor, ImageReport]]:
+def adapt_images(
+    backbone: Backbone, method: Method[Any], options: MethodOptions, tasks: list[ImageTask]
+) -> list[tuple[torch.Tensor, ImageReport]]:
     """Images through a test-time method together: views, one encoder pass, stacked steps, predictions.
 
     Each image's result is what it gets alone: its views come from its own generator and its
@@ -52,25 +53,48 @@ def adapt_images(backbone: Backbone, method: Method[Any], options: MethodOptions
     started = time.monotonic()
     n_views = options.views
     cfg = backbone.preprocess_cfg
-    views = [make_views(t.original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std,
-                        t.generator, base_view=t.base_view) for t in tasks]  # each [V, 3, h, w]
+    views = [
+        make_views(
+            t.original.to(backbone.device),
+            n_views,
+            backbone.image_size,
+            cfg.mean,
+            cfg.std,
+            t.generator,
+            base_view=t.base_view,
+        )
+        for t in tasks
+    ]  # each [V, 3, h, w]
     encoded = method.encode_views(backbone, views)
-    inputs = [AdaptInput(feats, t.classes, backbone.logit_scale, t.labels, t.generator, backbone, v, cache, t.stop)
-              for t, v, (feats, cache) in zip(tasks, views, encoded, strict=True)]
+    inputs = [
+        AdaptInput(feats, t.classes, backbone.logit_scale, t.labels, t.generator, backbone, v, cache, t.stop)
+        for t, v, (feats, cache) in zip(tasks, views, encoded, strict=True)
+    ]
     zero_shot = [inp.zero_shot_logits()[0].detach() for inp in inputs]  # each [C]
     results = method.adapt_batch(inputs, options)
     backbone.sync()
     seconds = time.monotonic() - started
-    return [(r.logits.detach().float().cpu(),
-             ImageReport(zs.float().cpu(), r.steps, n_views, r.selected_views, seconds, r.order, r.extra,
-                         batch_images=len(tasks)))
-            for r, zs in zip(results, zero_shot, strict=True)]
+    return [
+        (
+            r.logits.detach().float().cpu(),
+            ImageReport(
+                zs.float().cpu(), r.steps, n_views, r.selected_views, seconds, r.order, r.extra, batch_images=len(tasks)
+            ),
+        )
+        for r, zs in zip(results, zero_shot, strict=True)
+    ]
 
 
-def adapt_image(backbone: Backbone, method: Method[Any], options: MethodOptions, original: torch.Tensor,
-                base_view: torch.Tensor,
-                classes: torch.Tensor, labels: tuple[str, ...],
-                generator: torch.Generator) -> tuple[torch.Tensor, ImageReport]:
+def adapt_image(
+    backbone: Backbone,
+    method: Method[Any],
+    options: MethodOptions,
+    original: torch.Tensor,
+    base_view: torch.Tensor,
+    classes: torch.Tensor,
+    labels: tuple[str, ...],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, ImageReport]:
     """One image through a test-time method (``adapt_images`` of one): the final logits [C] and the report.
 
     Args:

@@ -81,8 +81,9 @@ class MemoryModel:
         self.budget_bytes = budget_bytes
         self._correction: dict[str, float] = {}
 
-    def image_bytes(self, backbone: Backbone, method: Method[Any], options: MethodOptions,
-                    labels: tuple[str, ...]) -> float:
+    def image_bytes(
+        self, backbone: Backbone, method: Method[Any], options: MethodOptions, labels: tuple[str, ...]
+    ) -> float:
         """Estimated bytes one image of ``labels`` holds while ``method`` adapts it."""
         cost = method.cost(options, len(labels))
         a = self.activations
@@ -120,8 +121,9 @@ def default_memory_budget(device: torch.device) -> int:
 T = TypeVar("T")
 
 
-def stack_within(items: Sequence[T], needs: Sequence[float], budget: float, max_items: int
-                 ) -> tuple[list[list[T]], list[T]]:
+def stack_within(
+    items: Sequence[T], needs: Sequence[float], budget: float, max_items: int
+) -> tuple[list[list[T]], list[T]]:
     """Split ``items`` in order into batches of at most ``max_items`` whose ``needs`` (bytes, per item) sum
     within ``budget``; and the items that do not fit alone."""
     batches: list[list[T]] = [[]]

@@ -25,8 +25,9 @@ class ClassFeatures:
         self.backbone = backbone
         self.cache: ByteLRU[torch.Tensor] = ByteLRU(max_bytes, tensor_bytes)
 
-    def get(self, labels: tuple[str, ...], templates: tuple[str, ...],
-            descriptions: Descriptions | None = None) -> torch.Tensor:
+    def get(
+        self, labels: tuple[str, ...], templates: tuple[str, ...], descriptions: Descriptions | None = None
+    ) -> torch.Tensor:
         """The unit-norm class features [C, D] (float32, on the device, an inference tensor)."""
         described = descriptions if descriptions and any(descriptions) else None
         key = (labels, templates, described)

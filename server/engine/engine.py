@@ -43,8 +43,13 @@ LOADER_THREAD = "tta-load"  # loads, warms up and measures the model before the 
 class Engine:
     """Owns the device: loads the backbone and runs every job on its two lanes."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, load: Callable[[], Backbone],
-                 on_fatal: Callable[[BaseException], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        load: Callable[[], Backbone],
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ):
         self.settings = settings
         self.metrics = metrics
         self._load = load
@@ -58,15 +63,23 @@ class Engine:
         self._stopping = False
         self._ready = threading.Event()
         self._loader = threading.Thread(target=self._start_lanes, name=LOADER_THREAD, daemon=True)
-        self.zero_shot_lane = Lane("zero-shot", self._cond, self._run_zero_shot,
-                                   limit=lambda: settings.max_batch_size,
-                                   delay_s=lambda: settings.max_batch_delay_ms / 1000, on_change=self._gauge_queue)
-        self.adaptation_lane = Lane("adapt", self._cond, self._run_adaptation,
-                                    limit=lambda: settings.adapt_max_batch,
-                                    delay_s=lambda: settings.max_batch_delay_ms / 1000,
-                                    fits=lambda first, job: (job.work.method is first.work.method
-                                                             and job.work.options == first.work.options),
-                                    on_change=self._gauge_queue)
+        self.zero_shot_lane = Lane(
+            "zero-shot",
+            self._cond,
+            self._run_zero_shot,
+            limit=lambda: settings.max_batch_size,
+            delay_s=lambda: settings.max_batch_delay_ms / 1000,
+            on_change=self._gauge_queue,
+        )
+        self.adaptation_lane = Lane(
+            "adapt",
+            self._cond,
+            self._run_adaptation,
+            limit=lambda: settings.adapt_max_batch,
+            delay_s=lambda: settings.max_batch_delay_ms / 1000,
+            fits=lambda first, job: job.work.method is first.work.method and job.work.options == first.work.options,
+            on_change=self._gauge_queue,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -105,10 +118,17 @@ class Engine:
             memory = MemoryModel(ActivationBytes.measure(backbone), budget)
             self.metrics.adapt_memory_budget.set(budget)
             a = memory.activations
-            log.info("model loaded and warmed up in %.2f s (%.1f ms per image, %.2f ms per prompt; activations "
-                     "kept for a backward pass: %.1f MiB per image, %.1f KiB per prompt token; adaptation memory "
-                     "budget %.0f MiB)", time.monotonic() - started, self.costs.image_s * 1e3,
-                     self.costs.prompt_s * 1e3, a.image / 2**20, a.prompt_token / 2**10, budget / 2**20)
+            log.info(
+                "model loaded and warmed up in %.2f s (%.1f ms per image, %.2f ms per prompt; activations "
+                "kept for a backward pass: %.1f MiB per image, %.1f KiB per prompt token; adaptation memory "
+                "budget %.0f MiB)",
+                time.monotonic() - started,
+                self.costs.image_s * 1e3,
+                self.costs.prompt_s * 1e3,
+                a.image / 2**20,
+                a.prompt_token / 2**10,
+                budget / 2**20,
+            )
         except BaseException as exc:  # noqa: BLE001 - reported through /readyz and on_fatal
             self.load_error = exc
             log.error("model failed to load: %s", exc)
@@ -116,8 +136,14 @@ class Engine:
                 self.on_fatal(exc)
             return
         self.backbone = backbone
-        self.runner = Runner(backbone, ClassFeatures(backbone, self.settings.text_cache_bytes), self.costs, memory,
-                             self.metrics, self.settings.adapt_max_batch)
+        self.runner = Runner(
+            backbone,
+            ClassFeatures(backbone, self.settings.text_cache_bytes),
+            self.costs,
+            memory,
+            self.metrics,
+            self.settings.adapt_max_batch,
+        )
         self.zero_shot_lane.start()
         self.adaptation_lane.start()
         self._ready.set()
@@ -153,8 +179,11 @@ class Engine:
             with self._cond:
                 if self._admits(self._estimate_s(adaptation), timeout_s):
                     return
-        raise Overloaded(f"the queue is full ({self.settings.max_queue_size} jobs waiting); retry later",
-                         code="queue_full", retry_after_s=self.settings.retry_after_s)
+        raise Overloaded(
+            f"the queue is full ({self.settings.max_queue_size} jobs waiting); retry later",
+            code="queue_full",
+            retry_after_s=self.settings.retry_after_s,
+        )
 
     # -- submitting -----------------------------------------------------------------------------
     async def run(self, work: Work, timeout_s: float) -> JobOutput:
@@ -201,8 +230,11 @@ class Engine:
             if job.future.done():
                 continue
             if job.stopped():
-                job.fail(job.stop_error() if job.cancelled else
-                         DeadlineExceeded("the request waited in the queue past its deadline"))
+                job.fail(
+                    job.stop_error()
+                    if job.cancelled
+                    else DeadlineExceeded("the request waited in the queue past its deadline")
+                )
                 continue
             live.append(job)
         return live
@@ -233,15 +265,21 @@ class Engine:
         try:
             outputs = self.runner.adapt(live)
         except Stopped as exc:  # raised only once every image's caller is gone
-            log.info("adaptation of %d request(s) with %s %s: %s", len(live), method.name, exc,
-                     "the client went away" if all(j.cancelled for j in live) else "past the deadline")
+            log.info(
+                "adaptation of %d request(s) with %s %s: %s",
+                len(live),
+                method.name,
+                exc,
+                "the client went away" if all(j.cancelled for j in live) else "past the deadline",
+            )
             for job in live:
                 job.fail(job.stop_error())
             return
         except Exception as exc:
             if len(live) > 1:  # find the job that cannot run, without failing the others
-                log.warning("a stacked adaptation batch of %d jobs failed (%s); running them one by one",
-                            len(live), exc)
+                log.warning(
+                    "a stacked adaptation batch of %d jobs failed (%s); running them one by one", len(live), exc
+                )
                 for job in live:
                     self._adapt([job])
             elif isinstance(exc, UnsupportedModel):  # a method this model cannot run
@@ -265,5 +303,6 @@ class Engine:
         backbone = self.backbone
         if backbone is not None and backbone.device.type == "cuda" and self.runner is not None:
             self.metrics.gpu_memory_allocated.set(torch.cuda.memory_allocated(backbone.device))
-            self.metrics.gpu_memory_peak.set(max(self.runner.gpu_peak_bytes,
-                                                 torch.cuda.max_memory_allocated(backbone.device)))
+            self.metrics.gpu_memory_peak.set(
+                max(self.runner.gpu_peak_bytes, torch.cuda.max_memory_allocated(backbone.device))
+            )

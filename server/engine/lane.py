@@ -23,10 +23,17 @@ log = logging.getLogger("ttaserve.engine")
 class Lane:
     """Jobs waiting for one worker thread, which runs them in batches with ``run``."""
 
-    def __init__(self, name: str, lock: threading.Condition, run: Callable[[list[Job]], None], *,
-                 limit: Callable[[], int], delay_s: Callable[[], float],
-                 fits: Callable[[Job, Job], bool] = lambda first, job: True,
-                 on_change: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        name: str,
+        lock: threading.Condition,
+        run: Callable[[list[Job]], None],
+        *,
+        limit: Callable[[], int],
+        delay_s: Callable[[], float],
+        fits: Callable[[Job, Job], bool] = lambda first, job: True,
+        on_change: Callable[[], None] = lambda: None,
+    ):
         self.name = name
         self._cond = lock
         self._run = run

@@ -36,8 +36,15 @@ Answer = tuple[torch.Tensor, ImageReport]  # an image's final logits [C] and its
 class Runner:
     """Runs batches on the backbone; every method call that touches the device goes through here."""
 
-    def __init__(self, backbone: Backbone, classes: ClassFeatures, costs: CostModel, memory: MemoryModel,
-                 metrics: Metrics, adapt_max_batch: int):
+    def __init__(
+        self,
+        backbone: Backbone,
+        classes: ClassFeatures,
+        costs: CostModel,
+        memory: MemoryModel,
+        metrics: Metrics,
+        adapt_max_batch: int,
+    ):
         self.backbone = backbone
         self.classes = classes
         self.costs = costs
@@ -60,8 +67,9 @@ class Runner:
         for job in jobs:
             t0 = time.monotonic()
             work = job.work
-            logits = self._predict(work.method, feats[offset : offset + job.n_images],
-                                   self.classes.get(work.labels, work.templates), work)  # [N, C]
+            logits = self._predict(
+                work.method, feats[offset : offset + job.n_images], self.classes.get(work.labels, work.templates), work
+            )  # [N, C]
             offset += job.n_images
             timings = {"queue": started - job.enqueued_at, "encode": encode_s, "classify": time.monotonic() - t0}
             outputs.append(JobOutput(logits, timings, int(images.shape[0]), skipped=job.skipped))
@@ -85,19 +93,28 @@ class Runner:
         method = jobs[0].work.method
         options = jobs[0].work.options
         # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
-        classes = {id(job): self.classes.get(job.work.labels, job.work.templates,
-                                             job.work.descriptions if method.uses_descriptions else None).clone()
-                   for job in jobs}  # each [C, D]
+        classes = {
+            id(job): self.classes.get(
+                job.work.labels, job.work.templates, job.work.descriptions if method.uses_descriptions else None
+            ).clone()
+            for job in jobs
+        }  # each [C, D]
         done: dict[tuple[int, int], Answer] = {}
         needs = {id(job): self.memory.image_bytes(backbone, method, options, job.work.labels) for job in jobs}
         items = [(job, i) for job in jobs for i in range(job.n_images)]
-        chunks, too_big = stack_within(items, [needs[id(job)] for job, _ in items], self.memory.budget_bytes,
-                                       self.adapt_max_batch)
+        chunks, too_big = stack_within(
+            items, [needs[id(job)] for job, _ in items], self.memory.budget_bytes, self.adapt_max_batch
+        )
         if too_big:
             job = too_big[0][0]
-            log.warning("%d image(s) of %s need about %.0f MiB each to adapt, over the %.0f MiB memory budget "
-                        "(TTA_ADAPT_MEMORY_BYTES): served zero-shot", len(too_big), method.name,
-                        needs[id(job)] / 2**20, self.memory.budget_bytes / 2**20)
+            log.warning(
+                "%d image(s) of %s need about %.0f MiB each to adapt, over the %.0f MiB memory budget "
+                "(TTA_ADAPT_MEMORY_BYTES): served zero-shot",
+                len(too_big),
+                method.name,
+                needs[id(job)] / 2**20,
+                self.memory.budget_bytes / 2**20,
+            )
             self._answer_zero_shot(too_big, classes, done, "memory")
         for chunk in chunks:
             chunk = [(job, i) for job, i in chunk if not job.stopped()]
@@ -105,10 +122,7 @@ class Runner:
                 chunk = self._gate(chunk, classes, done)
             if not chunk:
                 continue
-            tasks = [ImageTask(job.work.originals[i], job.work.images[i], classes[id(job)],  # type: ignore[index]
-                               job.work.labels, torch.Generator().manual_seed(image_seed(job.work.seed, i)),
-                               job.stopped)
-                     for job, i in chunk]
+            tasks = [self._task(job, i, classes[id(job)]) for job, i in chunk]
             with gpu_peak(backbone.device) as peak:
                 outs = adapt_images(backbone, method, options, tasks)
             if peak:
@@ -128,12 +142,22 @@ class Runner:
             for report in reports:
                 report.memory_bytes = int(needs[id(job)])
             timings = {"queue": started - job.enqueued_at, "adapt": elapsed}
-            outputs[id(job)] = JobOutput(torch.stack(logits), timings, max(r.batch_images for r in reports),
-                                         list(reports))
+            outputs[id(job)] = JobOutput(
+                torch.stack(logits), timings, max(r.batch_images for r in reports), list(reports)
+            )
         return outputs
 
-    def _gate(self, chunk: list[Image], classes: dict[int, torch.Tensor],
-              done: dict[tuple[int, int], Answer]) -> list[Image]:
+    @staticmethod
+    def _task(job: Job, i: int, classes: torch.Tensor) -> ImageTask:
+        """Image ``i`` of an adapting job, with its own generator seeded from the request's seed."""
+        originals = job.work.originals
+        assert originals is not None, "the adaptation lane runs only work with decoded originals"
+        generator = torch.Generator().manual_seed(image_seed(job.work.seed, i))
+        return ImageTask(originals[i], job.work.images[i], classes, job.work.labels, generator, job.stopped)
+
+    def _gate(
+        self, chunk: list[Image], classes: dict[int, torch.Tensor], done: dict[tuple[int, int], Answer]
+    ) -> list[Image]:
         """Answer zero-shot the gated images whose calibrated margin passes their gate; return the others."""
         gated = [(job, i) for job, i in chunk if job.work.gate is not None]
         if not gated:
@@ -146,10 +170,14 @@ class Runner:
         answered = self._answer_zero_shot(gated, classes, done, "confident", when=confident)
         return [(job, i) for job, i in chunk if (id(job), i) not in answered]
 
-    def _answer_zero_shot(self, items: list[Image], classes: dict[int, torch.Tensor],
-                          done: dict[tuple[int, int], Answer], reason: str,
-                          when: Callable[[Job, torch.Tensor], bool] = lambda job, logits: True
-                          ) -> set[tuple[int, int]]:
+    def _answer_zero_shot(
+        self,
+        items: list[Image],
+        classes: dict[int, torch.Tensor],
+        done: dict[tuple[int, int], Answer],
+        reason: str,
+        when: Callable[[Job, torch.Tensor], bool] = lambda job, logits: True,
+    ) -> set[tuple[int, int]]:
         """Answer ``items`` (those ``when`` picks from their zero-shot logits) zero-shot, skipped for ``reason``."""
         t0 = time.monotonic()
         feats = self.backbone.encode_images(torch.stack([job.work.images[i] for job, i in items]))  # [N, D]

@@ -35,15 +35,20 @@ class Calibration:
         return method in self._temperatures
 
 
-def predictions(logits: torch.Tensor, temperature: float, labels: tuple[str, ...], order: torch.Tensor | None,
-                top_k: int) -> list[Prediction]:
+def predictions(
+    logits: torch.Tensor, temperature: float, labels: tuple[str, ...], order: torch.Tensor | None, top_k: int
+) -> list[Prediction]:
     """[C] logits -> the ``top_k`` predictions, ranked by ``order`` (ZERO's vote) or by probability, with the
     calibrated probability softmax(logits / T) beside the raw one."""
     raw = logits.softmax(-1)  # [C]
     calibrated = (logits / temperature).softmax(-1)  # [C]
     ranked = order if order is not None else torch.argsort(calibrated, descending=True, stable=True)
-    return [Prediction(label=labels[j], probability=float(calibrated[j]), raw_probability=float(raw[j]),
-                       logit=float(logits[j])) for j in ranked[:top_k].tolist()]
+    return [
+        Prediction(
+            label=labels[j], probability=float(calibrated[j]), raw_probability=float(raw[j]), logit=float(logits[j])
+        )
+        for j in ranked[:top_k].tolist()
+    ]
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

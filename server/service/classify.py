@@ -87,8 +87,16 @@ def outcome(exc: BaseException) -> str:
 class ClassifyService:
     """Classify images zero-shot or with test-time adaptation, on one engine."""
 
-    def __init__(self, settings: Settings, spec: ModelSpec, engine: Engine, label_sets: LabelSets,
-                 calibration: Calibration, metrics: Metrics, decode_pool: Executor):
+    def __init__(
+        self,
+        settings: Settings,
+        spec: ModelSpec,
+        engine: Engine,
+        label_sets: LabelSets,
+        calibration: Calibration,
+        metrics: Metrics,
+        decode_pool: Executor,
+    ):
         self.settings = settings
         self.spec = spec
         self.engine = engine
@@ -120,8 +128,14 @@ class ClassifyService:
             self.metrics.requests.labels(method=method_label, outcome=result).inc()
             self.metrics.request_duration.labels(method=method_label).observe(time.monotonic() - started)
 
-    async def _classify(self, req: ClassifyRequest, method: Method[Any], options: MethodOptions,
-                        disconnected: Disconnected | None, started: float) -> Classification:
+    async def _classify(
+        self,
+        req: ClassifyRequest,
+        method: Method[Any],
+        options: MethodOptions,
+        disconnected: Disconnected | None,
+        started: float,
+    ) -> Classification:
         settings = self.settings
         check_image_count(len(req.images), settings)
         classes = self._resolve_classes(req)
@@ -140,12 +154,27 @@ class ClassifyService:
             raise NotReady("the model is still loading; retry shortly", retry_after_s=1)
         t0 = time.monotonic()
         images, originals = await asyncio.get_running_loop().run_in_executor(
-            self.decode_pool, decode_images, list(req.images), backbone.preprocess, backbone.image_size,
-            settings.max_image_pixels, adaptive)
+            self.decode_pool,
+            decode_images,
+            list(req.images),
+            backbone.preprocess,
+            backbone.image_size,
+            settings.max_image_pixels,
+            adaptive,
+        )
         decode_s = time.monotonic() - t0
-        work = Work(images, classes.labels, classes.templates, method, options, originals=originals, seed=seed,
-                    descriptions=classes.descriptions, gate=gate if adaptive else None,
-                    gate_temperature=self.calibration.temperature("zero_shot"))
+        work = Work(
+            images,
+            classes.labels,
+            classes.templates,
+            method,
+            options,
+            originals=originals,
+            seed=seed,
+            descriptions=classes.descriptions,
+            gate=gate if adaptive else None,
+            gate_temperature=self.calibration.temperature("zero_shot"),
+        )
         remaining = timeout_s - (time.monotonic() - started)
         output = await self._run(work, max(remaining, 0.001), disconnected)
         timings = {"decode": decode_s, **output.timings}
@@ -170,8 +199,9 @@ class ClassifyService:
             label_set: LabelSet = self.label_sets.get(req.label_set)
             described = label_set.descriptions
             descriptions = tuple(tuple(described.get(label, ())) for label in label_set.labels) if described else None
-            return Classes(label_set.labels, resolve_templates(req.templates, settings, fallback=label_set.templates),
-                           descriptions)
+            return Classes(
+                label_set.labels, resolve_templates(req.templates, settings, fallback=label_set.templates), descriptions
+            )
         return Classes(validate_labels(req.labels, settings), resolve_templates(req.templates, settings), None)
 
     async def _run(self, work: Work, timeout_s: float, disconnected: Disconnected | None) -> JobOutput:
@@ -195,8 +225,9 @@ class ClassifyService:
             if not task.done():
                 task.cancel()
 
-    def _results(self, output: JobOutput, work: Work, top_k: int, req: ClassifyRequest,
-                 seed: int | None) -> list[Result]:
+    def _results(
+        self, output: JobOutput, work: Work, top_k: int, req: ClassifyRequest, seed: int | None
+    ) -> list[Result]:
         """Each image's calibrated predictions, abstention, adaptation report and zero-shot view."""
         method, labels = work.method.name, work.labels
         zero_shot_t = self.calibration.temperature("zero_shot")
@@ -229,22 +260,33 @@ class ClassifyService:
                 batch_images=report.batch_images if report else 1,
                 memory_bytes=report.memory_bytes if report else None,
             )
-            self._observe(method, confidence, report.seconds if report and not skipped else None,
-                          entropy_before - entropy_after, adaptation.changed)
-            results.append(Result(
-                label=None if abstained else preds[0].label,
-                confidence=confidence,
-                entropy=float(entropy(logits / temperature)),
-                abstained=abstained,
-                predictions=preds,
-                adaptation=adaptation,
-                zero_shot=ZeroShotView(label=zs_preds[0].label, confidence=zs_preds[0].probability,
-                                       predictions=zs_preds) if req.compare else None,
-            ))
+            self._observe(
+                method,
+                confidence,
+                report.seconds if report and not skipped else None,
+                entropy_before - entropy_after,
+                adaptation.changed,
+            )
+            results.append(
+                Result(
+                    label=None if abstained else preds[0].label,
+                    confidence=confidence,
+                    entropy=float(entropy(logits / temperature)),
+                    abstained=abstained,
+                    predictions=preds,
+                    adaptation=adaptation,
+                    zero_shot=ZeroShotView(
+                        label=zs_preds[0].label, confidence=zs_preds[0].probability, predictions=zs_preds
+                    )
+                    if req.compare
+                    else None,
+                )
+            )
         return results
 
-    def _observe(self, method: str, confidence: float, adapt_s: float | None, entropy_drop: float,
-                 changed: bool) -> None:
+    def _observe(
+        self, method: str, confidence: float, adapt_s: float | None, entropy_drop: float, changed: bool
+    ) -> None:
         """The quality metrics of one image: its confidence, and for an adapted one what adaptation did."""
         self.metrics.confidence.labels(method=method).observe(confidence)
         if adapt_s is not None:

@@ -88,9 +88,13 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def decode_images(images: Sequence[ImageInput], preprocess: Callable[[Image.Image], torch.Tensor],
-                  input_size: tuple[int, int], max_pixels: int,
-                  keep_originals: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+def decode_images(
+    images: Sequence[ImageInput],
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    input_size: tuple[int, int],
+    max_pixels: int,
+    keep_originals: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Decode, check and preprocess every image.
 
     Returns the base views [N, 3, H, W] (``preprocess`` of each) and, with ``keep_originals``, each
@@ -109,7 +113,8 @@ def decode_images(images: Sequence[ImageInput], preprocess: Callable[[Image.Imag
         if keep_originals:
             if min(image.size) > cap:
                 scale = cap / min(image.size)
-                image = image.resize((round(image.width * scale), round(image.height * scale)),
-                                     Image.Resampling.BICUBIC)
+                image = image.resize(
+                    (round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC
+                )
             originals.append(to_uint8_tensor(image))  # [3, H0, W0]
     return torch.stack(tensors), (originals if keep_originals else None)

@@ -32,8 +32,9 @@ def model_info(spec: ModelSpec, engine: Engine, label_sets: LabelSets, calibrati
         "logit_scale": backbone.logit_scale,
         "ready": engine.ready,
         "label_sets": sorted(label_sets.shipped),
-        "calibration": {m: {"temperature": calibration.temperature(m), "fitted": calibration.fitted(m)}
-                        for m in method_names()},
+        "calibration": {
+            m: {"temperature": calibration.temperature(m), "fitted": calibration.fitted(m)} for m in method_names()
+        },
     }
 
 
@@ -51,7 +52,17 @@ def methods_info(settings: Settings) -> dict[str, Any]:
         "max_views": s.max_views,
         "max_steps": s.max_steps,
     }
-    methods = [{"name": name, "summary": get_method(name).summary, "options_schema": get_method(name).options_schema(),
-                "limits": limits} for name in method_names()]
-    return {"default": s.default_method, "template_sets": {k: list(v) for k, v in TEMPLATE_SETS.items()},
-            "methods": methods}
+    methods = [
+        {
+            "name": name,
+            "summary": get_method(name).summary,
+            "options_schema": get_method(name).options_schema(),
+            "limits": limits,
+        }
+        for name in method_names()
+    ]
+    return {
+        "default": s.default_method,
+        "template_sets": {k: list(v) for k, v in TEMPLATE_SETS.items()},
+        "methods": methods,
+    }

@@ -38,15 +38,21 @@ class LabelSets:
         self.shipped = shipped
         self.settings = settings
 
-    def create(self, name: str, labels: Sequence[str], templates: Sequence[str] | str | None = None,
-               descriptions: Mapping[str, list[str]] | None = None) -> LabelSet:
+    def create(
+        self,
+        name: str,
+        labels: Sequence[str],
+        templates: Sequence[str] | str | None = None,
+        descriptions: Mapping[str, list[str]] | None = None,
+    ) -> LabelSet:
         name = validate_label_set_name(name)
         checked = validate_labels(labels, self.settings)
         resolved = resolve_templates(templates, self.settings) if templates is not None else None
         described = validate_descriptions(descriptions, checked)
         if name in self.shipped:
-            raise Conflict(f"label set {name!r} is provided by the model and cannot be replaced",
-                           code="label_set_exists")
+            raise Conflict(
+                f"label set {name!r} is provided by the model and cannot be replaced", code="label_set_exists"
+            )
         return self.store.create_label_set(LabelSet(name, checked, resolved, described))
 
     def get(self, name: str) -> LabelSet:
@@ -59,6 +65,7 @@ class LabelSets:
 
     def delete(self, name: str) -> None:
         if name in self.shipped:
-            raise Conflict(f"label set {name!r} is provided by the model and cannot be deleted",
-                           code="label_set_builtin")
+            raise Conflict(
+                f"label set {name!r} is provided by the model and cannot be deleted", code="label_set_builtin"
+            )
         self.store.delete_label_set(name)

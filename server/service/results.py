@@ -37,15 +37,20 @@ class Adaptation(BaseModel):
     seconds: float
     seed: int | None = Field(None, description="The seed the views were drawn with.")
     agreement: float | None = Field(
-        None, description="ZERO: share of kept views voting for the label (not a probability).")
+        None, description="ZERO: share of kept views voting for the label (not a probability)."
+    )
     skipped: str | None = Field(
-        None, description="Why the image was answered zero-shot instead: 'overload' (the adaptation lane was "
+        None,
+        description="Why the image was answered zero-shot instead: 'overload' (the adaptation lane was "
         "over its budget), 'confident' (the zero-shot margin passed the confidence gate) or 'memory' (adapting "
-        "this image alone needs more than TTA_ADAPT_MEMORY_BYTES).")
+        "this image alone needs more than TTA_ADAPT_MEMORY_BYTES).",
+    )
     batch_images: int = Field(1, description="Images adapted together in one stacked computation, this one included.")
     memory_bytes: int | None = Field(
-        None, description="Estimated bytes of activations adapting this image holds, what the lane weighs against "
-        "TTA_ADAPT_MEMORY_BYTES (null when the request was not admitted to the lane).")
+        None,
+        description="Estimated bytes of activations adapting this image holds, what the lane weighs against "
+        "TTA_ADAPT_MEMORY_BYTES (null when the request was not admitted to the lane).",
+    )
 
 
 class ZeroShotView(BaseModel):

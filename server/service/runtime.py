@@ -39,10 +39,13 @@ def check_settings(settings: Settings) -> ModelSpec:
     """Everything about the configuration that can be checked without loading weights; raises ConfigError."""
     if settings.default_method not in method_names():
         raise ConfigError(
-            f"TTA_DEFAULT_METHOD={settings.default_method!r} is not a method; known: {', '.join(method_names())}")
+            f"TTA_DEFAULT_METHOD={settings.default_method!r} is not a method; known: {', '.join(method_names())}"
+        )
     if settings.default_templates not in TEMPLATE_SETS:
-        raise ConfigError(f"TTA_DEFAULT_TEMPLATES={settings.default_templates!r} is not a template set; "
-                          f"known: {', '.join(sorted(TEMPLATE_SETS))}")
+        raise ConfigError(
+            f"TTA_DEFAULT_TEMPLATES={settings.default_templates!r} is not a template set; "
+            f"known: {', '.join(sorted(TEMPLATE_SETS))}"
+        )
     resolve_device(settings.device)
     return resolve_model(settings)
 
@@ -62,8 +65,13 @@ class Runtime:
     decode_pool: ThreadPoolExecutor
 
     @classmethod
-    def open(cls, settings: Settings, metrics: Metrics | None = None, load: Loader = load_backbone,
-             on_fatal: Callable[[BaseException], None] | None = None) -> Runtime:
+    def open(
+        cls,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        load: Loader = load_backbone,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> Runtime:
         """Check the settings, open the store, start loading the model; raises ConfigError on a bad setting.
 
         ``load`` replaces ``load_backbone`` (tests use it to hold or break loading); ``on_fatal`` is called
@@ -84,8 +92,9 @@ class Runtime:
         calibration = Calibration.from_card(spec.card)
         store = open_store(settings)
         engine = Engine(settings, metrics, lambda: load(settings, spec), on_fatal=on_fatal)
-        metrics.model_info.labels(model=spec.display, pretrained=spec.pretrained or "", device=str(device),
-                                  precision=settings.precision).set(1)
+        metrics.model_info.labels(
+            model=spec.display, pretrained=spec.pretrained or "", device=str(device), precision=settings.precision
+        ).set(1)
         label_sets = LabelSets(store, shipped, settings)
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tta-decode")
         classifier = ClassifyService(settings, spec, engine, label_sets, calibration, metrics, decode_pool)

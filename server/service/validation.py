@@ -46,8 +46,9 @@ def validate_labels(labels: Sequence[str] | None, settings: Settings, where: str
     return tuple(cleaned)
 
 
-def resolve_templates(value: Sequence[str] | str | None, settings: Settings,
-                      fallback: tuple[str, ...] | None = None) -> tuple[str, ...]:
+def resolve_templates(
+    value: Sequence[str] | str | None, settings: Settings, fallback: tuple[str, ...] | None = None
+) -> tuple[str, ...]:
     """A named set or an explicit list to a tuple of templates; None falls back, then to the server default."""
     if value is None:
         if fallback is not None:
@@ -70,8 +71,9 @@ def resolve_templates(value: Sequence[str] | str | None, settings: Settings,
         )
     for i, template in enumerate(value):
         if PLACEHOLDER not in template:
-            raise InvalidInput(f"templates[{i}] {template!r} has no {{}} where the label goes",
-                               code="invalid_templates")
+            raise InvalidInput(
+                f"templates[{i}] {template!r} has no {{}} where the label goes", code="invalid_templates"
+            )
     return tuple(value)
 
 
@@ -85,14 +87,16 @@ def validate_label_set_name(name: str) -> str:
     return name
 
 
-def validate_descriptions(descriptions: Mapping[str, list[str]] | None,
-                          labels: tuple[str, ...]) -> dict[str, list[str]] | None:
+def validate_descriptions(
+    descriptions: Mapping[str, list[str]] | None, labels: tuple[str, ...]
+) -> dict[str, list[str]] | None:
     if descriptions is None:
         return None
     unknown = [k for k in descriptions if k not in labels]
     if unknown:
-        raise InvalidInput(f"descriptions name labels not in the set: {', '.join(map(repr, unknown[:5]))}",
-                           code="invalid_descriptions")
+        raise InvalidInput(
+            f"descriptions name labels not in the set: {', '.join(map(repr, unknown[:5]))}", code="invalid_descriptions"
+        )
     for key, items in descriptions.items():
         if any(not d.strip() for d in items):
             raise InvalidInput(f"descriptions[{key!r}] holds an empty description", code="invalid_descriptions")
@@ -109,13 +113,15 @@ def check_image_count(n: int, settings: Settings) -> None:
         )
 
 
-def resolve_method(name: str | None, raw_options: Mapping[str, object] | None,
-                   settings: Settings) -> tuple[Method[MethodOptions], MethodOptions]:
+def resolve_method(
+    name: str | None, raw_options: Mapping[str, object] | None, settings: Settings
+) -> tuple[Method[MethodOptions], MethodOptions]:
     """The method a request names (or the server's default) and its validated options."""
     name = name or settings.default_method
     if name not in method_names():
-        raise InvalidInput(f"unknown method {name!r}; known methods: {', '.join(method_names())}",
-                           code="unknown_method")
+        raise InvalidInput(
+            f"unknown method {name!r}; known methods: {', '.join(method_names())}", code="unknown_method"
+        )
     method = get_method(name)
     try:
         options = method.parse_options(dict(raw_options) if raw_options is not None else None)
@@ -127,11 +133,13 @@ def resolve_method(name: str | None, raw_options: Mapping[str, object] | None,
 def check_limits(options: MethodOptions, settings: Settings) -> None:
     """Views and steps within what the server allows (TTA_MAX_VIEWS, TTA_MAX_STEPS)."""
     if options.views > settings.max_views:
-        raise InvalidInput(f"options.views={options.views}; the limit is {settings.max_views} (TTA_MAX_VIEWS)",
-                           code="invalid_options")
+        raise InvalidInput(
+            f"options.views={options.views}; the limit is {settings.max_views} (TTA_MAX_VIEWS)", code="invalid_options"
+        )
     if options.steps > settings.max_steps:
-        raise InvalidInput(f"options.steps={options.steps}; the limit is {settings.max_steps} (TTA_MAX_STEPS)",
-                           code="invalid_options")
+        raise InvalidInput(
+            f"options.steps={options.steps}; the limit is {settings.max_steps} (TTA_MAX_STEPS)", code="invalid_options"
+        )
 
 
 def resolve_top_k(top_k: int | None, n_labels: int, settings: Settings) -> int:

@@ -48,8 +48,10 @@ class SqliteStore:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             self._db.close()
-            raise ConfigError(f"{self.path} has schema version {version}, newer than this server's "
-                              f"{SCHEMA_VERSION}: run a newer TTAServe, or point TTA_DATA_DIR elsewhere")
+            raise ConfigError(
+                f"{self.path} has schema version {version}, newer than this server's "
+                f"{SCHEMA_VERSION}: run a newer TTAServe, or point TTA_DATA_DIR elsewhere"
+            )
         for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
             try:
                 self._db.executescript(f"BEGIN; {script} PRAGMA user_version = {target}; COMMIT;")

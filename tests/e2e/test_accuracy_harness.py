@@ -14,8 +14,20 @@ from benchmarks._lib.runners import DirectRunner, ServerRunner
 from tests.support.apps import PATIENCE_S
 from tests.support.servers import free_port, start, wait_served
 
-ARGS = ["--shifts", "clean,control,gaussian_noise,style", "--max-samples", "16", "--bootstrap", "50", "--threads", "1",
-        "--methods", "zero_shot,tps,zero", "--batch-size", "8"]
+ARGS = [
+    "--shifts",
+    "clean,control,gaussian_noise,style",
+    "--max-samples",
+    "16",
+    "--bootstrap",
+    "50",
+    "--threads",
+    "1",
+    "--methods",
+    "zero_shot,tps,zero",
+    "--batch-size",
+    "8",
+]
 
 
 def test_direct_and_server_runs_agree_and_write_reports(tiny_model_dir, tmp_path):
@@ -29,7 +41,12 @@ def test_direct_and_server_runs_agree_and_write_reports(tiny_model_dir, tmp_path
         proc.terminate()
         proc.wait(PATIENCE_S)
     assert [r["shift"] for r in direct["rows"] if r["method"] == "zero_shot"] == [
-        "clean", "control", "gaussian_noise-3", "style-3", "corruptions (pooled)"]
+        "clean",
+        "control",
+        "gaussian_noise-3",
+        "style-3",
+        "corruptions (pooled)",
+    ]
     assert {r["method"] for r in direct["rows"]} == {"zero_shot", "tps", "zero"}
     for a, b in zip(direct["rows"], served["rows"], strict=True):
         assert (a["shift"], a["method"], a["n"]) == (b["shift"], b["method"], b["n"])
@@ -52,16 +69,42 @@ def test_folder_data_with_class_names(tiny_model_dir, tmp_path):
         for i in range(3):
             Image.new("RGB", (20 + i, 20), colour).save(folder / f"{i}.png")
     (tmp_path / "names.txt").write_text("red thing\nblue thing\n")
-    result = accuracy.main(["--model", f"local-dir:{tiny_model_dir}", "--data", str(tmp_path / "data"),
-                            "--class-names", str(tmp_path / "names.txt"), "--bootstrap", "20", "--methods", "zero_shot",
-                            "--out", str(tmp_path / "out")])
+    result = accuracy.main(
+        [
+            "--model",
+            f"local-dir:{tiny_model_dir}",
+            "--data",
+            str(tmp_path / "data"),
+            "--class-names",
+            str(tmp_path / "names.txt"),
+            "--bootstrap",
+            "20",
+            "--methods",
+            "zero_shot",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert [(r["shift"], r["n"]) for r in result["rows"]] == [("data", 6.0)]
 
 
 def test_blurred_control_rows_and_unknown_shifts(tiny_model_dir, tmp_path):
-    result = accuracy.main(["--model", f"local-dir:{tiny_model_dir}", "--shifts", "gaussian_noise,gaussian_noise+blur",
-                            "--methods", "zero_shot", "--max-samples", "8", "--bootstrap", "20",
-                            "--out", str(tmp_path / "out")])
+    result = accuracy.main(
+        [
+            "--model",
+            f"local-dir:{tiny_model_dir}",
+            "--shifts",
+            "gaussian_noise,gaussian_noise+blur",
+            "--methods",
+            "zero_shot",
+            "--max-samples",
+            "8",
+            "--bootstrap",
+            "20",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     shifts = [r["shift"] for r in result["rows"]]
     # The blurred row is a control: it is not pooled into the corruption average.
     assert shifts == ["gaussian_noise-3", "gaussian_noise-3+blur", "corruptions (pooled)"]

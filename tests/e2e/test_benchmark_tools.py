@@ -25,8 +25,21 @@ def test_fit_temperature_recovers_a_known_temperature():
 def test_calibrate_writes_temperatures_into_the_model_folder(tiny_model_dir, tmp_path, capsys):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    fitted = calibrate.main(["--model", f"local-dir:{folder}", "--methods", "zero_shot,tps", "--max-samples", "24",
-                             "--threads", "1", "--options", 'tps={"views": 8}', "--write"])
+    fitted = calibrate.main(
+        [
+            "--model",
+            f"local-dir:{folder}",
+            "--methods",
+            "zero_shot,tps",
+            "--max-samples",
+            "24",
+            "--threads",
+            "1",
+            "--options",
+            'tps={"views": 8}',
+            "--write",
+        ]
+    )
     meta = json.loads((folder / "ttaserve.json").read_text())
     assert set(meta["calibration"]) == {"zero_shot", "tps"}
     assert meta["calibration"]["tps"]["temperature"] == fitted["tps"]["temperature"] > 0
@@ -36,20 +49,38 @@ def test_calibrate_writes_temperatures_into_the_model_folder(tiny_model_dir, tmp
 
 
 def test_tune_and_latency_report_every_method(tiny_model_dir, capsys):
-    chosen = tune.main(["--model", f"local-dir:{tiny_model_dir}", "--methods", "tps", "--max-samples", "8",
-                        "--threads", "1"])
+    chosen = tune.main(
+        ["--model", f"local-dir:{tiny_model_dir}", "--methods", "tps", "--max-samples", "8", "--threads", "1"]
+    )
     assert set(chosen) == {"tps"} and chosen["tps"]["lr"] in tune.LRS and chosen["tps"]["steps"] in tune.STEPS
     assert "--options 'tps=" in capsys.readouterr().out
-    result = method_latency.main(["--model", f"local-dir:{tiny_model_dir}", "--methods", "zero_shot,zero,tps",
-                                  "--images", "2", "--threads", "1"])
+    result = method_latency.main(
+        ["--model", f"local-dir:{tiny_model_dir}", "--methods", "zero_shot,zero,tps", "--images", "2", "--threads", "1"]
+    )
     assert set(result) == {"zero_shot", "zero", "tps"}
     assert all(r["p95_s"] >= r["p50_s"] > 0 for r in result.values())
 
 
 def test_adaptation_latency_runs_reference_ours_and_server_side_by_side(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "adaptation_latency.json"
-    adaptation_latency.main(["--model", f"local-dir:{tiny_model_dir}", "--classes", "5", "--images", "2",
-                             "--views", "8", "--concurrency", "1,2", "--threads", "1", "--json", str(out)])
+    adaptation_latency.main(
+        [
+            "--model",
+            f"local-dir:{tiny_model_dir}",
+            "--classes",
+            "5",
+            "--images",
+            "2",
+            "--views",
+            "8",
+            "--concurrency",
+            "1,2",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["agreement_ok"]
@@ -75,8 +106,9 @@ def test_adaptation_latency_runs_reference_ours_and_server_side_by_side(tiny_mod
 
 
 def test_memory_estimate_sets_the_lanes_estimate_beside_the_measured_rise(tiny_model_dir, capsys):
-    rows = memory_estimate.main(["--model", f"local-dir:{tiny_model_dir}", "--classes", "5,40", "--views", "8",
-                                 "--threads", "1"])
+    rows = memory_estimate.main(
+        ["--model", f"local-dir:{tiny_model_dir}", "--classes", "5,40", "--views", "8", "--threads", "1"]
+    )
     printed = capsys.readouterr().out
     assert {(r["method"], r["classes"]) for r in rows} == {(m, c) for m in memory_estimate.METHODS for c in (5, 40)}
     by = {(r["method"], r["classes"]): r for r in rows}

@@ -29,8 +29,13 @@ def served(tiny_model_dir, tmp_path):
 def test_classify_over_loopback_then_shut_down_cleanly(served):
     url, proc = served
     files = [("image", ("a.png", png_bytes(seed=1), "image/png")), ("image", ("b.png", png_bytes(), "image/png"))]
-    r = httpx.post(f"{url}/v1/classify", files=files, data={"labels": ["red", "green", "blue"], "top_k": "2"},
-                   headers={"X-Request-ID": "e2e-1"}, timeout=PATIENCE_S)
+    r = httpx.post(
+        f"{url}/v1/classify",
+        files=files,
+        data={"labels": ["red", "green", "blue"], "top_k": "2"},
+        headers={"X-Request-ID": "e2e-1"},
+        timeout=PATIENCE_S,
+    )
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "e2e-1"
     assert [len(res["predictions"]) for res in r.json()["results"]] == [2, 2]
@@ -54,8 +59,9 @@ def test_label_sets_survive_a_process_restart(tiny_model_dir, tmp_path):
         try:
             wait_served(url, proc)
             if round_ == 0:
-                created = httpx.post(f"{url}/v1/label-sets", json={"name": "kept", "labels": ["a", "b"]},
-                                     timeout=PATIENCE_S)
+                created = httpx.post(
+                    f"{url}/v1/label-sets", json={"name": "kept", "labels": ["a", "b"]}, timeout=PATIENCE_S
+                )
                 assert created.status_code == 201
             else:
                 assert httpx.get(f"{url}/v1/label-sets/kept", timeout=PATIENCE_S).json()["labels"] == ["a", "b"]
@@ -64,11 +70,14 @@ def test_label_sets_survive_a_process_restart(tiny_model_dir, tmp_path):
             proc.wait(PATIENCE_S)
 
 
-@pytest.mark.parametrize(("flags", "setting"), [
-    (["--model", "ViT-Nonexistent-1"], "TTA_MODEL"),
-    (["--default-method", "nope"], "TTA_DEFAULT_METHOD"),
-    (["--default-templates", "nope"], "TTA_DEFAULT_TEMPLATES"),
-])
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [
+        (["--model", "ViT-Nonexistent-1"], "TTA_MODEL"),
+        (["--default-method", "nope"], "TTA_DEFAULT_METHOD"),
+        (["--default-templates", "nope"], "TTA_DEFAULT_TEMPLATES"),
+    ],
+)
 def test_a_bad_setting_exits_at_once_naming_it(tmp_path, tiny_model_dir, flags, setting):
     proc = start(["--model", f"local-dir:{tiny_model_dir}", *flags], tmp_path)
     assert proc.wait(PATIENCE_S) == 2
@@ -77,8 +86,11 @@ def test_a_bad_setting_exits_at_once_naming_it(tmp_path, tiny_model_dir, flags, 
 
 def test_env_settings_are_used_and_secrets_masked(tiny_model_dir, tmp_path):
     port = free_port()
-    proc = start([], tmp_path, env={"TTA_MODEL": f"local-dir:{tiny_model_dir}", "TTA_PORT": str(port),
-                                    "TTA_HF_TOKEN": "hf_do_not_print"})
+    proc = start(
+        [],
+        tmp_path,
+        env={"TTA_MODEL": f"local-dir:{tiny_model_dir}", "TTA_PORT": str(port), "TTA_HF_TOKEN": "hf_do_not_print"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_served(url, proc)
@@ -115,8 +127,9 @@ def test_python_client_against_the_live_server(served, tmp_path):
     path.write_bytes(png_bytes(seed=4))
     with Client(url) as tta:
         assert tta.ready()
-        body = tta.classify([path, png_bytes(), Image.new("RGB", (8, 8))], labels=["red", "green"], top_k=1,
-                            templates=["a {} picture."])
+        body = tta.classify(
+            [path, png_bytes(), Image.new("RGB", (8, 8))], labels=["red", "green"], top_k=1, templates=["a {} picture."]
+        )
         assert [len(r["predictions"]) for r in body["results"]] == [1, 1, 1]
         tta.create_label_set("colours", ["red", "green", "blue"])
         assert tta.classify([path], label_set="colours")["results"][0]["label"] in {"red", "green", "blue"}

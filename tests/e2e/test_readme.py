@@ -46,16 +46,22 @@ def test_readme_curl_examples_work_against_the_default_server(tmp_path):
         assert len(blocks) >= 3
         for block in blocks:
             script = block.replace("localhost:8000", f"127.0.0.1:{port}")
-            out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=PATIENCE_S)
+            out = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE_S
+            )
             assert out.returncode == 0, f"{block}\n{out.stdout}\n{out.stderr}"
             bodies = [json.loads(line) for line in out.stdout.replace("}{", "}\n{").splitlines() if line.strip()]
             for body in bodies:
                 for result in body.get("results", []):
                     # The example images are named after their class; the demo model gets them right.
                     assert result["label"] in {p["label"] for p in result["predictions"]}
-        multipart = subprocess.run(["bash", "-c", blocks[0].replace("localhost:8000", f"127.0.0.1:{port}")],
-                                   cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE_S)
+        multipart = subprocess.run(
+            ["bash", "-c", blocks[0].replace("localhost:8000", f"127.0.0.1:{port}")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE_S,
+        )
         labels = [r["label"] for r in json.loads(multipart.stdout)["results"]]
         assert labels == ["red star", "blue square"]
     finally:

@@ -144,8 +144,12 @@ def test_request_timeout_header(settings):
 def test_lane_metrics_are_exposed(client):
     client.post("/v1/classify", json=body("tps", 1, LABEL_SETS[0]))
     text = client.get("/metrics").text
-    for name in ("tta_adapt_batch_size_count", "tta_adapt_pending_seconds", "tta_gpu_memory_allocated_bytes",
-                 "tta_gpu_memory_peak_bytes"):
+    for name in (
+        "tta_adapt_batch_size_count",
+        "tta_adapt_pending_seconds",
+        "tta_gpu_memory_allocated_bytes",
+        "tta_gpu_memory_peak_bytes",
+    ):
         metric(text, name)
     assert metric(text, "tta_adapt_batch_size_count") == 1
     assert metric(text, "tta_gpu_memory_allocated_bytes") == 0  # the CPU

@@ -45,8 +45,10 @@ def logits_of(body: dict, labels: list[str]) -> torch.Tensor:
 @pytest.mark.parametrize("templates", ["simple", "ensemble7", "openai_imagenet", ["a {} thing.", "art of {}!"]])
 def test_logits_equal_a_direct_open_clip_computation(client, tiny_model_dir, templates):
     images = [png_bytes(seed=1), png_bytes((10, 200, 30), size=(50, 30)), png_bytes(seed=2, fmt="JPEG")]
-    r = client.post("/v1/classify", json={"images": [b64(b) for b in images], "labels": LABELS,
-                                          "templates": templates, "top_k": len(LABELS)})
+    r = client.post(
+        "/v1/classify",
+        json={"images": [b64(b) for b in images], "labels": LABELS, "templates": templates, "top_k": len(LABELS)},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     names = templates if isinstance(templates, list) else list(TEMPLATE_SETS[templates])
@@ -62,8 +64,9 @@ def test_logits_equal_a_direct_open_clip_computation(client, tiny_model_dir, tem
 
 
 def test_response_shape_top_k_and_timings(client):
-    r = client.post("/v1/classify", json={"images": [data_uri(png_bytes()), b64(png_bytes(seed=3))],
-                                          "labels": LABELS, "top_k": 2})
+    r = client.post(
+        "/v1/classify", json={"images": [data_uri(png_bytes()), b64(png_bytes(seed=3))], "labels": LABELS, "top_k": 2}
+    )
     assert r.status_code == 200
     body = r.json()
     assert body["method"] == "zero_shot"
@@ -82,8 +85,9 @@ def test_default_top_k_is_capped_by_the_label_count(client):
 
 def test_results_keep_image_order(client):
     images = [png_bytes(seed=s) for s in range(5)]
-    one_by_one = [client.post("/v1/classify", json={"images": [b64(b)], "labels": LABELS}).json()["results"][0]
-                  for b in images]
+    one_by_one = [
+        client.post("/v1/classify", json={"images": [b64(b)], "labels": LABELS}).json()["results"][0] for b in images
+    ]
     together = client.post("/v1/classify", json={"images": [b64(b) for b in images], "labels": LABELS}).json()
     for alone, batched in zip(one_by_one, together["results"], strict=True):
         assert alone["label"] == batched["label"]
@@ -96,22 +100,32 @@ def test_multipart_with_repeated_fields_matches_json(client):
     form = {"labels": LABELS, "top_k": "5", "templates": "ensemble7"}
     r = client.post("/v1/classify", files=files, data=form)
     assert r.status_code == 200, r.text
-    j = client.post("/v1/classify", json={"images": [b64(b) for b in images], "labels": LABELS, "top_k": 5,
-                                          "templates": "ensemble7"})
+    j = client.post(
+        "/v1/classify",
+        json={"images": [b64(b) for b in images], "labels": LABELS, "top_k": 5, "templates": "ensemble7"},
+    )
     assert torch.allclose(logits_of(r.json(), LABELS), logits_of(j.json(), LABELS), atol=1e-6)
 
 
 def test_multipart_with_json_lists_and_options(client):
-    r = client.post("/v1/classify", files=[("image", ("a.png", png_bytes(), "image/png"))],
-                    data={"labels": json.dumps(LABELS), "templates": json.dumps(["a {} photo."]),
-                          "method": "zero_shot", "options": "{}"})
+    r = client.post(
+        "/v1/classify",
+        files=[("image", ("a.png", png_bytes(), "image/png"))],
+        data={
+            "labels": json.dumps(LABELS),
+            "templates": json.dumps(["a {} photo."]),
+            "method": "zero_shot",
+            "options": "{}",
+        },
+    )
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == 1
 
 
 def test_label_set_with_its_templates_and_an_override(client, tiny_model_dir):
-    created = client.post("/v1/label-sets", json={"name": "pets", "labels": ["a cat", "a dog"],
-                                                  "templates": ["a photo of {}, a pet."]})
+    created = client.post(
+        "/v1/label-sets", json={"name": "pets", "labels": ["a cat", "a dog"], "templates": ["a photo of {}, a pet."]}
+    )
     assert created.status_code == 201
     image = png_bytes(seed=8)
     r = client.post("/v1/classify", json={"images": [b64(image)], "label_set": "pets"})
@@ -153,7 +167,8 @@ def test_image_formats_and_modes(client):
 
 def test_multipart_with_hundreds_of_repeated_label_fields(client):
     labels = [f"class {i}" for i in range(300)]
-    r = client.post("/v1/classify", files={"image": ("a.png", png_bytes(), "image/png")},
-                    data={"labels": labels, "top_k": "3"})
+    r = client.post(
+        "/v1/classify", files={"image": ("a.png", png_bytes(), "image/png")}, data={"labels": labels, "top_k": "3"}
+    )
     assert r.status_code == 200, r.text
     assert len(r.json()["results"][0]["predictions"]) == 3

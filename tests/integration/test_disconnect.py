@@ -43,13 +43,21 @@ def test_a_client_that_disconnects_stops_its_adaptation(settings, caplog):
         return backbone
 
     caplog.set_level(logging.INFO, logger="ttaserve")
-    body = json.dumps({"images": [b64(png_bytes(seed=1, size=(80, 64)))], "labels": list(LABELS), "method": "tpt",
-                       "options": {"views": 8, "steps": STEPS}}).encode()
+    body = json.dumps(
+        {
+            "images": [b64(png_bytes(seed=1, size=(80, 64)))],
+            "labels": list(LABELS),
+            "method": "tpt",
+            "options": {"views": 8, "steps": STEPS},
+        }
+    ).encode()
     with serve_in_thread(create_app(settings, load=load)) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            sock.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
             assert entered.wait(PATIENCE_S), "the adaptation never reached its first step"
         # The client is gone while step 1 of 10 is held. The server notices and answers nobody.
         cancelled = 'tta_requests_total{method="tpt",outcome="cancelled"}'
@@ -61,9 +69,11 @@ def test_a_client_that_disconnects_stops_its_adaptation(settings, caplog):
         wait_until(counted, "the request to be counted as cancelled")
         release.set()
         # The lane runs one batch at a time: this answer comes once the abandoned one has stopped.
-        after = httpx.post(f"{url}/v1/classify", json={"images": [b64(png_bytes())], "labels": ["a", "b"],
-                                                       "method": "tpt", "options": {"views": 4}},
-                           timeout=PATIENCE_S)
+        after = httpx.post(
+            f"{url}/v1/classify",
+            json={"images": [b64(png_bytes())], "labels": ["a", "b"], "method": "tpt", "options": {"views": 4}},
+            timeout=PATIENCE_S,
+        )
         assert after.status_code == 200, after.text
     # Step 1 finished; the lane stopped before step 2 instead of running 10 steps and a final prediction.
     assert steps == [1], f"{len(steps)} text passes ran for a request whose client had gone"

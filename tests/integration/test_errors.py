@@ -19,6 +19,7 @@ LABELS = ["red", "green"]
 
 def huge_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming width x height, with a tiny body: a decompression bomb's shape."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -72,8 +73,11 @@ def test_body_over_the_limit_is_413(settings):
         wait_ready(c)
         big = b64(png_bytes(seed=2, size=(100, 100)))
         assert_error(classify(c, [big]), 413, "body_too_large", "TTA_MAX_BODY_BYTES")
-        r = c.post("/v1/classify", files={"image": ("a.png", png_bytes(seed=2, size=(100, 100)), "image/png")},
-                   data={"labels": LABELS})
+        r = c.post(
+            "/v1/classify",
+            files={"image": ("a.png", png_bytes(seed=2, size=(100, 100)), "image/png")},
+            data={"labels": LABELS},
+        )
         assert_error(r, 413, "body_too_large")
         # A chunked body declares no length: the limit still holds as the bytes arrive.
         chunks = (b'{"images": ["' + b"A" * 1000 for _ in range(10))
@@ -132,8 +136,9 @@ def test_too_many_images_and_labels(settings):
 
 def test_no_images(client):
     assert_error(client.post("/v1/classify", json={"images": [], "labels": LABELS}), 422, "no_images")
-    assert_error(client.post("/v1/classify", files={"other": ("a", b"x")}, data={"labels": LABELS}), 422,
-                 "invalid_form", "other")
+    assert_error(
+        client.post("/v1/classify", files={"other": ("a", b"x")}, data={"labels": LABELS}), 422, "invalid_form", "other"
+    )
     r = client.post("/v1/classify", data={"labels": LABELS}, files={"x": ("", b"")})
     assert r.status_code == 422
 
@@ -151,8 +156,11 @@ def test_malformed_bodies(client):
     assert_error(r, 422, "validation_error", "colour")
     r = client.post("/v1/classify", json={"images": "abc", "labels": LABELS})
     assert_error(r, 422, "validation_error", "images")
-    r = client.post("/v1/classify", files={"image": ("a.png", png_bytes(), "image/png")},
-                    data={"labels": LABELS, "options": "{oops"})
+    r = client.post(
+        "/v1/classify",
+        files={"image": ("a.png", png_bytes(), "image/png")},
+        data={"labels": LABELS, "options": "{oops"},
+    )
     assert_error(r, 400, "invalid_form", "options")
 
 

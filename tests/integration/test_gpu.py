@@ -21,12 +21,15 @@ from tests.support.gates import LaneHold
 from tests.support.requests import BATCHED, LABEL_SETS, body, logits, probabilities
 
 DEVICE = os.environ.get("TTA_TEST_GPU_DEVICE", "cuda")
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
-def answers(settings, requests: dict[str, list[dict[str, Any]]], stacked: bool = False
-            ) -> dict[str, list[dict[str, Any]]]:
+def answers(
+    settings, requests: dict[str, list[dict[str, Any]]], stacked: bool = False
+) -> dict[str, list[dict[str, Any]]]:
     """Each method's requests through a fresh app on ``settings``: one at a time, or queued behind a held
     plug so that the lane stacks them together."""
     lane = LaneHold()
@@ -34,8 +37,11 @@ def answers(settings, requests: dict[str, list[dict[str, Any]]], stacked: bool =
         wait_ready(c)
         out = {}
         for method, rs in requests.items():
-            out[method] = (lane.stack(c, method, rs) if stacked
-                           else [c.post("/v1/classify", json=r).json()["results"][0] for r in rs])
+            out[method] = (
+                lane.stack(c, method, rs)
+                if stacked
+                else [c.post("/v1/classify", json=r).json()["results"][0] for r in rs]
+            )
         return out
 
 
@@ -77,8 +83,9 @@ def test_gpu_memory_is_reported_and_the_lane_learns_its_estimate(settings):
         engine = c.app.state.runtime.engine
         assert c.get("/v1/models").json()["models"][0]["device"].startswith(DEVICE)
         before = state_hash(engine.backbone.model)
-        results = [c.post("/v1/classify", json=body("tpt", seed, LABEL_SETS[0])).json()["results"][0]
-                   for seed in range(3)]
+        results = [
+            c.post("/v1/classify", json=body("tpt", seed, LABEL_SETS[0])).json()["results"][0] for seed in range(3)
+        ]
         assert all(r["adaptation"]["memory_bytes"] > 0 and r["adaptation"]["skipped"] is None for r in results)
         assert state_hash(engine.backbone.model) == before
         text = c.get("/metrics").text

@@ -11,8 +11,12 @@ from tests.support.images import b64, png_bytes
 
 
 def test_crud(client):
-    body = {"name": "animals", "labels": ["cat", "dog"], "templates": ["a photo of a {}."],
-            "descriptions": {"cat": ["small, furry, whiskers"]}}
+    body = {
+        "name": "animals",
+        "labels": ["cat", "dog"],
+        "templates": ["a photo of a {}."],
+        "descriptions": {"cat": ["small, furry, whiskers"]},
+    }
     r = client.post("/v1/label-sets", json=body)
     assert r.status_code == 201
     created = r.json()
@@ -55,8 +59,12 @@ def test_label_sets_survive_a_restart(settings):
     image = b64(png_bytes(seed=3))
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
-        assert c.post("/v1/label-sets", json={"name": "kept", "labels": ["x", "y", "z"],
-                                              "templates": ["{} here"]}).status_code == 201
+        assert (
+            c.post(
+                "/v1/label-sets", json={"name": "kept", "labels": ["x", "y", "z"], "templates": ["{} here"]}
+            ).status_code
+            == 201
+        )
         assert c.post("/v1/label-sets", json={"name": "gone", "labels": ["x"]}).status_code == 201
         assert c.delete("/v1/label-sets/gone").status_code == 204
         before = c.post("/v1/classify", json={"images": [image], "label_set": "kept"}).json()["results"][0]

@@ -23,13 +23,25 @@ from tests.support.images import b64, png_bytes
 LABELS = ["red", "green", "blue", "a cat", "a dog"]
 ADAPTIVE = [m for m in method_names() if m != "zero_shot"]
 # Options under which each method must reduce to plain zero-shot.
-NO_OP = {"tpt": {"steps": 0}, "ctpt": {"steps": 0}, "tps": {"steps": 0}, "zero": {"views": 1},
-         "mta": {"iterations": 0}, "ttl": {"steps": 0}}
+NO_OP = {
+    "tpt": {"steps": 0},
+    "ctpt": {"steps": 0},
+    "tps": {"steps": 0},
+    "zero": {"views": 1},
+    "mta": {"iterations": 0},
+    "ttl": {"steps": 0},
+}
 
 
 def classify(client, method: str, seed: int | None = 7, images=None, **extra):
-    body = {"images": images or [b64(png_bytes(seed=1, size=(70, 50))), b64(png_bytes(seed=2))], "labels": LABELS,
-            "method": method, "top_k": len(LABELS), "templates": "simple", **extra}
+    body = {
+        "images": images or [b64(png_bytes(seed=1, size=(70, 50))), b64(png_bytes(seed=2))],
+        "labels": LABELS,
+        "method": method,
+        "top_k": len(LABELS),
+        "templates": "simple",
+        **extra,
+    }
     if seed is not None:
         body["seed"] = seed
     return client.post("/v1/classify", json=body)
@@ -137,13 +149,16 @@ def test_calibrated_and_raw_probabilities(settings, tiny_model_dir, tmp_path):
             assert result["confidence"] == probs[0]
 
 
-@pytest.mark.parametrize(("options", "words"), [
-    ({"views": 0}, "views"),
-    ({"views": 500}, "TTA_MAX_VIEWS"),
-    ({"steps": 50}, "TTA_MAX_STEPS"),
-    ({"lr": -1}, "lr"),
-    ({"selection": "lots"}, "selection"),
-])
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"views": 0}, "views"),
+        ({"views": 500}, "TTA_MAX_VIEWS"),
+        ({"steps": 50}, "TTA_MAX_STEPS"),
+        ({"lr": -1}, "lr"),
+        ({"selection": "lots"}, "selection"),
+    ],
+)
 def test_out_of_range_options_are_422(client, options, words):
     r = classify(client, "tpt", options=options)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_options", r.text
@@ -151,8 +166,11 @@ def test_out_of_range_options_are_422(client, options, words):
 
 
 def test_multipart_takes_seed_compare_and_abstain(client):
-    r = client.post("/v1/classify", files={"image": ("a.png", png_bytes(seed=3), "image/png")},
-                    data={"labels": LABELS, "method": "tps", "seed": "5", "compare": "true", "abstain_below": "0.99"})
+    r = client.post(
+        "/v1/classify",
+        files={"image": ("a.png", png_bytes(seed=3), "image/png")},
+        data={"labels": LABELS, "method": "tps", "seed": "5", "compare": "true", "abstain_below": "0.99"},
+    )
     assert r.status_code == 200, r.text
     result = r.json()["results"][0]
     assert result["adaptation"]["seed"] == 5 and result["zero_shot"] is not None and result["abstained"] is True
@@ -163,8 +181,9 @@ def test_backbone_unchanged_and_no_state_left_after_50_mixed_requests(client):
     before = state_hash(model)
     jobs = [(m, s) for s in range(9) for m in method_names()][:50]
     with ThreadPoolExecutor(4) as pool:
-        statuses = list(pool.map(lambda ms: classify(client, ms[0], ms[1], images=[b64(png_bytes(seed=ms[1]))])
-                                 .status_code, jobs))
+        statuses = list(
+            pool.map(lambda ms: classify(client, ms[0], ms[1], images=[b64(png_bytes(seed=ms[1]))]).status_code, jobs)
+        )
     assert statuses == [200] * 50
     assert state_hash(model) == before
     gc.collect()
@@ -190,8 +209,13 @@ def test_adaptation_metrics(client):
 
 def test_tps_prototypes_use_the_label_sets_descriptions(client):
     descriptions = {"red": ["a warm colour like blood"], "a cat": ["has whiskers", "small furry pet"]}
-    assert client.post("/v1/label-sets", json={"name": "described", "labels": LABELS, "templates": "simple",
-                                               "descriptions": descriptions}).status_code == 201
+    assert (
+        client.post(
+            "/v1/label-sets",
+            json={"name": "described", "labels": LABELS, "templates": "simple", "descriptions": descriptions},
+        ).status_code
+        == 201
+    )
     image = png_bytes(seed=1, size=(70, 50))
     body = {"images": [b64(image)], "label_set": "described", "top_k": len(LABELS), "seed": 3}
     tps = client.post("/v1/classify", json=body | {"method": "tps", "options": {"steps": 0}}).json()["results"][0]

@@ -53,8 +53,9 @@ def test_readyz_reports_a_failed_load(settings):
 def test_request_id_is_echoed_or_generated(client):
     r = client.get("/healthz", headers={"X-Request-ID": "my-trace-42"})
     assert r.headers["x-request-id"] == "my-trace-42"
-    r = client.post("/v1/classify", json={"images": [b64(png_bytes())], "labels": ["a", "b"]},
-                    headers={"X-Request-ID": "abc-1"})
+    r = client.post(
+        "/v1/classify", json={"images": [b64(png_bytes())], "labels": ["a", "b"]}, headers={"X-Request-ID": "abc-1"}
+    )
     assert r.json()["request_id"] == "abc-1"
     generated = client.get("/healthz").headers["x-request-id"]
     assert len(generated) == 32

@@ -20,8 +20,11 @@ from tests.support.apps import PATIENCE_S, metric, wait_until
 from tests.support.requests import plug
 
 
-def gated_loader(gate: threading.Event, entered: threading.Event | None = None,
-                 hold: Callable[[torch.Tensor], bool] = lambda images: True) -> Callable[[Any, Any], Backbone]:
+def gated_loader(
+    gate: threading.Event,
+    entered: threading.Event | None = None,
+    hold: Callable[[torch.Tensor], bool] = lambda images: True,
+) -> Callable[[Any, Any], Backbone]:
     """A loader whose backbone holds the ``encode_images`` calls of the engine's lanes that ``hold`` picks (all,
     by default) until ``gate`` opens, setting ``entered`` when one is held. The start-up warm-up and
     measurements (on the engine's loader thread) are never held."""
@@ -85,8 +88,10 @@ class LaneHold:
             plugged = pool.submit(client.post, "/v1/classify", json=plug(method))
             self.wait_entered()
             futures = [pool.submit(client.post, "/v1/classify", json=r) for r in requests]
-            wait_until(lambda: metric(client.get("/metrics").text, "tta_queue_depth") == len(requests),
-                       f"{len(requests)} requests to wait in the lane")
+            wait_until(
+                lambda: metric(client.get("/metrics").text, "tta_queue_depth") == len(requests),
+                f"{len(requests)} requests to wait in the lane",
+            )
             self.release()
             assert plugged.result().status_code == 200
             return [f.result().json()["results"][0] for f in futures]

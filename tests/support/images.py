@@ -9,8 +9,12 @@ import numpy as np
 from PIL import Image
 
 
-def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (40, 40), seed: int | None = None,
-              fmt: str = "PNG") -> bytes:
+def png_bytes(
+    color: tuple[int, int, int] = (200, 30, 30),
+    size: tuple[int, int] = (40, 40),
+    seed: int | None = None,
+    fmt: str = "PNG",
+) -> bytes:
     if seed is None:
         image = Image.new("RGB", size, color)
     else:

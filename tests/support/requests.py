@@ -6,8 +6,11 @@ from typing import Any
 
 from tests.support.images import b64, png_bytes
 
-LABEL_SETS = [["red", "green", "blue", "a cat", "a dog"], ["a square", "a circle", "a star"],
-              ["apple", "banana", "cherry", "grape"]]
+LABEL_SETS = [
+    ["red", "green", "blue", "a cat", "a dog"],
+    ["a square", "a circle", "a star"],
+    ["apple", "banana", "cherry", "grape"],
+]
 BATCHED = ["tpt", "ctpt", "tps", "ttl", "zero", "mta"]
 
 # A large learning rate makes the adaptation visible on the tiny model. Not for TTL: Adam's first step is
@@ -18,8 +21,15 @@ STRONG = {"tpt": {"lr": 0.5}, "ctpt": {"lr": 0.5}, "tps": {"lr": 0.5}}
 
 def body(method: str, seed: int, labels: list[str], **extra: Any) -> dict[str, Any]:
     """One seeded image of its own size, classified against ``labels`` with ``method``."""
-    return {"images": [b64(png_bytes(seed=seed, size=(60 + seed, 48)))], "labels": labels, "method": method,
-            "seed": seed, "top_k": len(labels), "options": STRONG.get(method, {}), **extra}
+    return {
+        "images": [b64(png_bytes(seed=seed, size=(60 + seed, 48)))],
+        "labels": labels,
+        "method": method,
+        "seed": seed,
+        "top_k": len(labels),
+        "options": STRONG.get(method, {}),
+        **extra,
+    }
 
 
 def plug(method: str) -> dict[str, Any]:

@@ -30,8 +30,14 @@ def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) ->
     """``python -m server ARGS`` with a data directory under ``tmp_path``, on the CPU, output captured."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
     full_env.update({"TTA_DATA_DIR": str(tmp_path / "data"), "TTA_DEVICE": "cpu", **(env or {})})
-    return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, env=full_env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", *args],
+        cwd=ROOT,
+        env=full_env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_served(url: str, proc: subprocess.Popen[str]) -> None:

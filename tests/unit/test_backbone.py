@@ -34,11 +34,14 @@ def test_shipped_demo_model_is_the_default_when_present(monkeypatch, tiny_model_
     assert spec.display == "demo" and spec.name == f"local-dir:{tiny_model_dir}"
 
 
-@pytest.mark.parametrize(("kw", "words"), [
-    ({"model": "ViT-Nonexistent-99"}, ["TTA_MODEL", "list_models"]),
-    ({"model": "local-dir:/no/such/dir"}, ["TTA_MODEL", "no such directory"]),
-    ({"model": "ViT-B-32", "pretrained": "no-such-tag"}, ["TTA_PRETRAINED", "openai"]),
-])
+@pytest.mark.parametrize(
+    ("kw", "words"),
+    [
+        ({"model": "ViT-Nonexistent-99"}, ["TTA_MODEL", "list_models"]),
+        ({"model": "local-dir:/no/such/dir"}, ["TTA_MODEL", "no such directory"]),
+        ({"model": "ViT-B-32", "pretrained": "no-such-tag"}, ["TTA_PRETRAINED", "openai"]),
+    ],
+)
 def test_bad_model_settings_name_the_setting(kw, words):
     with pytest.raises(ConfigError) as info:
         resolve_model(make_settings(**kw))

@@ -39,8 +39,10 @@ def task(backbone: Backbone, i: int) -> ImageTask:
 def test_stacked_images_with_different_label_sets_get_their_alone_result(backbone, method):
     impl = get_method(method)
     options = impl.parse_options({"steps": 2, "views": 16})
-    alone = [adapt_image(backbone, impl, options, t.original, t.base_view, t.classes, t.labels, t.generator)
-             for t in (task(backbone, i) for i in range(5))]
+    alone = [
+        adapt_image(backbone, impl, options, t.original, t.base_view, t.classes, t.labels, t.generator)
+        for t in (task(backbone, i) for i in range(5))
+    ]
     together = adapt_images(backbone, impl, options, [task(backbone, i) for i in range(5)])
     for (la, ra), (lb, rb) in zip(alone, together, strict=True):
         torch.testing.assert_close(lb, la, atol=1e-4, rtol=0)  # the bound on CPU

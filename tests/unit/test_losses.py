@@ -22,7 +22,8 @@ def random_logits(*shape: int, seed: int = 0, scale: float = 5.0) -> torch.Tenso
 def test_entropy_by_hand_and_by_loop():
     assert entropy(torch.zeros(7)).item() == pytest.approx(math.log(7))  # uniform: ln C nats
     assert entropy(torch.tensor([0.0, math.log(3.0)])).item() == pytest.approx(
-        -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+        -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    )
     assert entropy(torch.tensor([100.0, 0.0, 0.0])).item() == pytest.approx(0.0, abs=1e-40)
     logits = random_logits(6, 5)
     expected = [naive_entropy(r) for r in logits.tolist()]

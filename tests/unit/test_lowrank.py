@@ -32,8 +32,10 @@ STACK_ATOL = 1e-6
 # Gradients sum over a batch of R*N images instead of N: a different reduction order, seen up to 1.7e-6 apart.
 STACK_GRAD_ATOL = 1e-5
 
-VIT_LS_AVG = {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "layers": 3, "ls_init_value": 0.5,
-                                            "pool_type": "avg"}}
+VIT_LS_AVG = {
+    **TINY_CONFIG,
+    "vision_cfg": {**TINY_CONFIG["vision_cfg"], "layers": 3, "ls_init_value": 0.5, "pool_type": "avg"},
+}
 # open_clip builds a ModifiedResNet when vision_cfg.layers is a list: width 16 gives a 512-wide
 # attention pool with 8 heads; 64 px gives a 2x2 feature map, so the pool attends over 5 tokens.
 RESNET = {**TINY_CONFIG, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 64}}
@@ -50,7 +52,8 @@ def write_model(folder: Path, cfg: dict, seed: int) -> Path:
     folder.mkdir(parents=True)
     size = cfg["vision_cfg"]["image_size"]
     (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": cfg, "preprocess_cfg": {**TINY_PREPROCESS, "size": size}}))
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": {**TINY_PREPROCESS, "size": size}})
+    )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder
 
@@ -58,8 +61,11 @@ def write_model(folder: Path, cfg: dict, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def backbones(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Backbone]:
     root = tmp_path_factory.mktemp("lowrank")
-    dirs = {"vit": tiny_model_dir, "vit-ls-avg": write_model(root / "vit", VIT_LS_AVG, 1),
-            "resnet": write_model(root / "resnet", RESNET, 2)}
+    dirs = {
+        "vit": tiny_model_dir,
+        "vit-ls-avg": write_model(root / "vit", VIT_LS_AVG, 1),
+        "resnet": write_model(root / "resnet", RESNET, 2),
+    }
     return {k: load_backbone(Settings(model=f"local-dir:{d}", device="cpu", _env_file=None)) for k, d in dirs.items()}
 
 
@@ -115,7 +121,9 @@ def test_targets_are_the_q_and_v_projections(backbones):
     res = backbones["resnet"].lora_targets()
     assert res.tower == "resnet" and res.blocks == ()
     assert [(t.name, t.in_features, t.out_features) for t in res.targets] == [
-        ("attnpool.q_proj", 512, 512), ("attnpool.v_proj", 512, 512)]
+        ("attnpool.q_proj", 512, 512),
+        ("attnpool.v_proj", 512, 512),
+    ]
 
 
 def test_other_towers_are_refused_with_a_reason(backbones):
@@ -239,5 +247,6 @@ def test_block_with_a_causal_mask_matches_open_clip(backbones):
     mask = model.attn_mask[:8, :8]  # [T, T] additive causal mask
     for blk in model.transformer.resblocks:
         with torch.no_grad():
-            torch.testing.assert_close(lora_block(blk, x, 1, None, None, 2.0, attn_mask=mask),
-                                       blk(x, attn_mask=mask), atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                lora_block(blk, x, 1, None, None, 2.0, attn_mask=mask), blk(x, attn_mask=mask), atol=ATOL, rtol=0
+            )

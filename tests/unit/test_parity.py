@@ -91,8 +91,9 @@ def test_paper_defaults(backbone):
 def test_ttl_matches_the_published_loop(backbone, steps):
     views = fixed_views(backbone, seed=20 + steps)
     ours = run_ours(backbone, "ttl", views, {"steps": steps, "lr": 0.05}, seed=5)
-    ref = reference.ttl(backbone.model, backbone.tokenizer, LABELS, views, torch.Generator().manual_seed(5), steps,
-                        lr=0.05)
+    ref = reference.ttl(
+        backbone.model, backbone.tokenizer, LABELS, views, torch.Generator().manual_seed(5), steps, lr=0.05
+    )
     n = len(reference.lora_sites(backbone.model.visual))
     a, b, final = [ref.state[f"a{i}"] for i in range(n)], [ref.state[f"b{i}"] for i in range(n)], ref.logits
     assert b[0].abs().max() > 0, "no update happened"

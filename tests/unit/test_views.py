@@ -72,8 +72,16 @@ def test_bad_arguments_are_refused():
 
 # (top, left, height, width) on a 45x70 image: upscaled, downscaled, whole image, one pixel, the
 # bottom-right corner, output-sized (no resampling) and very elongated crops.
-BOXES = [(3, 5, 10, 12), (0, 0, 45, 70), (44, 69, 1, 1), (10, 30, 35, 40), (5, 7, 32, 32), (0, 20, 45, 3),
-         (20, 0, 2, 70), (12, 9, 33, 61)]
+BOXES = [
+    (3, 5, 10, 12),
+    (0, 0, 45, 70),
+    (44, 69, 1, 1),
+    (10, 30, 35, 40),
+    (5, 7, 32, 32),
+    (0, 20, 45, 3),
+    (20, 0, 2, 70),
+    (12, 9, 33, 61),
+]
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -101,9 +109,16 @@ def test_uint8_images_round_like_torchvision():
         assert (ours[k] - native).abs().max() <= 1 / 255 + 1e-6
 
 
-@pytest.mark.parametrize(("h", "w", "dtype"), [(45, 70, torch.float32), (120, 90, torch.float32),
-                                               (20, 30, torch.float32), (8, 200, torch.float32),
-                                               (60, 50, torch.uint8)])
+@pytest.mark.parametrize(
+    ("h", "w", "dtype"),
+    [
+        (45, 70, torch.float32),
+        (120, 90, torch.float32),
+        (20, 30, torch.float32),
+        (8, 200, torch.float32),
+        (60, 50, torch.uint8),
+    ],
+)
 def test_views_equal_torchvision_transforms_seeded_the_same(h, w, dtype):
     # TPT's recipe with torchvision's own transforms and the global RNG seeded with our seed.
     img = image(h, w, dtype)

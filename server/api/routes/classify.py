@@ -12,8 +12,13 @@ from server.api.schemas import ClassifyResponse
 router = APIRouter(tags=["classify"])
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=CLASSIFY_OPENAPI,
-             summary="Classify images zero-shot or with test-time adaptation")
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    responses=ERRORS,
+    openapi_extra=CLASSIFY_OPENAPI,
+    summary="Classify images zero-shot or with test-time adaptation",
+)
 async def classify(request: Request, classifier: ClassifierDep, settings: SettingsDep) -> ClassifyResponse:
     """Classify one or more images against labels (or a label set).
 
@@ -21,5 +26,10 @@ async def classify(request: Request, classifier: ClassifierDep, settings: Settin
     """
     req = await read_classify(request, settings)
     answer = await classifier.classify(req, disconnected=request.is_disconnected)
-    return ClassifyResponse(request_id=request.state.request_id, model=answer.model, method=answer.method,
-                            results=answer.results, timings=answer.timings)
+    return ClassifyResponse(
+        request_id=request.state.request_id,
+        model=answer.model,
+        method=answer.method,
+        results=answer.results,
+        timings=answer.timings,
+    )
