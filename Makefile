@@ -1,9 +1,10 @@
 # Two things a new user does: `make serve` and `make test`. Both set up .venv on first use.
+# `make lint` is the gate CI runs before the tests: ruff, ruff format, mypy strict, import-linter.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test bench
+.PHONY: serve test lint bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +16,12 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy server adapters clients
+	$(VENV)/bin/lint-imports
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.zero_shot_throughput --threads 2
