@@ -36,7 +36,8 @@ METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 def check_settings(settings: Settings) -> ModelSpec:
-    """Everything about the configuration that can be checked without loading weights; raises ConfigError."""
+    """Everything about the configuration that can be checked without loading weights (the methods, the
+    templates, the device, the model and its card, the data directory's store); raises ConfigError."""
     if settings.default_method not in method_names():
         raise ConfigError(
             f"TTA_DEFAULT_METHOD={settings.default_method!r} is not a method; known: {', '.join(method_names())}"
@@ -47,7 +48,9 @@ def check_settings(settings: Settings) -> ModelSpec:
             f"known: {', '.join(sorted(TEMPLATE_SETS))}"
         )
     resolve_device(settings.device)
-    return resolve_model(settings)
+    spec = resolve_model(settings)
+    open_store(settings).close()  # creates it, migrates it, or refuses one from a newer server
+    return spec
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 
 import httpx
 import pytest
@@ -144,3 +145,12 @@ def test_python_client_against_the_live_server(served, tmp_path):
         with pytest.raises(ApiError) as refused:
             tta.classify([path], labels=["red", "green"], timeout_s=-1)
         assert (refused.value.status, refused.value.code) == (400, "invalid_timeout")
+
+
+def test_a_data_directory_from_a_newer_server_exits_at_once_naming_it(tmp_path, tiny_model_dir):
+    (tmp_path / "data").mkdir()
+    with sqlite3.connect(tmp_path / "data" / "ttaserve.db") as db:
+        db.execute("PRAGMA user_version = 999")
+    proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(free_port())], tmp_path)
+    assert proc.wait(PATIENCE_S) == 2
+    assert "TTA_DATA_DIR" in proc.stdout.read()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from adapters import method_names
 from server.api import create_app
+from server.clip import load_backbone
 from server.clip.templates import describe
 from tests.support.apps import state_hash, wait_ready
 from tests.support.images import b64, png_bytes
@@ -237,3 +238,29 @@ def test_tps_prototypes_use_the_label_sets_descriptions(client):
     assert describe("a cat", "has whiskers") == "a cat, which has whiskers"
     assert describe("a cat", "small furry pet") == "a cat, which has small furry pet"
     assert describe("red", "a warm colour") == "red, which is a warm colour"
+
+
+def test_a_method_the_model_cannot_run_is_refused_and_the_server_carries_on(settings):
+    class OtherTokenizer:
+        """Not CLIP's BPE tokenizer: zero-shot works, prompt learning cannot splice a context in."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, texts):
+            return self.inner(texts)
+
+    def load(settings_, spec):
+        backbone = load_backbone(settings_, spec)
+        backbone.tokenizer = OtherTokenizer(backbone.tokenizer)
+        return backbone
+
+    with TestClient(create_app(settings, load=load)) as c:
+        wait_ready(c)
+        refused = classify(c, "tpt")
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["code"] == "method_unsupported"
+        assert "tokenizer" in refused.json()["error"]["message"]
+        assert classify(c, "tps").status_code == 200
+        assert classify(c, "zero_shot").status_code == 200
+        assert 'tta_requests_total{method="tpt",outcome="client_error"} 1.0' in c.get("/metrics").text
