@@ -96,7 +96,7 @@ class Cost:
     the activations it keeps, in whole-tower units.
 
     The engine turns these into seconds and bytes with what one image and one prompt token take,
-    measured at warm-up (``server.admission``), admits adaptation work against a budget in seconds and
+    measured at start-up (``server.engine.admission``), admits adaptation work against a budget in seconds and
     stacks images within a budget in bytes. Encoding the views is priced by the engine from ``n_views``.
     """
 

@@ -1,5 +1,9 @@
 """Zero-shot top-1 of a `local-dir:` model on the synthetic suite: clean, held-out and every shift.
 
+Prints top-1 per split and per shift and severity, and the zero-shot temperature fitted on the
+validation split (``server.service.calibration.fit_temperature``); the demo model's builder
+(``benchmarks/assets/train_demo_model.py``) writes the same figures into its model card.
+
 python -m benchmarks.demo_eval --model server/models/demo --max-samples 500 [--all-severities]
 """
 

@@ -5,6 +5,7 @@ alike: (a) ``direct``: ``encode_image`` on preprocessed batches plus the class-f
 best the hardware does with no server at all; (b) ``http``: a real uvicorn server on loopback, fed
 by ``--concurrency`` clients that each send one JPEG per request, so the engine's micro-batching
 has to assemble the batches. The ratio (b)/(a) is the share of the hardware the server keeps.
+Prints both rates and their ratio per round, then the means and the server's latency percentiles.
 
     python -m benchmarks.zero_shot_throughput --model ViT-B-32 --threads 2
 """
