@@ -9,14 +9,17 @@ import asyncio
 import io
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from benchmarks._lib.data import Subset
-from server.service import ClassifyRequest, Result, Runtime
+from clients import Client
+from server.service import ClassifyRequest, Runtime
 from server.settings import Settings
 
 DAY_S = 86_400.0  # the in-process runner's request deadline: a benchmark waits for its answers
@@ -31,20 +34,43 @@ class Outputs:
     temperature: float  # the model's fitted temperature for this method (1 when none)
 
 
-def _rows(results: list[dict[str, Any]], class_names: list[str]) -> tuple[list[torch.Tensor], list[int]]:
-    """Each result's logits in class order (every class is among its predictions) and its label's index."""
-    index = {name: j for j, name in enumerate(class_names)}
-    rows, preds = [], []
-    for result in results:
-        row = torch.zeros(len(class_names))
-        for p in result["predictions"]:
-            row[index[p["label"]]] = p["logit"]
-        rows.append(row)
-        preds.append(index[result["predictions"][0]["label"]])
-    return rows, preds
+class Runner(ABC):
+    """Runs a method on a subset in requests of ``batch_size`` images, request ``k`` seeded ``seed + start``."""
+
+    batch_size: int
+    seed: int
+    description: str
+
+    def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
+        index = {name: j for j, name in enumerate(subset.class_names)}
+        rows, preds = [], []
+        for start in range(0, len(subset.images), self.batch_size):
+            images = subset.images[start : start + self.batch_size]
+            for result in self.classify(images, subset, method, options, self.seed + start):
+                row = torch.zeros(len(subset.class_names))
+                for p in result["predictions"]:  # top_k is every class: each one's logit is there
+                    row[index[p["label"]]] = p["logit"]
+                rows.append(row)
+                preds.append(index[result["predictions"][0]["label"]])
+            if progress is not None:
+                progress.set_postfix_str(f"{len(rows)}/{len(subset.images)} images")
+        return Outputs(torch.stack(rows), torch.tensor(preds), self.temperature(method))
+
+    @abstractmethod
+    def classify(
+        self, images: list[Image.Image], subset: Subset, method: str, options: dict[str, Any], seed: int
+    ) -> list[dict[str, Any]]:
+        """One request's results, as the API's JSON: every class among the predictions."""
+
+    @abstractmethod
+    def temperature(self, method: str) -> float:
+        """The model's fitted temperature for ``method`` (1 when none)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
 
 
-class DirectRunner:
+class DirectRunner(Runner):
     """Runs methods in this process through ``server.service``'s classify pipeline, as the HTTP API does.
 
     The runtime holds a label-set store in a temporary directory and a request deadline of a day;
@@ -70,32 +96,26 @@ class DirectRunner:
         self._loop = asyncio.new_event_loop()
         self.batch_size = min(batch_size, settings.max_images_per_request)
         self.seed = seed
-        self.description = f"{self.runtime.spec.display} (direct, {engine.backbone.device if engine.backbone else '?'})"
-        self.calibration = self.runtime.calibration
+        device_name = engine.backbone.device if engine.backbone is not None else settings.device
+        self.description = f"{self.runtime.spec.display} (direct, {device_name})"
 
-    def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
-        rows, preds = [], []
-        for start in range(0, len(subset.images), self.batch_size):
-            request = ClassifyRequest(
-                images=subset.images[start : start + self.batch_size],
-                labels=subset.class_names,
-                templates=subset.templates,
-                top_k=len(subset.class_names),
-                method=method,
-                options=options or None,
-                seed=self.seed + start,
-            )
-            answer = self._loop.run_until_complete(self.runtime.classifier.classify(request))
-            batch_rows, batch_preds = _rows([r.model_dump() for r in answer.results], subset.class_names)
-            rows += batch_rows
-            preds += batch_preds
-            if progress is not None:
-                progress.set_postfix_str(f"{start + len(batch_rows)}/{len(subset.images)} images")
-        return Outputs(torch.stack(rows), torch.tensor(preds), self.calibration.temperature(method))
+    def classify(
+        self, images: list[Image.Image], subset: Subset, method: str, options: dict[str, Any], seed: int
+    ) -> list[dict[str, Any]]:
+        request = ClassifyRequest(
+            images=images,
+            labels=subset.class_names,
+            templates=subset.templates,
+            top_k=len(subset.class_names),
+            method=method,
+            options=options or None,
+            seed=seed,
+        )
+        answer = self._loop.run_until_complete(self.runtime.classifier.classify(request))
+        return [result.model_dump() for result in answer.results]
 
-    def results(self, request: ClassifyRequest) -> list[Result]:
-        """One request's results, for callers that want more than the logits."""
-        return self._loop.run_until_complete(self.runtime.classifier.classify(request)).results
+    def temperature(self, method: str) -> float:
+        return self.runtime.calibration.temperature(method)
 
     def close(self) -> None:
         self.runtime.close()
@@ -103,42 +123,39 @@ class DirectRunner:
         self._data.cleanup()
 
 
-class ServerRunner:
+class ServerRunner(Runner):
     """Runs methods through a TTAServe server's HTTP API, images sent as PNG uploads."""
 
     def __init__(self, url: str, batch_size: int, seed: int = 0):
-        from clients import Client
-
         self.client = Client(url, timeout_s=DAY_S)
         model = self.client.models()[0]
         self.batch_size = min(batch_size, self.client.methods()["methods"][0]["limits"]["max_images_per_request"])
         self.seed = seed
         self.description = f"{model['id']} (server {url}, {model.get('device')})"
-        self.temperatures = {m: v["temperature"] for m, v in model.get("calibration", {}).items()}
+        self._temperatures = {m: v["temperature"] for m, v in model.get("calibration", {}).items()}
 
-    def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
-        rows, preds = [], []
-        for start in range(0, len(subset.images), self.batch_size):
-            payload = []
-            for image in subset.images[start : start + self.batch_size]:
-                buf = io.BytesIO()
-                image.save(buf, format="PNG")
-                payload.append(buf.getvalue())
-            body = self.client.classify(
-                payload,
-                labels=subset.class_names,
-                templates=subset.templates,
-                top_k=len(subset.class_names),
-                method=method,
-                options=options or None,
-                seed=self.seed + start,
-            )
-            batch_rows, batch_preds = _rows(body["results"], subset.class_names)
-            rows += batch_rows
-            preds += batch_preds
-            if progress is not None:
-                progress.set_postfix_str(f"{start + len(batch_rows)}/{len(subset.images)} images")
-        return Outputs(torch.stack(rows), torch.tensor(preds), self.temperatures.get(method, 1.0))
+    def classify(
+        self, images: list[Image.Image], subset: Subset, method: str, options: dict[str, Any], seed: int
+    ) -> list[dict[str, Any]]:
+        payload = []
+        for image in images:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            payload.append(buf.getvalue())
+        body = self.client.classify(
+            payload,
+            labels=subset.class_names,
+            templates=subset.templates,
+            top_k=len(subset.class_names),
+            method=method,
+            options=options or None,
+            seed=seed,
+        )
+        results: list[dict[str, Any]] = body["results"]
+        return results
+
+    def temperature(self, method: str) -> float:
+        return float(self._temperatures.get(method, 1.0))
 
     def close(self) -> None:
         self.client.close()

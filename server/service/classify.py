@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from adapters import Method, MethodOptions
+from adapters import Method
 from adapters.losses import entropy
 from server.clip.spec import ModelSpec
 from server.engine import Demand, Engine, JobOutput, Work
@@ -32,6 +32,7 @@ from server.service.results import Adaptation, Classification, ModelRef, Result,
 from server.service.validation import (
     check_image_count,
     check_limits,
+    parse_options,
     resolve_method,
     resolve_templates,
     resolve_top_k,
@@ -115,9 +116,9 @@ class ClassifyService:
         method_label, result = "invalid", "error"  # a method name only once it is known to be one
         self.metrics.inflight.inc()
         try:
-            method, options = resolve_method(req.method, req.options, self.settings)
+            method = resolve_method(req.method, self.settings)
             method_label = method.name
-            classification = await self._classify(req, method, options, disconnected, started)
+            classification = await self._classify(req, method, disconnected, started)
             result = "success"
             return classification
         except TTAError as exc:
@@ -132,11 +133,11 @@ class ClassifyService:
         self,
         req: ClassifyRequest,
         method: Method[Any],
-        options: MethodOptions,
         disconnected: Disconnected | None,
         started: float,
     ) -> Classification:
         settings = self.settings
+        options = parse_options(method, req.options)
         check_image_count(len(req.images), settings)
         classes = self._resolve_classes(req)
         top_k = resolve_top_k(req.top_k, len(classes.labels), settings)

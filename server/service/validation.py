@@ -113,21 +113,22 @@ def check_image_count(n: int, settings: Settings) -> None:
         )
 
 
-def resolve_method(
-    name: str | None, raw_options: Mapping[str, object] | None, settings: Settings
-) -> tuple[Method[MethodOptions], MethodOptions]:
-    """The method a request names (or the server's default) and its validated options."""
+def resolve_method(name: str | None, settings: Settings) -> Method[MethodOptions]:
+    """The method a request names, or the server's default."""
     name = name or settings.default_method
     if name not in method_names():
         raise InvalidInput(
             f"unknown method {name!r}; known methods: {', '.join(method_names())}", code="unknown_method"
         )
-    method = get_method(name)
+    return get_method(name)
+
+
+def parse_options(method: Method[MethodOptions], raw: Mapping[str, object] | None) -> MethodOptions:
+    """A request's ``options`` validated into ``method``'s options dataclass."""
     try:
-        options = method.parse_options(dict(raw_options) if raw_options is not None else None)
+        return method.parse_options(dict(raw) if raw is not None else None)
     except OptionsError as exc:
         raise InvalidInput(str(exc), code="invalid_options") from exc
-    return method, options
 
 
 def check_limits(options: MethodOptions, settings: Settings) -> None:
