@@ -4,7 +4,7 @@ Measures any model (the demo model, or any TTA_MODEL form with --pretrained) on 
 synthetic shift suite, or ImageFolder-style directories) with any registered methods, either in
 this process through the server's classify service or against a running server (--server URL):
 the same pipeline, so the two agree image for image. For every (shift, method) it
-reports top-1, ECE (15 bins; raw, and at the model's fitted temperature) and NLL with 95% bootstrap
+reports top-1, ECE (15 bins; raw, and of the calibrated probabilities the server returns) and NLL with 95% bootstrap
 intervals, and the share of predictions
 that differ from zero-shot; then the same pooled over the corruption shifts. It writes
 results.json, results.md and accuracy.png (accuracy per shift and method, reliability diagrams).
@@ -42,7 +42,10 @@ from benchmarks._lib.scoring import reliability, score
 
 def markdown(rows: list[dict[str, Any]], methods: list[str]) -> str:
     lines = [
-        ("| shift | method | n | top-1 % [95% CI] | ECE % [95% CI] | ECE % at T [95% CI] | NLL [95% CI] | changed % |"),
+        (
+            "| shift | method | n | top-1 % [95% CI] | ECE % [95% CI] | ECE % calibrated [95% CI] | NLL [95% CI] "
+            "| changed % |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -51,7 +54,7 @@ def markdown(rows: list[dict[str, Any]], methods: list[str]) -> str:
             f"| {r['shift']} | {r['method']} | {int(r['n'])} "
             f"| {r['top1']:.1f} [{r['top1_lo']:.1f}, {r['top1_hi']:.1f}] "
             f"| {r['ece']:.1f} [{r['ece_lo']:.1f}, {r['ece_hi']:.1f}] "
-            f"| {r['ece_cal']:.1f} [{r['ece_cal_lo']:.1f}, {r['ece_cal_hi']:.1f}] (T={r['temperature']:.2f}) "
+            f"| {r['ece_cal']:.1f} [{r['ece_cal_lo']:.1f}, {r['ece_cal_hi']:.1f}] "
             f"| {r['nll']:.3f} [{r['nll_lo']:.3f}, {r['nll_hi']:.3f}] | {changed} |"
         )
     return "\n".join(lines) + "\n"
@@ -87,7 +90,7 @@ def plot(
         ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=method)
     ax2.set_xlabel("confidence")
     ax2.set_ylabel("accuracy")
-    ax2.set_title("Reliability (corruptions pooled)")
+    ax2.set_title("Reliability, calibrated (corruptions pooled)")
     if diagrams:
         ax2.legend(fontsize=8)
     fig.tight_layout()
@@ -161,20 +164,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     rows: list[dict[str, Any]] = []
-    pooled: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+    pooled: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]] = {
         m: [] for m in methods
     }
     started = time.perf_counter()
 
-    def scored(shift: str, method: str, logits, pred, labels, reference, temperature) -> dict[str, Any]:
+    def scored(shift: str, method: str, logits, pred, labels, reference, calibrated) -> dict[str, Any]:
         ref = None if method == "zero_shot" else reference
         raw = score(logits.softmax(-1), labels, ref, args.bootstrap, args.seed, pred=pred)
-        cal = score((logits / temperature).softmax(-1), labels, ref, args.bootstrap, args.seed, pred=pred)
+        cal = score(calibrated, labels, ref, args.bootstrap, args.seed, pred=pred)
         return {
             "shift": shift,
             "method": method,
             **raw,
-            "temperature": temperature,
             "ece_cal": cal["ece"],
             "ece_cal_lo": cal["ece_lo"],
             "ece_cal_hi": cal["ece_hi"],
@@ -189,23 +191,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     bar.set_description(f"{subset.title} / {method}")
                     out = runner.run(subset, method, options.get(method, {}), bar)
                     reference = out.pred if method == "zero_shot" else reference
-                    rows.append(
-                        scored(subset.title, method, out.logits, out.pred, subset.labels, reference, out.temperature)
-                    )
+                    rows.append(scored(subset.title, method, out.logits, out.pred, subset.labels, reference, out.probs))
                     if subset.corruption:
-                        pooled[method].append(
-                            (out.logits, out.pred, subset.labels, reference, torch.tensor(out.temperature))
-                        )
+                        pooled[method].append((out.logits, out.pred, subset.labels, reference, out.probs))
                     bar.update()
     finally:
         runner.close()
     diagrams = {}
     for method in methods:
         if pooled[method]:
-            logits, pred, labels, ref = (torch.cat([p[k] for p in pooled[method]]) for k in range(4))
-            temperature = float(pooled[method][0][4])
-            rows.append(scored("corruptions (pooled)", method, logits, pred, labels, ref, temperature))
-            probs = logits.softmax(-1)
+            logits, pred, labels, ref, probs = (torch.cat([p[k] for p in pooled[method]]) for k in range(5))
+            rows.append(scored("corruptions (pooled)", method, logits, pred, labels, ref, probs))
             diagrams[method] = reliability(probs.gather(1, pred[:, None]).squeeze(1), (pred == labels).float())
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, methods)

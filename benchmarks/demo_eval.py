@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._lib import shifts, synthetic
+from server.service.calibration import fit_temperature
 
 
 def raw_logits(model, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -47,21 +48,6 @@ def zero_shot_logits(
             for i in range(0, images.shape[0], batch_size)
         ]
     )
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """One scalar T minimising NLL of softmax(logits / T); fitted in log space with LBFGS."""
-    log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return log_t.exp().item()
 
 
 def load_folder(path: Path):

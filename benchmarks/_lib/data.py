@@ -40,9 +40,10 @@ def tensors_to_pil(images: torch.Tensor) -> list[Image.Image]:
 BLURRED = "+blur"  # suffix: the shift, then the control's slight blur (e.g. gaussian_noise+blur)
 
 
-def synthetic_subsets(names: list[str], severities: list[int], n: int, seed: int) -> list[Subset]:
-    """Subsets of the shift suite. ``NAME+blur`` rows blur the shifted images as the control does: on
-    noise, zero-shot on them shows how much of a view-based method's gain plain low-pass filtering gets."""
+def synthetic_subsets(names: list[str], severities: list[int], n: int, seed: int, split: str = "test") -> list[Subset]:
+    """Subsets of the shift suite, from the test split or (``split="val"``) the validation split.
+    ``NAME+blur`` rows blur the shifted images as the control does: on noise, zero-shot on them shows
+    how much of a view-based method's gain plain low-pass filtering gets."""
     out = []
     for entry in names:
         name, blurred = entry.removesuffix(BLURRED), entry.endswith(BLURRED)
@@ -53,7 +54,7 @@ def synthetic_subsets(names: list[str], severities: list[int], n: int, seed: int
             )
         levels = severities if name in shift_suite.SHIFTS else [0]
         for severity in levels:
-            images, labels = shift_suite.make_shifted(name, severity, n, seed)
+            images, labels = shift_suite.make_shifted(name, severity, n, seed, split)
             if blurred:
                 images = shift_suite.control(images)
             title = (f"{name}-{severity}" if severity else name) + (BLURRED if blurred else "")

@@ -31,7 +31,9 @@ class Outputs:
 
     logits: torch.Tensor  # [N, C] the method's final logits
     pred: torch.Tensor  # [N] its labels (ZERO's vote winner need not be the arg-max)
-    temperature: float  # the model's fitted temperature for this method (1 when none)
+    probs: torch.Tensor  # [N, C] the calibrated probabilities the server returned
+    scores: torch.Tensor  # [N, C] each label's own calibrated score
+    none_of_these: torch.Tensor  # [N] the probability that no label fits
 
 
 class Runner(ABC):
@@ -43,28 +45,29 @@ class Runner(ABC):
 
     def run(self, subset: Subset, method: str, options: dict[str, Any], progress: tqdm | None = None) -> Outputs:
         index = {name: j for j, name in enumerate(subset.class_names)}
-        rows, preds = [], []
+        fields = ("logit", "probability", "score")
+        rows: dict[str, list[torch.Tensor]] = {name: [] for name in fields}
+        preds, none = [], []
         for start in range(0, len(subset.images), self.batch_size):
             images = subset.images[start : start + self.batch_size]
             for result in self.classify(images, subset, method, options, self.seed + start):
-                row = torch.zeros(len(subset.class_names))
-                for p in result["predictions"]:  # top_k is every class: each one's logit is there
-                    row[index[p["label"]]] = p["logit"]
-                rows.append(row)
+                for name in fields:
+                    row = torch.zeros(len(subset.class_names))
+                    for p in result["predictions"]:  # top_k is every class: each one's values are there
+                        row[index[p["label"]]] = p[name]
+                    rows[name].append(row)
                 preds.append(index[result["predictions"][0]["label"]])
+                none.append(result["none_of_these"])
             if progress is not None:
-                progress.set_postfix_str(f"{len(rows)}/{len(subset.images)} images")
-        return Outputs(torch.stack(rows), torch.tensor(preds), self.temperature(method))
+                progress.set_postfix_str(f"{len(preds)}/{len(subset.images)} images")
+        logits, probs, scores = (torch.stack(rows[name]) for name in fields)
+        return Outputs(logits, torch.tensor(preds), probs, scores, torch.tensor(none))
 
     @abstractmethod
     def classify(
         self, images: list[Image.Image], subset: Subset, method: str, options: dict[str, Any], seed: int
     ) -> list[dict[str, Any]]:
         """One request's results, as the API's JSON: every class among the predictions."""
-
-    @abstractmethod
-    def temperature(self, method: str) -> float:
-        """The model's fitted temperature for ``method`` (1 when none)."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -114,9 +117,6 @@ class DirectRunner(Runner):
         answer = self._loop.run_until_complete(self.runtime.classifier.classify(request))
         return [result.model_dump() for result in answer.results]
 
-    def temperature(self, method: str) -> float:
-        return self.runtime.calibration.temperature(method)
-
     def close(self) -> None:
         self.runtime.close()
         self._loop.close()
@@ -132,7 +132,6 @@ class ServerRunner(Runner):
         self.batch_size = min(batch_size, self.client.methods()["methods"][0]["limits"]["max_images_per_request"])
         self.seed = seed
         self.description = f"{model['id']} (server {url}, {model.get('device')})"
-        self._temperatures = {m: v["temperature"] for m, v in model.get("calibration", {}).items()}
 
     def classify(
         self, images: list[Image.Image], subset: Subset, method: str, options: dict[str, Any], seed: int
@@ -153,9 +152,6 @@ class ServerRunner(Runner):
         )
         results: list[dict[str, Any]] = body["results"]
         return results
-
-    def temperature(self, method: str) -> float:
-        return float(self._temperatures.get(method, 1.0))
 
     def close(self) -> None:
         self.client.close()

@@ -1,12 +1,14 @@
 """The model card: ``ttaserve.json`` beside a local-dir model's weights, typed, read and written in one place.
 
 It says what the server should know about a model that open_clip's config does not: whether it is the
-demo model, a description, the label sets it ships (served read-only), and the calibration
-temperatures fitted per method. Unknown keys (a training record, say) are kept as they are.
+demo model, a description, the label sets it ships (served read-only), and optionally the model's own
+confidence model (``server.service.confidence.ConfidenceModel``, fitted on its labelled images by
+``benchmarks/assets/calibrate.py --write``), used instead of the shipped label-free default. Unknown
+keys (a training record, per-method temperatures of older versions) are kept as they are.
 
     {"demo": false, "description": "...",
      "label_sets": {"name": {"labels": [...], "templates": [...], "descriptions": {...}}},
-     "calibration": {"zero_shot": {"temperature": 0.89, "ece_before": 2.2, "ece_after": 1.1, ...}}}
+     "confidence": {"features": [...], "intercept": ..., "weights": [...], ...}}
 """
 
 from __future__ import annotations
@@ -32,28 +34,15 @@ class CardLabelSet(BaseModel):
     descriptions: dict[str, list[str]] | None = None
 
 
-class CardCalibration(BaseModel):
-    """One method's fitted temperature and how it was fitted."""
-
-    model_config = ConfigDict(extra="allow")
-
-    temperature: float = Field(gt=0)
-    ece_before: float | None = None  # ECE %, before and after the temperature, on the fitting data
-    ece_after: float | None = None
-    images: int | None = None  # images it was fitted on
-    data: str | None = None  # which data ("val": the demo's held-apart validation split)
-    options: dict[str, Any] | None = None  # the method's options while fitting
-
-
 class ModelCard(BaseModel):
-    """What ``ttaserve.json`` holds; an absent file is an empty card (no label sets, every temperature 1)."""
+    """What ``ttaserve.json`` holds; an absent file is an empty card (no label sets, the default confidence)."""
 
     model_config = ConfigDict(extra="allow")
 
     demo: bool = False
     description: str | None = None
     label_sets: dict[str, CardLabelSet] = Field(default_factory=dict)
-    calibration: dict[str, CardCalibration] = Field(default_factory=dict)
+    confidence: dict[str, Any] | None = None  # a ConfidenceModel's to_dict()
 
 
 def read_card(folder: Path) -> ModelCard:

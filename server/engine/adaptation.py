@@ -104,12 +104,3 @@ def adapt_image(
         generator: the image's seeded generator; the only source of randomness.
     """
     return adapt_images(backbone, method, options, [ImageTask(original, base_view, classes, labels, generator)])[0]
-
-
-def margin(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[N, C] logits -> [N] calibrated top-1 minus top-2 probability (1 with a single class)."""
-    probs = (logits / temperature).softmax(-1)
-    if probs.shape[-1] < 2:
-        return torch.ones(probs.shape[0])
-    top = probs.topk(2, dim=-1).values  # [N, 2]
-    return top[:, 0] - top[:, 1]

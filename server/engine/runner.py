@@ -21,7 +21,7 @@ import torch
 
 from adapters import Method
 from server.clip.backbone import Backbone
-from server.engine.adaptation import ImageTask, adapt_images, image_seed, margin
+from server.engine.adaptation import ImageTask, adapt_images, image_seed
 from server.engine.admission import CostModel, MemoryModel, gpu_peak, stack_within
 from server.engine.classes import ClassFeatures
 from server.engine.work import ImageReport, Job, JobOutput, Work
@@ -164,8 +164,8 @@ class Runner:
             return chunk
 
         def confident(job: Job, logits: torch.Tensor) -> bool:
-            gate = job.work.gate
-            return gate is not None and float(margin(logits[None], job.work.gate_temperature)[0]) >= gate
+            gate, margin = job.work.gate, job.work.gate_margin
+            return gate is not None and margin is not None and margin(logits) >= gate
 
         answered = self._answer_zero_shot(gated, classes, done, "confident", when=confident)
         return [(job, i) for job, i in chunk if (id(job), i) not in answered]

@@ -43,7 +43,7 @@ class Work:
     seed: int = 0
     descriptions: tuple[tuple[str, ...], ...] | None = None  # per label, from its label set (TPS's prototypes)
     gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
-    gate_temperature: float = 1.0  # the zero-shot temperature that calibrates the margin
+    gate_margin: Callable[[torch.Tensor], float] | None = None  # [C] zero-shot logits -> their calibrated margin
 
     @property
     def n_images(self) -> int:

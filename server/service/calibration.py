@@ -1,54 +1,112 @@
-"""Calibrated confidence: a temperature per method, fitted on labelled data, applied to every answer.
+"""Calibrated confidence for every answer: what a probability we return means, under shift too.
 
-Temperature scaling (Guo et al., 2017): one scalar T per (model, method) that minimises the negative
-log-likelihood of softmax(logits / T) on labelled images; it changes confidence, never the label.
-Temperatures come from the model card (``ttaserve.json``); a method without one gets T = 1. The one
-fit (``fit_temperature``) is what ``benchmarks/assets/calibrate.py`` writes into the card.
+Every method's answer is calibrated label-free by default (``server.service.confidence``): the
+confidence of an image's label is the model's probability that this label is right, read off the
+zero-shot prediction of the image (adapted methods are anchored to it, as CoTS anchors an adapted
+model to its zero-shot confidence: adaptation sharpens the softmax without making it more often
+right); it is at least 1/C, as the top of a C-way choice. The label's probability is that confidence,
+the others follow by a per-image temperature,
+and the order of the labels is the method's own: calibration moves confidence, never the label.
+
+Beside the calibrated distribution (which sums to 1) each label gets its own score: the probability
+that the image shows it, as if it were the answer. Scores need not sum to 1, and one minus the
+highest is the probability that no label fits ("none of these").
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from server.clip.card import ModelCard
+from server.errors import ConfigError
+from server.service.confidence import ConfidenceModel, temper
 from server.service.results import Prediction
 
 LOG_T_RANGE = (math.log(0.05), math.log(20.0))
 
 
-class Calibration:
-    """The temperatures of one model's methods."""
+@dataclass(frozen=True)
+class Calibrated:
+    """One image's calibrated answer."""
 
-    def __init__(self, temperatures: dict[str, float] | None = None):
-        self._temperatures = dict(temperatures or {})
+    predictions: list[Prediction]  # the top_k, in the method's order
+    confidence: float  # the probability that the first is right: its score, at least 1/C; its probability
+    probabilities: torch.Tensor  # [C] the calibrated distribution
+    none_of_these: float  # 1 - the highest label score
+
+
+class Calibration:
+    """How one model's answers become calibrated confidence."""
+
+    def __init__(self, label_free: ConfidenceModel, source: str = "default"):
+        self.label_free = label_free
+        self.source = source  # "default" (shipped) or "model card" (fitted on the model's own images)
 
     @classmethod
     def from_card(cls, card: ModelCard) -> Calibration:
-        return cls({method: entry.temperature for method, entry in card.calibration.items()})
+        """The card's own confidence model, or the shipped default; ConfigError for a malformed one."""
+        if card.confidence is None:
+            return cls(ConfidenceModel.default())
+        try:
+            return cls(ConfidenceModel.from_dict(card.confidence), "model card")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the model card's confidence entry is not a confidence model: {exc}") from exc
 
-    def temperature(self, method: str) -> float:
-        return self._temperatures.get(method, 1.0)
+    def describe(self) -> dict[str, object]:
+        """What /v1/models says about calibration."""
+        model = self.label_free
+        return {"kind": "label-free", "source": self.source, "images": model.images, "data": model.data}
 
-    def fitted(self, method: str) -> bool:
-        return method in self._temperatures
+    def model(self, method: str) -> ConfidenceModel:
+        """The confidence model for ``method``'s answers (today the label-free one for every method)."""
+        return self.label_free
 
+    def calibrate(
+        self,
+        method: str,
+        logits: torch.Tensor,
+        anchor: torch.Tensor,
+        labels: tuple[str, ...],
+        order: torch.Tensor | None,
+        top_k: int,
+    ) -> Calibrated:
+        """Calibrate one image's answer.
 
-def predictions(
-    logits: torch.Tensor, temperature: float, labels: tuple[str, ...], order: torch.Tensor | None, top_k: int
-) -> list[Prediction]:
-    """[C] logits -> the ``top_k`` predictions, ranked by ``order`` (ZERO's vote) or by probability, with the
-    calibrated probability softmax(logits / T) beside the raw one."""
-    raw = logits.softmax(-1)  # [C]
-    calibrated = (logits / temperature).softmax(-1)  # [C]
-    ranked = order if order is not None else torch.argsort(calibrated, descending=True, stable=True)
-    return [
-        Prediction(
-            label=labels[j], probability=float(calibrated[j]), raw_probability=float(raw[j]), logit=float(logits[j])
-        )
-        for j in ranked[:top_k].tolist()
-    ]
+        Args:
+            logits: [C] the method's final logits.
+            anchor: [C] the image's zero-shot logits (the base view, unadapted), which confidence reads.
+            order: [C] the method's ranking when it is not the logits' (ZERO's vote), else None.
+        """
+        model = self.model(method)
+        ranked = order if order is not None else torch.argsort(logits, descending=True, stable=True)
+        top = ranked[:1]
+        scores = model.scores(anchor[None].float())[0]  # [C]
+        confidence = scores[top]  # [1] the answer's own score
+        probabilities = temper(logits[None], confidence, top)[0]  # [C]
+        raw = logits.float().softmax(-1)  # [C]
+        predictions = [
+            Prediction(
+                label=labels[j],
+                probability=float(probabilities[j]),
+                raw_probability=float(raw[j]),
+                score=float(scores[j]),
+                logit=float(logits[j]),
+            )
+            for j in ranked[:top_k].tolist()
+        ]
+        return Calibrated(predictions, float(probabilities[top]), probabilities, 1.0 - float(scores.max()))
+
+    def margin(self, method: str, anchor: torch.Tensor) -> float:
+        """The calibrated top-1 minus top-2 probability of a zero-shot answer (what the confidence gate reads)."""
+        if anchor.shape[-1] < 2:
+            return 1.0
+        model = self.model(method)
+        probabilities = temper(anchor[None], model.predict(anchor[None].float()))[0]
+        top = probabilities.topk(2).values
+        return float(top[0] - top[1])
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

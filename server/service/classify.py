@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ from server.clip.spec import ModelSpec
 from server.engine import Demand, Engine, JobOutput, Work
 from server.errors import ClientClosed, ClientError, DeadlineExceeded, InvalidInput, NotReady, Rejected, TTAError
 from server.metrics import Metrics
-from server.service.calibration import Calibration, predictions
+from server.service.calibration import Calibration
 from server.service.decoding import ImageInput, decode_images
 from server.service.label_sets import LabelSets
 from server.service.results import Adaptation, Classification, ModelRef, Result, ZeroShotView
@@ -174,7 +175,7 @@ class ClassifyService:
             seed=seed,
             descriptions=classes.descriptions,
             gate=gate if adaptive else None,
-            gate_temperature=self.calibration.temperature("zero_shot"),
+            gate_margin=functools.partial(self.calibration.margin, "zero_shot") if adaptive else None,
         )
         remaining = timeout_s - (time.monotonic() - started)
         output = await self._run(work, max(remaining, 0.001), disconnected)
@@ -231,7 +232,6 @@ class ClassifyService:
     ) -> list[Result]:
         """Each image's calibrated predictions, abstention, adaptation report and zero-shot view."""
         method, labels = work.method.name, work.labels
-        zero_shot_t = self.calibration.temperature("zero_shot")
         results = []
         for i in range(output.logits.shape[0]):
             logits = output.logits[i]  # [C]
@@ -239,11 +239,12 @@ class ClassifyService:
             zs_logits = report.zero_shot_logits if report else logits
             skipped = output.skipped or (report.skipped if report else None)
             # An image answered zero-shot is calibrated as zero-shot, whatever method was asked for.
-            temperature = zero_shot_t if skipped else self.calibration.temperature(method)
-            preds = predictions(logits, temperature, labels, report.order if report else None, top_k)
-            zs_preds = predictions(zs_logits, zero_shot_t, labels, None, top_k)
-            confidence = preds[0].probability
-            abstained = req.abstain_below is not None and confidence < req.abstain_below
+            answer = self.calibration.calibrate(
+                "zero_shot" if skipped else method, logits, zs_logits, labels, report.order if report else None, top_k
+            )
+            zero_shot = self.calibration.calibrate("zero_shot", zs_logits, zs_logits, labels, None, top_k)
+            preds, zs_preds = answer.predictions, zero_shot.predictions
+            abstained = req.abstain_below is not None and answer.confidence < req.abstain_below
             entropy_before, entropy_after = float(entropy(zs_logits)), float(entropy(logits))
             adaptation = Adaptation(
                 method=method,
@@ -263,21 +264,23 @@ class ClassifyService:
             )
             self._observe(
                 method,
-                confidence,
+                answer.confidence,
                 report.seconds if report and not skipped else None,
                 entropy_before - entropy_after,
                 adaptation.changed,
             )
+            calibrated = answer.probabilities.clamp_min(1e-12)
             results.append(
                 Result(
                     label=None if abstained else preds[0].label,
-                    confidence=confidence,
-                    entropy=float(entropy(logits / temperature)),
+                    confidence=answer.confidence,
+                    entropy=float(-(calibrated * calibrated.log()).sum()),
                     abstained=abstained,
+                    none_of_these=answer.none_of_these,
                     predictions=preds,
                     adaptation=adaptation,
                     zero_shot=ZeroShotView(
-                        label=zs_preds[0].label, confidence=zs_preds[0].probability, predictions=zs_preds
+                        label=zs_preds[0].label, confidence=zero_shot.confidence, predictions=zs_preds
                     )
                     if req.compare
                     else None,

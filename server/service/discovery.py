@@ -32,9 +32,7 @@ def model_info(spec: ModelSpec, engine: Engine, label_sets: LabelSets, calibrati
         "logit_scale": backbone.logit_scale,
         "ready": engine.ready,
         "label_sets": sorted(label_sets.shipped),
-        "calibration": {
-            m: {"temperature": calibration.temperature(m), "fitted": calibration.fitted(m)} for m in method_names()
-        },
+        "calibration": calibration.describe(),
     }
 
 

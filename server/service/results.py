@@ -20,8 +20,17 @@ class ModelRef(BaseModel):
 
 class Prediction(BaseModel):
     label: str
-    probability: float = Field(..., description="Calibrated probability: softmax(logit / T), T fitted per method.")
+    probability: float = Field(
+        ...,
+        description="Calibrated probability, label-free by default: the answer's is the probability that it is "
+        "right, under shift too; the others follow by a per-image temperature. They sum to 1 over all labels.",
+    )
     raw_probability: float = Field(..., description="Softmax of the logits as the model gives them.")
+    score: float = Field(
+        ...,
+        description="This label's own calibrated probability that the image shows it, as if it were the answer. "
+        "Scores need not sum to 1: threshold them label by label.",
+    )
     logit: float = Field(..., description="Scaled cosine similarity: the model's logit scale times cos(image, class).")
 
 
@@ -63,9 +72,16 @@ class Result(BaseModel):
     """One image's answer."""
 
     label: str | None = Field(..., description="The top prediction; null when abstained.")
-    confidence: float = Field(..., description="Calibrated probability of the top prediction.")
+    confidence: float = Field(
+        ...,
+        description="The probability that the label is right (calibrated, label-free by default): the top "
+        "prediction's probability, which is its score or 1/C when the score is lower.",
+    )
     entropy: float = Field(..., description="Entropy of the calibrated prediction over all labels, in nats.")
     abstained: bool = Field(False, description="Confidence was below the request's abstain_below.")
+    none_of_these: float = Field(
+        ..., description="The probability that no label fits the image: 1 - the highest label score."
+    )
     predictions: list[Prediction] = Field(..., description="The top_k predictions, best first.")
     adaptation: Adaptation
     zero_shot: ZeroShotView | None = Field(None, description="With compare=true: the unadapted predictions.")

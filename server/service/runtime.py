@@ -49,6 +49,7 @@ def check_settings(settings: Settings) -> ModelSpec:
         )
     resolve_device(settings.device)
     spec = resolve_model(settings)
+    Calibration.from_card(spec.card)  # a malformed confidence model stops start-up, naming the card
     open_store(settings).close()  # creates it, migrates it, or refuses one from a newer server
     return spec
 

@@ -9,8 +9,11 @@ import shutil
 import torch
 
 from benchmarks import adaptation_latency, memory_estimate, method_latency, tune
+from benchmarks._lib.scoring import ece_from
 from benchmarks.assets import calibrate
-from benchmarks.assets.calibrate import fit_temperature
+from server.clip.card import read_card
+from server.service.calibration import Calibration, fit_temperature
+from server.service.confidence import ConfidenceModel, temper
 
 
 def test_fit_temperature_recovers_a_known_temperature():
@@ -22,30 +25,33 @@ def test_fit_temperature_recovers_a_known_temperature():
     assert math.isclose(t, 2.5, rel_tol=0.08)
 
 
-def test_calibrate_writes_temperatures_into_the_model_folder(tiny_model_dir, tmp_path, capsys):
+def test_a_fitted_confidence_model_is_calibrated_on_fresh_images_of_the_same_kind():
+    def sample(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        truth = torch.randn(6000, 10, generator=gen) * torch.rand(6000, 1, generator=gen) * 4
+        labels = torch.multinomial(truth.softmax(-1), 1, generator=gen).squeeze(1)
+        return truth * 3, labels  # the model says 3x the log-odds it has: over-confident
+
+    logits, labels = sample(0)
+    model = ConfidenceModel.fit(logits, labels, "synthetic")
+    fresh, truth = sample(1)
+    right = (fresh.argmax(-1) == truth).float()
+    raw = fresh.softmax(-1).max(-1).values
+    assert ece_from(raw, right) > 0.15  # over-confident as made
+    assert ece_from(model.predict(fresh), right) < 0.03
+    assert torch.equal(temper(fresh, model.predict(fresh)).argmax(-1), fresh.argmax(-1))
+
+
+def test_calibrate_writes_the_confidence_model_into_the_model_card(tiny_model_dir, tmp_path, capsys):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    fitted = calibrate.main(
-        [
-            "--model",
-            f"local-dir:{folder}",
-            "--methods",
-            "zero_shot,tps",
-            "--max-samples",
-            "24",
-            "--threads",
-            "1",
-            "--options",
-            'tps={"views": 8}',
-            "--write",
-        ]
-    )
-    meta = json.loads((folder / "ttaserve.json").read_text())
-    assert set(meta["calibration"]) == {"zero_shot", "tps"}
-    assert meta["calibration"]["tps"]["temperature"] == fitted["tps"]["temperature"] > 0
-    assert meta["calibration"]["tps"]["options"] == {"views": 8}
-    assert meta["label_sets"]  # the rest of the file is kept
-    assert "ECE" in capsys.readouterr().out
+    args = ["--model", f"local-dir:{folder}", "--families", "noise", "--severities", "3", "--max-samples", "24"]
+    fitted = calibrate.main([*args, "--threads", "1", "--write"])
+    card = read_card(folder)
+    assert card.confidence == fitted.to_dict() and fitted.images == 48  # half of 24 clean + 24 x 3 noises
+    assert card.label_sets  # the rest of the card is kept
+    assert Calibration.from_card(card).describe()["source"] == "model card"
+    assert "held-out half" in capsys.readouterr().out
 
 
 def test_tune_and_latency_report_every_method(tiny_model_dir, capsys):

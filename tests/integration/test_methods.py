@@ -18,8 +18,10 @@ from adapters import method_names
 from server.api import create_app
 from server.clip import load_backbone
 from server.clip.templates import describe
+from server.service.confidence import ConfidenceModel
 from tests.support.apps import state_hash, wait_ready
 from tests.support.images import b64, png_bytes
+from tests.support.requests import STRONG
 
 LABELS = ["red", "green", "blue", "a cat", "a dog"]
 ADAPTIVE = [m for m in method_names() if m != "zero_shot"]
@@ -128,26 +130,61 @@ def test_abstain_below(client):
     assert result["abstained"] is False and result["label"] == result["predictions"][0]["label"]
 
 
-def test_calibrated_and_raw_probabilities(settings, tiny_model_dir, tmp_path):
-    calibrated_dir = tmp_path / "calibrated"
-    shutil.copytree(tiny_model_dir, calibrated_dir)
-    meta = json.loads((calibrated_dir / "ttaserve.json").read_text())
-    meta["calibration"] = {"zero_shot": {"temperature": 2.0}, "tpt": {"temperature": 0.5}}
-    (calibrated_dir / "ttaserve.json").write_text(json.dumps(meta))
-    settings.model = f"local-dir:{calibrated_dir}"
+@pytest.mark.parametrize("method", method_names())
+def test_calibration_moves_confidence_never_the_label(client, method):
+    images = [b64(png_bytes(seed=s, size=(40 + s, 36))) for s in range(4)]
+    results = classify(client, method, images=images, options=STRONG.get(method, {})).json()["results"]
+    for result in results:
+        preds = result["predictions"]
+        assert len(preds) == len(LABELS)
+        raw = [p["raw_probability"] for p in preds]
+        calibrated = [p["probability"] for p in preds]
+        if method != "zero":  # ZERO ranks by its vote; every other method by its logits
+            assert [p["logit"] for p in preds] == sorted((p["logit"] for p in preds), reverse=True)
+            assert raw == sorted(raw, reverse=True)
+        assert calibrated[0] == max(calibrated) and result["label"] == preds[0]["label"]
+        assert sum(calibrated) == pytest.approx(1.0, abs=1e-5) and sum(raw) == pytest.approx(1.0, abs=1e-5)
+        # Confidence is the answer's probability: its own score, or 1/C when the score is lower.
+        assert result["confidence"] == calibrated[0]
+        assert result["confidence"] == pytest.approx(max(preds[0]["score"], 1 / len(LABELS)), abs=2e-4)
+        assert result["none_of_these"] == pytest.approx(1 - max(p["score"] for p in preds), abs=1e-6)
+        # A label's own score reads as a probability and needs no other label: they need not sum to 1.
+        assert all(0 <= p["score"] <= 1 for p in preds)
+
+
+def test_confidence_is_the_label_free_model_of_the_zero_shot_prediction(client):
+    result = classify(client, "zero_shot", images=[b64(png_bytes(seed=5))]).json()["results"][0]
+    logits = torch.tensor([[p["logit"] for p in result["predictions"]]])
+    model = ConfidenceModel.default()
+    assert result["confidence"] == pytest.approx(max(float(model.predict(logits)[0]), 1 / len(LABELS)), abs=2e-4)
+    scores = model.scores(logits)[0]
+    assert [p["score"] for p in result["predictions"]] == pytest.approx(scores.tolist(), abs=1e-5)
+    described = client.get("/v1/models").json()["models"][0]["calibration"]
+    assert described["kind"] == "label-free" and described["source"] == "default"
+    assert described["images"] == model.images
+
+
+def test_a_model_card_confidence_model_replaces_the_default(settings, tiny_model_dir, tmp_path):
+    folder = tmp_path / "calibrated"
+    shutil.copytree(tiny_model_dir, folder)
+    own = ConfidenceModel(
+        intercept=2.0,
+        weights=(0.0, 0.0, 0.0),
+        means=(0.0, 0.0, 0.0),
+        scales=(1.0, 1.0, 1.0),
+        images=123,
+        data="the model's own images",
+    )
+    card = json.loads((folder / "ttaserve.json").read_text()) | {"confidence": own.to_dict()}
+    (folder / "ttaserve.json").write_text(json.dumps(card))
+    settings.model = f"local-dir:{folder}"
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
-        calibration = c.get("/v1/models").json()["models"][0]["calibration"]
-        assert calibration["zero_shot"] == {"temperature": 2.0, "fitted": True}
-        assert calibration["tps"] == {"temperature": 1.0, "fitted": False}
-        for method, t in (("zero_shot", 2.0), ("tpt", 0.5), ("tps", 1.0)):
+        described = c.get("/v1/models").json()["models"][0]["calibration"]
+        assert (described["source"], described["images"]) == ("model card", 123)
+        for method in ("zero_shot", "tps"):
             result = classify(c, method).json()["results"][0]
-            row = torch.tensor([p["logit"] for p in result["predictions"]])
-            probs = [p["probability"] for p in result["predictions"]]
-            raws = [p["raw_probability"] for p in result["predictions"]]
-            assert torch.allclose(torch.tensor(probs), (row / t).softmax(-1), atol=1e-5)
-            assert torch.allclose(torch.tensor(raws), row.softmax(-1), atol=1e-5)
-            assert result["confidence"] == probs[0]
+            assert result["confidence"] == pytest.approx(float(torch.sigmoid(torch.tensor(2.0))), abs=1e-5)
 
 
 @pytest.mark.parametrize(
