@@ -115,6 +115,19 @@ class Metrics:
             "Most bytes of GPU memory held by tensors since start (0 on the CPU).",
             registry=r,
         )
+        self.estimated_accuracy = Gauge(
+            "tta_estimated_accuracy",
+            "Mean calibrated confidence of a label set's last TTA_ACCURACY_WINDOW images: their accuracy, "
+            "estimated without labels (label_set 'inline': requests that send their labels).",
+            ["label_set"],
+            registry=r,
+        )
+        self.estimated_accuracy_images = Gauge(
+            "tta_estimated_accuracy_images",
+            "Images in the window behind tta_estimated_accuracy.",
+            ["label_set"],
+            registry=r,
+        )
         for reason in SKIP_REASONS:
             self.adapt_skipped.labels(reason=reason)
         for stage in STAGES:

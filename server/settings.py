@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         "top-2 probability) is at least this (adaptation.skipped = confident). Unset: never skip.",
     )
 
+    # Monitoring
+    accuracy_window: int = Field(
+        500, ge=1, description="Images per label set behind tta_estimated_accuracy (mean calibrated confidence)."
+    )
+
     # Defaults for requests
     default_method: str = Field("zero_shot", description="Method used when a request names none.")
     default_templates: str = Field("simple", description="Template set used when a request names none.")

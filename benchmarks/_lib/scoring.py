@@ -68,3 +68,35 @@ def score(
     if reference is not None:
         out["changed"] = float(100 * (pred != reference).float().mean())
     return out
+
+
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[N] the Brier score of each prediction: squared distance of the distribution to the one-hot truth."""
+    truth = torch.nn.functional.one_hot(labels, probs.shape[-1]).float()
+    return ((probs - truth) ** 2).sum(-1)
+
+
+def aurc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
+    """Area under the risk-coverage curve: the error rate among the k most confident answers, averaged
+    over k = 1..N. Lower is better; it rewards confidence that ranks right answers above wrong ones."""
+    order = torch.argsort(confidence, descending=True, stable=True)
+    errors = (1 - correct[order]).cumsum(0)
+    return float((errors / torch.arange(1, len(order) + 1)).mean())
+
+
+def selective(confidence: torch.Tensor, correct: torch.Tensor, threshold: float) -> tuple[float, float]:
+    """Accuracy of the answers given at ``threshold`` (confidence >= it) and the share answered (coverage);
+    accuracy is NaN when nothing is answered."""
+    answered = confidence >= threshold
+    accuracy = float(correct[answered].mean()) if answered.any() else float("nan")
+    return accuracy, float(answered.float().mean())
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """The probability that a random positive scores above a random negative (ties count half)."""
+    scores = torch.cat([positive, negative]).double()
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)  # values ascending
+    first = torch.cumsum(counts, 0) - counts + 1  # the rank of each value's first occurrence
+    ranks = (first + (counts - 1) / 2)[inverse]  # ties share their mean rank
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -29,6 +29,7 @@ from server.metrics import Metrics
 from server.service.calibration import Calibration
 from server.service.decoding import ImageInput, decode_images
 from server.service.label_sets import LabelSets
+from server.service.monitoring import AccuracyEstimate
 from server.service.results import Adaptation, Classification, ModelRef, Result, ZeroShotView
 from server.service.validation import (
     check_image_count,
@@ -98,6 +99,7 @@ class ClassifyService:
         calibration: Calibration,
         metrics: Metrics,
         decode_pool: Executor,
+        estimate: AccuracyEstimate,
     ):
         self.settings = settings
         self.spec = spec
@@ -106,6 +108,7 @@ class ClassifyService:
         self.calibration = calibration
         self.metrics = metrics
         self.decode_pool = decode_pool
+        self.estimate = estimate
 
     async def classify(self, req: ClassifyRequest, disconnected: Disconnected | None = None) -> Classification:
         """Classify ``req``'s images; ``disconnected`` says when the caller has gone (its work is then stopped).
@@ -184,11 +187,13 @@ class ClassifyService:
             self.metrics.stage_duration.labels(stage=stage).observe(seconds)
         timings["total"] = time.monotonic() - started
         self.metrics.images.labels(method=method.name).inc(work.n_images)
+        results = self._results(output, work, top_k, req, seed if adaptive else None)
+        self.estimate.observe(req.label_set, [r.confidence for r in results])
         spec = self.spec
         return Classification(
             model=ModelRef(id=spec.display, pretrained=spec.pretrained, demo=spec.is_demo),
             method=method.name,
-            results=self._results(output, work, top_k, req, seed if adaptive else None),
+            results=results,
             timings=timings,
         )
 

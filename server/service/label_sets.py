@@ -6,7 +6,7 @@ take a shipped set's name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from server.clip.card import ModelCard
 from server.errors import Conflict
@@ -33,10 +33,17 @@ def shipped_label_sets(card: ModelCard, settings: Settings) -> dict[str, LabelSe
 class LabelSets:
     """Creating, reading and deleting label sets; the model's are read-only."""
 
-    def __init__(self, store: Store, shipped: dict[str, LabelSet], settings: Settings):
+    def __init__(
+        self,
+        store: Store,
+        shipped: dict[str, LabelSet],
+        settings: Settings,
+        on_delete: Callable[[str], None] = lambda name: None,
+    ):
         self.store = store
         self.shipped = shipped
         self.settings = settings
+        self.on_delete = on_delete  # told of a deleted label set, so state kept for it goes too
 
     def create(
         self,
@@ -69,3 +76,4 @@ class LabelSets:
                 f"label set {name!r} is provided by the model and cannot be deleted", code="label_set_builtin"
             )
         self.store.delete_label_set(name)
+        self.on_delete(name)

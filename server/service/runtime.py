@@ -25,6 +25,7 @@ from server.metrics import Metrics
 from server.service.calibration import Calibration
 from server.service.classify import ClassifyService
 from server.service.label_sets import LabelSets, shipped_label_sets
+from server.service.monitoring import AccuracyEstimate
 from server.settings import Settings
 from server.storage import Store, open_store
 
@@ -99,9 +100,10 @@ class Runtime:
         metrics.model_info.labels(
             model=spec.display, pretrained=spec.pretrained or "", device=str(device), precision=settings.precision
         ).set(1)
-        label_sets = LabelSets(store, shipped, settings)
+        estimate = AccuracyEstimate(metrics, settings.accuracy_window)
+        label_sets = LabelSets(store, shipped, settings, on_delete=estimate.forget)
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tta-decode")
-        classifier = ClassifyService(settings, spec, engine, label_sets, calibration, metrics, decode_pool)
+        classifier = ClassifyService(settings, spec, engine, label_sets, calibration, metrics, decode_pool, estimate)
         engine.start()
         return cls(settings, metrics, spec, engine, store, label_sets, calibration, classifier, decode_pool)
 

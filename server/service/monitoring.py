@@ -1,0 +1,46 @@
+"""An accuracy estimate without labels: the mean calibrated confidence of each label set's recent answers.
+
+If confidence is calibrated under shift, the mean confidence of a window of answers estimates their
+accuracy, and a fall in it is a drift alarm that needs no label: ``tta_estimated_accuracy{label_set}``
+over the last ``TTA_ACCURACY_WINDOW`` images of each label set. Label values stay bounded: a stored or
+shipped label set's name, and ``inline`` for every request that sends its labels; a deleted label set's
+series is removed. deploy/prometheus/alerts.yml alerts on a drop against the past day.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from server.metrics import Metrics
+
+INLINE = "inline"  # the label value of requests that send their labels instead of naming a label set
+
+
+class AccuracyEstimate:
+    """Sliding windows of calibrated confidences, one per label set, exported as a gauge."""
+
+    def __init__(self, metrics: Metrics, window: int):
+        self.metrics = metrics
+        self.window = window
+        self._windows: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, label_set: str | None, confidences: list[float]) -> float:
+        """Add a request's confidences to its label set's window; returns the window's mean."""
+        key = label_set or INLINE
+        with self._lock:
+            window = self._windows.setdefault(key, deque(maxlen=self.window))
+            window.extend(confidences)
+            mean = sum(window) / len(window)
+        self.metrics.estimated_accuracy.labels(label_set=key).set(mean)
+        self.metrics.estimated_accuracy_images.labels(label_set=key).set(len(window))
+        return mean
+
+    def forget(self, label_set: str) -> None:
+        """Drop a deleted label set's window and its series."""
+        with self._lock:
+            if self._windows.pop(label_set, None) is None:
+                return
+        for gauge in (self.metrics.estimated_accuracy, self.metrics.estimated_accuracy_images):
+            gauge.remove(label_set)
