@@ -48,7 +48,10 @@ tests:
               instance: tta:8000
             exp_annotations:
               summary: "Estimated accuracy of label set pets fell by 20%"
-              description: "The mean calibrated confidence of label set pets on tta:8000 is more than 10 points below its average over the past day: its images have probably shifted. Look at recent images; consider test-time adaptation, or labelled examples to recalibrate on."
+              description: >-
+                The mean calibrated confidence of label set pets on tta:8000 is more than 10 points below
+                its average over the past day: its images have probably shifted. Look at recent images;
+                consider test-time adaptation, or labelled examples to recalibrate on.
 """
 
 
