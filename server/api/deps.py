@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from server.errors import NotReady
 from server.service.classify import ClassifyService
 from server.service.label_sets import LabelSets
+from server.service.recalibration import Recalibration
 from server.service.runtime import Runtime
 from server.settings import Settings
 
@@ -38,7 +39,12 @@ def get_label_sets(runtime: Annotated[Runtime, Depends(get_runtime)]) -> LabelSe
     return runtime.label_sets
 
 
+def get_recalibration(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Recalibration:
+    return runtime.recalibration
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ClassifierDep = Annotated[ClassifyService, Depends(get_classifier)]
 LabelSetsDep = Annotated[LabelSets, Depends(get_label_sets)]
+RecalibrationDep = Annotated[Recalibration, Depends(get_recalibration)]

@@ -5,13 +5,14 @@ turned into the service's ``ClassifyRequest``. Each problem raises a typed error
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.schemas import CalibrationIn
 from server.api.schemas import ClassifyRequest as ClassifyBody
 from server.clip.templates import PLACEHOLDER
 from server.errors import BadRequest, InvalidInput, UnsupportedMediaType
@@ -20,6 +21,7 @@ from server.service.decoding import ImageInput
 from server.settings import Settings
 
 TIMEOUT_HEADER = "X-Request-Timeout"
+Body = TypeVar("Body", bound=BaseModel)
 _FORM_FIELDS = {
     "image",
     "labels",
@@ -35,18 +37,30 @@ _FORM_FIELDS = {
 }
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _form(request: Request, settings: Settings, max_files: int) -> FormData:
+    try:
+        return await request.form(
+            max_files=max_files + 1,
+            max_fields=settings.max_labels + settings.max_templates + max_files + 16,
+            max_part_size=settings.max_body_bytes,
+        )
+    except StarletteHTTPException as exc:
+        raise BadRequest(f"malformed multipart body: {exc.detail}", code="invalid_form") from exc
+
+
+def _unsupported(ctype: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(f"content type {ctype!r} is not accepted; send application/json or multipart/form-data")
+
+
 async def read_classify(request: Request, settings: Settings) -> ClassifyRequest:
     """The request's body (JSON with base64 images, or multipart with image files) and deadline header."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = _content_type(request)
     if ctype == "multipart/form-data":
-        try:
-            form = await request.form(
-                max_files=settings.max_images_per_request + 1,
-                max_fields=settings.max_labels + settings.max_templates + 16,
-                max_part_size=settings.max_body_bytes,
-            )
-        except StarletteHTTPException as exc:
-            raise BadRequest(f"malformed multipart body: {exc.detail}", code="invalid_form") from exc
+        form = await _form(request, settings, settings.max_images_per_request)
         try:
             images, body = await parse_form(form)
         finally:
@@ -54,9 +68,7 @@ async def read_classify(request: Request, settings: Settings) -> ClassifyRequest
     elif ctype in ("application/json", ""):
         images, body = parse_json_body(await request.body())
     else:
-        raise UnsupportedMediaType(
-            f"content type {ctype!r} is not accepted; send application/json or multipart/form-data",
-        )
+        raise _unsupported(ctype)
     return ClassifyRequest(
         images=images,
         labels=body.labels,
@@ -71,6 +83,49 @@ async def read_classify(request: Request, settings: Settings) -> ClassifyRequest
         confidence_gate=body.confidence_gate,
         timeout_s=read_timeout(request.headers.get(TIMEOUT_HEADER)),
     )
+
+
+async def read_calibration(
+    request: Request, settings: Settings
+) -> tuple[list[ImageInput], list[str], list[str] | None]:
+    """A calibration's labelled images: JSON (base64 images, one label each) or multipart (image files and
+    ``labels`` in the same order, as repeated fields or one JSON list), and optionally the methods."""
+    ctype = _content_type(request)
+    if ctype == "multipart/form-data":
+        form = await _form(request, settings, settings.max_calibration_images)
+        try:
+            unknown = sorted({k for k in form if k not in ("image", "labels", "methods")})
+            if unknown:
+                raise InvalidInput(
+                    f"unknown form field(s) {', '.join(unknown)}; accepted: image, labels, methods", code="invalid_form"
+                )
+            images = await _uploads(form)
+            texts = {k: [v for v in form.getlist(k) if isinstance(v, str)] for k in ("labels", "methods")}
+            methods = _json_list_or_values(texts["methods"], "methods") or None
+            return images, _json_list_or_values(texts["labels"], "labels"), methods
+        finally:
+            await form.close()
+    if ctype not in ("application/json", ""):
+        raise _unsupported(ctype)
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    body = _validated(CalibrationIn, data)
+    return list(body.images), body.labels, body.methods
+
+
+async def _uploads(form: FormData) -> list[ImageInput]:
+    images: list[ImageInput] = []
+    for item in form.getlist("image"):
+        if not isinstance(item, UploadFile):
+            raise InvalidInput(
+                "form field 'image' must be a file upload (curl -F image=@photo.jpg)", code="invalid_form"
+            )
+        images.append(await item.read())
+    if not images:
+        raise InvalidInput("no images: add one or more 'image' file fields", code="no_images")
+    return images
 
 
 def read_timeout(raw: str | None) -> float | None:
@@ -95,7 +150,7 @@ def parse_json_body(body: bytes) -> tuple[list[ImageInput], ClassifyBody]:
         raise BadRequest("the JSON body must be an object", code="invalid_json")
     if isinstance(data.get("images"), list) and not data["images"]:
         raise InvalidInput("no images: send at least one", code="no_images")
-    request = _validated(data)
+    request = _validated(ClassifyBody, data)
     return list(request.images), request
 
 
@@ -119,15 +174,7 @@ async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody]:
             f"unknown form field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(_FORM_FIELDS))}",
             code="invalid_form",
         )
-    images: list[ImageInput] = []
-    for item in form.getlist("image"):
-        if not isinstance(item, UploadFile):
-            raise InvalidInput(
-                "form field 'image' must be a file upload (curl -F image=@photo.jpg)", code="invalid_form"
-            )
-        images.append(await item.read())
-    if not images:
-        raise InvalidInput("no images: add one or more 'image' file fields", code="no_images")
+    images = await _uploads(form)
     data: dict[str, Any] = {"images": ["<multipart>"]}
     texts = {k: [v for v in form.getlist(k) if isinstance(v, str)] for k in _FORM_FIELDS - {"image"}}
     if texts["labels"]:
@@ -146,12 +193,12 @@ async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody]:
             data["options"] = json.loads(texts["options"][0])
         except ValueError as exc:
             raise BadRequest(f"form field 'options' must be a JSON object: {exc}", code="invalid_form") from exc
-    return images, _validated(data)
+    return images, _validated(ClassifyBody, data)
 
 
-def _validated(data: dict[str, Any]) -> ClassifyBody:
+def _validated(schema: type[Body], data: Any) -> Body:
     try:
-        return ClassifyBody.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))

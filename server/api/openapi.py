@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api.schemas import ClassifyRequest, ErrorBody
+from server.api.schemas import CalibrationIn, ClassifyRequest, ErrorBody
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
@@ -80,15 +80,16 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def document_classify_body(app: FastAPI) -> None:
-    """Add ClassifyRequest to the OpenAPI components: the route reads its body by hand (JSON or multipart)."""
+    """Add the bodies the routes read by hand (JSON or multipart) to the OpenAPI components: ClassifyRequest
+    and CalibrationIn."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            schema.setdefault("components", {}).setdefault("schemas", {})["ClassifyRequest"] = (
-                ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for body in (ClassifyRequest, CalibrationIn):
+                components[body.__name__] = body.model_json_schema(ref_template="#/components/schemas/{model}")
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -109,6 +109,64 @@ class LabelSetList(BaseModel):
     label_sets: list[LabelSetOut]
 
 
+class CalibrationIn(BaseModel):
+    """JSON body of ``POST /v1/label-sets/{name}/calibration``; the multipart form carries the same fields."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "images": ["iVBORw0KGgo...", "iVBORw0KGgo..."],
+                    "labels": ["cat", "dog"],
+                    "methods": ["zero_shot", "tps"],
+                }
+            ]
+        },
+    )
+
+    images: list[str] = Field(..., min_length=1, description="Base64 strings or data: URIs, one per image.")
+    labels: list[str] = Field(..., description="The true label of each image, in order; each in the label set.")
+    methods: list[str] | None = Field(
+        None, description="Methods to calibrate (default zero_shot, which also serves methods without their own)."
+    )
+
+
+class CalibrationFit(BaseModel):
+    state: str = Field(..., description="running, fitted or failed.")
+    methods: list[str]
+    images: int
+    done: int = Field(..., description="Images classified so far, over all methods.")
+    total: int
+    elapsed_s: float
+    remaining_s: float | None = Field(None, description="Estimated from the pace so far (null once ended).")
+    error: str | None = None
+
+
+class HeldOut(BaseModel):
+    images: int = Field(..., description="Images of the held-out half.")
+    accuracy: float = Field(..., description="Accuracy of the method's answers on them, percent.")
+    ece: dict[str, float] = Field(
+        ...,
+        description="ECE (15 bins, percent) on the held-out half: raw softmax, the calibration in use before, and "
+        "a calibration fitted on the other half.",
+    )
+
+
+class FittedCalibration(BaseModel):
+    method: str
+    applies: bool = Field(..., description="Fitted for this label set and this model (false: either has changed).")
+    fitted_at: float
+    images: int = Field(..., description="Labelled images the stored calibration was fitted on.")
+    held_out: HeldOut
+
+
+class CalibrationOut(BaseModel):
+    label_set: str
+    fit: CalibrationFit | None = Field(None, description="The last fit started, while it runs and after.")
+    calibrations: list[FittedCalibration] = Field(..., description="What is fitted, per method.")
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str

@@ -11,6 +11,7 @@ never modified. Only the engine's lanes call the encoders; ``preprocess`` is saf
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -65,6 +66,7 @@ class Backbone:
         projection = getattr(model, "text_projection", None)
         self.embed_dim = int(projection.shape[-1]) if isinstance(projection, torch.Tensor) else None
         self.context_length = int(getattr(model, "context_length", 77))
+        self.fingerprint = ""  # a digest of the weights: set by measure_fingerprint on the engine's thread
         self.prompt_cache: ByteLRU[PromptInputs] = ByteLRU(prompt_cache_bytes, lambda p: p.nbytes)
 
     @property
@@ -109,6 +111,17 @@ class Backbone:
         self.encode_images(torch.zeros(1, 3, h, w))
         self.encode_prompts(["a photo of a warm-up."])
         self.sync()
+
+    def measure_fingerprint(self) -> str:
+        """A digest of the model: its name, and each weight's shape and sums. Any change to the weights
+        changes it; what was fitted with one model (a calibration) is not applied to another."""
+        digest = hashlib.sha256(f"{self.spec.name}|{self.spec.pretrained}".encode())
+        with torch.no_grad():
+            for name, weight in self.model.state_dict().items():
+                w = weight.double()
+                digest.update(f"{name}{tuple(w.shape)}{float(w.sum()):.17g}{float((w * w).sum()):.17g}".encode())
+        self.fingerprint = digest.hexdigest()[:16]
+        return self.fingerprint
 
     def sync(self) -> None:
         """Wait for the device to finish what was queued (a no-op on the CPU)."""

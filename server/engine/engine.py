@@ -113,6 +113,7 @@ class Engine:
             started = time.monotonic()
             backbone = self._load()
             backbone.warm_up()
+            backbone.measure_fingerprint()
             self.costs = CostModel.measure(backbone)
             budget = self.settings.adapt_memory_bytes or default_memory_budget(backbone.device)
             memory = MemoryModel(ActivationBytes.measure(backbone), budget)

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from server.clip.card import ModelCard
+from server.engine import Engine
 from server.errors import ConfigError
 from server.service.confidence import ConfidenceModel, temper
+from server.service.label_sets import LabelSets, fingerprint
 from server.service.results import Prediction
+from server.storage import CalibrationRecord, LabelSet, Store
 
 LOG_T_RANGE = (math.log(0.05), math.log(20.0))
 
@@ -60,27 +64,22 @@ class Calibration:
         model = self.label_free
         return {"kind": "label-free", "source": self.source, "images": model.images, "data": model.data}
 
-    def model(self, method: str) -> ConfidenceModel:
-        """The confidence model for ``method``'s answers (today the label-free one for every method)."""
-        return self.label_free
-
+    @staticmethod
     def calibrate(
-        self,
-        method: str,
+        model: ConfidenceModel,
         logits: torch.Tensor,
         anchor: torch.Tensor,
         labels: tuple[str, ...],
         order: torch.Tensor | None,
         top_k: int,
     ) -> Calibrated:
-        """Calibrate one image's answer.
+        """Calibrate one image's answer with ``model`` (the label-free one, or one fitted for its label set).
 
         Args:
             logits: [C] the method's final logits.
             anchor: [C] the image's zero-shot logits (the base view, unadapted), which confidence reads.
             order: [C] the method's ranking when it is not the logits' (ZERO's vote), else None.
         """
-        model = self.model(method)
         ranked = order if order is not None else torch.argsort(logits, descending=True, stable=True)
         top = ranked[:1]
         scores = model.scores(anchor[None].float())[0]  # [C]
@@ -99,14 +98,71 @@ class Calibration:
         ]
         return Calibrated(predictions, float(probabilities[top]), probabilities, 1.0 - float(scores.max()))
 
-    def margin(self, method: str, anchor: torch.Tensor) -> float:
+    @staticmethod
+    def margin(model: ConfidenceModel, anchor: torch.Tensor) -> float:
         """The calibrated top-1 minus top-2 probability of a zero-shot answer (what the confidence gate reads)."""
         if anchor.shape[-1] < 2:
             return 1.0
-        model = self.model(method)
         probabilities = temper(anchor[None], model.predict(anchor[None].float()))[0]
         top = probabilities.topk(2).values
         return float(top[0] - top[1])
+
+
+class FittedCalibrations:
+    """The confidence models fitted on label sets' labelled images, kept in the store, applied where they hold."""
+
+    def __init__(self, store: Store, label_sets: LabelSets, calibration: Calibration, engine: Engine):
+        self.store = store
+        self.label_sets = label_sets
+        self.calibration = calibration
+        self.engine = engine
+        self._records: dict[str, dict[str, CalibrationRecord]] = {}
+        for record in store.calibrations():
+            self._records.setdefault(record.label_set, {})[record.method] = record
+        self._models: dict[tuple[str, str], ConfidenceModel] = {}
+
+    def _applies(self, record: CalibrationRecord, label_set: LabelSet) -> bool:
+        backbone = self.engine.backbone
+        return (
+            record.label_set_fingerprint == fingerprint(label_set)
+            and backbone is not None
+            and record.model_fingerprint == backbone.fingerprint
+        )
+
+    def model(self, method: str, label_set: LabelSet | None) -> ConfidenceModel:
+        """The confidence model for ``method``'s answers on ``label_set`` (None: labels sent inline)."""
+        records = self._records.get(label_set.name, {}) if label_set is not None else {}
+        for name in (method, "zero_shot"):
+            record = records.get(name)
+            if record is not None and label_set is not None and self._applies(record, label_set):
+                key = (label_set.name, name)
+                if key not in self._models:
+                    self._models[key] = ConfidenceModel.from_dict(record.model)
+                return self._models[key]
+        return self.calibration.label_free
+
+    def keep(self, record: CalibrationRecord) -> None:
+        """Store a fitted calibration and apply it from now on."""
+        self.store.save_calibration(record)
+        self._records.setdefault(record.label_set, {})[record.method] = record
+        self._models.pop((record.label_set, record.method), None)
+
+    def forget(self, label_set: str) -> None:
+        """Drop what was fitted for a label set (the store has deleted it, or is told to)."""
+        self._records.pop(label_set, None)
+        self._models = {k: v for k, v in self._models.items() if k[0] != label_set}
+
+    def describe(self, label_set: LabelSet) -> list[dict[str, Any]]:
+        """Each fitted calibration of a label set, whether it applies, and its held-out figures."""
+        return [
+            {
+                "method": method,
+                "applies": self._applies(record, label_set),
+                "fitted_at": record.created_at,
+                **record.report,
+            }
+            for method, record in sorted(self._records.get(label_set.name, {}).items())
+        ]
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ from server.clip.spec import ModelSpec
 from server.engine import Demand, Engine, JobOutput, Work
 from server.errors import ClientClosed, ClientError, DeadlineExceeded, InvalidInput, NotReady, Rejected, TTAError
 from server.metrics import Metrics
-from server.service.calibration import Calibration
+from server.service.calibration import Calibration, FittedCalibrations
 from server.service.decoding import ImageInput, decode_images
 from server.service.label_sets import LabelSets
 from server.service.monitoring import AccuracyEstimate
@@ -67,6 +67,7 @@ class ClassifyRequest:
     abstain_below: float | None = None  # no label when the calibrated confidence is below this
     confidence_gate: float | None = None  # default: TTA_CONFIDENCE_GATE
     timeout_s: float | None = None  # a deadline shorter than TTA_REQUEST_TIMEOUT_S
+    monitor: bool = True  # counted in its label set's accuracy estimate (not a calibration's labelled images)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Classes:
     labels: tuple[str, ...]
     templates: tuple[str, ...]
     descriptions: tuple[tuple[str, ...], ...] | None  # per label, from a label set with descriptions
+    label_set: LabelSet | None = None  # the named label set, when the request names one
 
 
 def outcome(exc: BaseException) -> str:
@@ -96,7 +98,7 @@ class ClassifyService:
         spec: ModelSpec,
         engine: Engine,
         label_sets: LabelSets,
-        calibration: Calibration,
+        calibrations: FittedCalibrations,
         metrics: Metrics,
         decode_pool: Executor,
         estimate: AccuracyEstimate,
@@ -105,7 +107,7 @@ class ClassifyService:
         self.spec = spec
         self.engine = engine
         self.label_sets = label_sets
-        self.calibration = calibration
+        self.calibrations = calibrations
         self.metrics = metrics
         self.decode_pool = decode_pool
         self.estimate = estimate
@@ -178,7 +180,9 @@ class ClassifyService:
             seed=seed,
             descriptions=classes.descriptions,
             gate=gate if adaptive else None,
-            gate_margin=functools.partial(self.calibration.margin, "zero_shot") if adaptive else None,
+            gate_margin=functools.partial(Calibration.margin, self.calibrations.model("zero_shot", classes.label_set))
+            if adaptive
+            else None,
         )
         remaining = timeout_s - (time.monotonic() - started)
         output = await self._run(work, max(remaining, 0.001), disconnected)
@@ -187,8 +191,9 @@ class ClassifyService:
             self.metrics.stage_duration.labels(stage=stage).observe(seconds)
         timings["total"] = time.monotonic() - started
         self.metrics.images.labels(method=method.name).inc(work.n_images)
-        results = self._results(output, work, top_k, req, seed if adaptive else None)
-        self.estimate.observe(req.label_set, [r.confidence for r in results])
+        results = self._results(output, work, classes.label_set, top_k, req, seed if adaptive else None)
+        if req.monitor:
+            self.estimate.observe(req.label_set, [r.confidence for r in results])
         spec = self.spec
         return Classification(
             model=ModelRef(id=spec.display, pretrained=spec.pretrained, demo=spec.is_demo),
@@ -206,9 +211,8 @@ class ClassifyService:
             label_set: LabelSet = self.label_sets.get(req.label_set)
             described = label_set.descriptions
             descriptions = tuple(tuple(described.get(label, ())) for label in label_set.labels) if described else None
-            return Classes(
-                label_set.labels, resolve_templates(req.templates, settings, fallback=label_set.templates), descriptions
-            )
+            templates = resolve_templates(req.templates, settings, fallback=label_set.templates)
+            return Classes(label_set.labels, templates, descriptions, label_set)
         return Classes(validate_labels(req.labels, settings), resolve_templates(req.templates, settings), None)
 
     async def _run(self, work: Work, timeout_s: float, disconnected: Disconnected | None) -> JobOutput:
@@ -233,10 +237,18 @@ class ClassifyService:
                 task.cancel()
 
     def _results(
-        self, output: JobOutput, work: Work, top_k: int, req: ClassifyRequest, seed: int | None
+        self,
+        output: JobOutput,
+        work: Work,
+        label_set: LabelSet | None,
+        top_k: int,
+        req: ClassifyRequest,
+        seed: int | None,
     ) -> list[Result]:
         """Each image's calibrated predictions, abstention, adaptation report and zero-shot view."""
         method, labels = work.method.name, work.labels
+        zero_shot_model = self.calibrations.model("zero_shot", label_set)
+        method_model = self.calibrations.model(method, label_set)
         results = []
         for i in range(output.logits.shape[0]):
             logits = output.logits[i]  # [C]
@@ -244,10 +256,9 @@ class ClassifyService:
             zs_logits = report.zero_shot_logits if report else logits
             skipped = output.skipped or (report.skipped if report else None)
             # An image answered zero-shot is calibrated as zero-shot, whatever method was asked for.
-            answer = self.calibration.calibrate(
-                "zero_shot" if skipped else method, logits, zs_logits, labels, report.order if report else None, top_k
-            )
-            zero_shot = self.calibration.calibrate("zero_shot", zs_logits, zs_logits, labels, None, top_k)
+            model = zero_shot_model if skipped else method_model
+            answer = Calibration.calibrate(model, logits, zs_logits, labels, report.order if report else None, top_k)
+            zero_shot = Calibration.calibrate(zero_shot_model, zs_logits, zs_logits, labels, None, top_k)
             preds, zs_preds = answer.predictions, zero_shot.predictions
             abstained = req.abstain_below is not None and answer.confidence < req.abstain_below
             entropy_before, entropy_after = float(entropy(zs_logits)), float(entropy(logits))

@@ -6,6 +6,8 @@ take a shipped set's name.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 
 from server.clip.card import ModelCard
@@ -18,6 +20,13 @@ from server.service.validation import (
 )
 from server.settings import Settings
 from server.storage import LabelSet, Store
+
+
+def fingerprint(label_set: LabelSet) -> str:
+    """A digest of what a label set is: its labels, templates, descriptions and creation. A set deleted and
+    created again under the same name has another; what was fitted for the old one no longer applies."""
+    what = [label_set.name, list(label_set.labels), label_set.templates, label_set.descriptions, label_set.created_at]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def shipped_label_sets(card: ModelCard, settings: Settings) -> dict[str, LabelSet]:
@@ -33,17 +42,11 @@ def shipped_label_sets(card: ModelCard, settings: Settings) -> dict[str, LabelSe
 class LabelSets:
     """Creating, reading and deleting label sets; the model's are read-only."""
 
-    def __init__(
-        self,
-        store: Store,
-        shipped: dict[str, LabelSet],
-        settings: Settings,
-        on_delete: Callable[[str], None] = lambda name: None,
-    ):
+    def __init__(self, store: Store, shipped: dict[str, LabelSet], settings: Settings):
         self.store = store
         self.shipped = shipped
         self.settings = settings
-        self.on_delete = on_delete  # told of a deleted label set, so state kept for it goes too
+        self.on_delete: list[Callable[[str], None]] = []  # told of a deleted label set: state kept for it goes
 
     def create(
         self,
@@ -76,4 +79,5 @@ class LabelSets:
                 f"label set {name!r} is provided by the model and cannot be deleted", code="label_set_builtin"
             )
         self.store.delete_label_set(name)
-        self.on_delete(name)
+        for forget in self.on_delete:
+            forget(name)

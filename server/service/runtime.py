@@ -22,10 +22,11 @@ from server.clip.templates import TEMPLATE_SETS
 from server.engine import Engine
 from server.errors import ConfigError, NotReady
 from server.metrics import Metrics
-from server.service.calibration import Calibration
+from server.service.calibration import Calibration, FittedCalibrations
 from server.service.classify import ClassifyService
 from server.service.label_sets import LabelSets, shipped_label_sets
 from server.service.monitoring import AccuracyEstimate
+from server.service.recalibration import Recalibration
 from server.settings import Settings
 from server.storage import Store, open_store
 
@@ -67,6 +68,7 @@ class Runtime:
     label_sets: LabelSets
     calibration: Calibration
     classifier: ClassifyService
+    recalibration: Recalibration
     decode_pool: ThreadPoolExecutor
 
     @classmethod
@@ -101,13 +103,19 @@ class Runtime:
             model=spec.display, pretrained=spec.pretrained or "", device=str(device), precision=settings.precision
         ).set(1)
         estimate = AccuracyEstimate(metrics, settings.accuracy_window)
-        label_sets = LabelSets(store, shipped, settings, on_delete=estimate.forget)
+        label_sets = LabelSets(store, shipped, settings)
+        fitted = FittedCalibrations(store, label_sets, calibration, engine)
+        label_sets.on_delete += [estimate.forget, fitted.forget]
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tta-decode")
-        classifier = ClassifyService(settings, spec, engine, label_sets, calibration, metrics, decode_pool, estimate)
+        classifier = ClassifyService(settings, spec, engine, label_sets, fitted, metrics, decode_pool, estimate)
+        recalibration = Recalibration(settings, label_sets, fitted, classifier, engine)
         engine.start()
-        return cls(settings, metrics, spec, engine, store, label_sets, calibration, classifier, decode_pool)
+        return cls(
+            settings, metrics, spec, engine, store, label_sets, calibration, classifier, recalibration, decode_pool
+        )
 
     def close(self) -> None:
+        self.recalibration.cancel()
         self.engine.stop()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()

@@ -1,7 +1,7 @@
 """Durable state behind the ``Store`` protocol; SQLite in the data directory by default."""
 
 from server.settings import Settings
-from server.storage.base import LabelSet, Store
+from server.storage.base import CalibrationRecord, LabelSet, Store
 from server.storage.sqlite import SqliteStore
 
 DATABASE_FILE = "ttaserve.db"
@@ -12,4 +12,4 @@ def open_store(settings: Settings) -> Store:
     return SqliteStore(settings.data_dir / DATABASE_FILE)
 
 
-__all__ = ["DATABASE_FILE", "LabelSet", "SqliteStore", "Store", "open_store"]
+__all__ = ["DATABASE_FILE", "CalibrationRecord", "LabelSet", "SqliteStore", "Store", "open_store"]

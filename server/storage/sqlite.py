@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import ConfigError, Conflict, NotFound
-from server.storage.base import LabelSet
+from server.storage.base import CalibrationRecord, LabelSet
 
 # Migration n (1-based) brings a database from version n-1 to n. Append; never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -26,6 +26,18 @@ MIGRATIONS: tuple[str, ...] = (
         templates TEXT,                -- JSON list of strings, or NULL for the request's/server's default
         descriptions TEXT,             -- JSON object: label -> list of descriptions, or NULL
         created_at REAL NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE calibrations (
+        label_set TEXT NOT NULL,
+        method TEXT NOT NULL,
+        label_set_fingerprint TEXT NOT NULL,  -- the label set it was fitted for
+        model_fingerprint TEXT NOT NULL,      -- the model it was fitted with
+        model TEXT NOT NULL,                  -- JSON: the confidence model
+        report TEXT NOT NULL,                 -- JSON: images, held-out ECE
+        created_at REAL NOT NULL,
+        PRIMARY KEY (label_set, method)
     );
     """,
 )
@@ -98,9 +110,35 @@ class SqliteStore:
 
     def delete_label_set(self, name: str) -> None:
         with self._lock:
+            self._db.execute("BEGIN")
             cursor = self._db.execute("DELETE FROM label_sets WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM calibrations WHERE label_set = ?", (name,))
+            self._db.execute("COMMIT")
         if cursor.rowcount == 0:
             raise NotFound(f"no label set named {name!r}", code="unknown_label_set")
+
+    def save_calibration(self, record: CalibrationRecord) -> None:
+        row = (
+            record.label_set,
+            record.method,
+            record.label_set_fingerprint,
+            record.model_fingerprint,
+            json.dumps(record.model),
+            json.dumps(record.report),
+            record.created_at,
+        )
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+
+    def delete_calibrations(self, label_set: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM calibrations WHERE label_set = ?", (label_set,))
+
+    def calibrations(self, label_set: str | None = None) -> list[CalibrationRecord]:
+        query = "SELECT * FROM calibrations" + (" WHERE label_set = ?" if label_set is not None else "")
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY label_set, method", (label_set,) if label_set else ()).fetchall()
+        return [CalibrationRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), r[6]) for r in rows]
 
 
 def _from_row(row: tuple[Any, ...]) -> LabelSet:

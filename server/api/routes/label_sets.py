@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Any
 
-from server.api.deps import LabelSetsDep
+from fastapi import APIRouter, Request, Response
+
+from server.api.deps import LabelSetsDep, RecalibrationDep, SettingsDep
+from server.api.inputs import read_calibration
 from server.api.openapi import ERRORS, errors
-from server.api.schemas import ErrorBody, LabelSetIn, LabelSetList, LabelSetOut
+from server.api.schemas import CalibrationOut, ErrorBody, LabelSetIn, LabelSetList, LabelSetOut
 
 router = APIRouter(tags=["label sets"])
 
@@ -39,4 +42,65 @@ def get_label_set(name: str, label_sets: LabelSetsDep) -> LabelSetOut:
 )
 def delete_label_set(name: str, label_sets: LabelSetsDep) -> Response:
     label_sets.delete(name)
+    return Response(status_code=204)
+
+
+_RUNNING: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "A calibration of this label set is running."}
+}
+
+
+@router.post(
+    "/v1/label-sets/{name}/calibration",
+    status_code=202,
+    response_model=CalibrationOut,
+    responses=errors(400, 404, 415, 422, 503) | _RUNNING,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/CalibrationIn"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image", "labels"],
+                        "properties": {
+                            "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            "labels": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "Each image's label, in order (repeat, or one JSON list).",
+                            },
+                            "methods": {"type": "array", "items": {"type": "string"}},
+                        },
+                    }
+                },
+            },
+        }
+    },
+)
+async def calibrate_label_set(
+    name: str, request: Request, response: Response, recalibration: RecalibrationDep, settings: SettingsDep
+) -> CalibrationOut:
+    """Fit calibration on labelled images of this label set, in the background; GET shows progress and results.
+
+    Later requests on the label set use it (per method, else its zero_shot fit). It is stored with the
+    label set and survives restarts; deleting or re-creating the label set, or another model, drops it.
+    """
+    images, labels, methods = await read_calibration(request, settings)
+    status = recalibration.start(name, images, labels, methods)
+    response.headers["Location"] = f"/v1/label-sets/{name}/calibration"
+    return CalibrationOut.model_validate(status)
+
+
+@router.get("/v1/label-sets/{name}/calibration", response_model=CalibrationOut, responses=errors(404))
+def get_calibration(name: str, recalibration: RecalibrationDep) -> CalibrationOut:
+    """The fit in progress (or the last one), and what is fitted for this label set, with held-out ECE."""
+    return CalibrationOut.model_validate(recalibration.describe(name))
+
+
+@router.delete("/v1/label-sets/{name}/calibration", status_code=204, responses=errors(404) | _RUNNING)
+def delete_calibration(name: str, recalibration: RecalibrationDep) -> Response:
+    """Drop what was fitted: the label set's answers go back to the label-free default."""
+    recalibration.drop(name)
     return Response(status_code=204)
