@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         runner.close()
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.model}-seed{args.seed}.json"
+    path = args.out / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', args.model)}-seed{args.seed}.json"
     path.write_text(json.dumps(output, indent=1))
     print(f"\nwrote {path}")
     return output

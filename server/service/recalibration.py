@@ -26,7 +26,7 @@ import torch
 
 from adapters import method_names
 from server.engine import Engine
-from server.errors import Conflict, InvalidInput, NotReady, TTAError
+from server.errors import Conflict, InvalidInput, NotReady, Overloaded, TTAError
 from server.service.calibration import FittedCalibrations
 from server.service.classify import ClassifyRequest, ClassifyService
 from server.service.confidence import ConfidenceModel
@@ -38,6 +38,7 @@ from server.storage import CalibrationRecord, LabelSet
 log = logging.getLogger("ttaserve.calibration")
 
 MIN_IMAGES = 20  # fewer cannot both fit a model and measure it on a held-out half
+OVERLOAD_RETRIES = 120  # a chunk answered zero-shot for overload is tried again, this many times at most
 SEED = 0  # the views of adapted methods, for a fit that can be repeated
 
 
@@ -187,7 +188,8 @@ class Recalibration:
         index = {label: i for i, label in enumerate(label_set.labels)}
         c = len(label_set.labels)
         anchors, answers, raw = [], [], []
-        step = self.settings.max_images_per_request
+        # Short requests take their turn in the lanes between live ones; adapted ones stack at most this many.
+        step = self.settings.max_images_per_request if method == "zero_shot" else self.settings.adapt_max_batch
         for start in range(0, len(images), step):
             request = ClassifyRequest(
                 images=images[start : start + step],
@@ -198,7 +200,18 @@ class Recalibration:
                 compare=True,
                 monitor=False,
             )
-            answer = await self.classifier.classify(request)
+            for _ in range(OVERLOAD_RETRIES):
+                answer = await self.classifier.classify(request)
+                # Served zero-shot because the lane was busy: not the method's answer. Yield to live traffic.
+                if not any(r.adaptation.skipped == "overload" for r in answer.results):
+                    break
+                await asyncio.sleep(max(1.0, float(self.settings.retry_after_s)))
+            else:
+                raise Overloaded(
+                    f"the adaptation lane stayed over its budget for {OVERLOAD_RETRIES} tries; "
+                    "calibrate when the server is less busy",
+                    code="queue_full",
+                )
             for result in answer.results:
                 assert result.zero_shot is not None  # compare=True
                 row = torch.zeros(c)

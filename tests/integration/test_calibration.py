@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -13,10 +14,11 @@ from PIL import Image
 
 from server.api import create_app
 from server.service.confidence import ConfidenceModel
-from tests.support.apps import PATIENCE_S, wait_ready, wait_until
-from tests.support.gates import gated_loader
+from tests.support.apps import PATIENCE_S, metric, wait_ready, wait_until
+from tests.support.gates import LaneHold, gated_loader
 from tests.support.images import b64, png_bytes
 from tests.support.model import write_tiny_model
+from tests.support.requests import plug
 
 LABELS = ["red", "green", "blue"]
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -181,3 +183,27 @@ def test_a_multipart_calibration(client):
     r = client.post("/v1/label-sets/colours/calibration", files=files, data={"labels": labels})
     assert r.status_code == 202, r.text
     assert fitted(client)["calibrations"][0]["images"] == 20
+
+
+def test_a_fit_answered_zero_shot_for_overload_tries_again_rather_than_learn_from_it(settings):
+    settings.adapt_budget_s = 1e-6  # any admitted work fills the adaptation lane
+    settings.adapt_max_batch = 10  # the fit classifies its 20 images with tps in two requests
+    lane = LaneHold()
+    images, labels = labelled(20)
+    with TestClient(create_app(settings, load=lane.loader)) as c:
+        wait_ready(c)
+        c.post("/v1/label-sets", json={"name": "colours", "labels": LABELS})
+        lane.arm()
+        with ThreadPoolExecutor(1) as pool:
+            plugged = pool.submit(c.post, "/v1/classify", json=plug("tps"))
+            lane.wait_entered()  # the lane is busy: the fit's first request is served zero-shot, "overload"
+            body = {"images": images, "labels": labels, "methods": ["tps"]}
+            assert c.post("/v1/label-sets/colours/calibration", json=body).status_code == 202
+            overloaded = 'tta_adapt_skipped_total{reason="overload"}'
+            wait_until(lambda: metric(c.get("/metrics").text, overloaded) >= 10, "the fit to be served zero-shot")
+            assert c.get("/v1/label-sets/colours/calibration").json()["fit"]["done"] == 0  # not counted, not kept
+            lane.release()
+            assert plugged.result().status_code == 200
+        assert fitted(c)["calibrations"][0]["method"] == "tps"
+        text = c.get("/metrics").text
+        assert metric(text, 'tta_requests_total{method="tps",outcome="success"}') >= 3  # two chunks and a retry
