@@ -10,17 +10,23 @@ then the same pooled over the held-out shifts, and the targets met or missed. ``
 a confidence model on the report families' validation images and reports it on the design families:
 the other direction of leave-families-out.
 
+``--user-data SHIFT`` calibrates a label set on ``--user-images`` labelled images of that shift (the
+server's ``POST /v1/label-sets/{name}/calibration`` path, in this process) and prints ECE and
+|confidence - accuracy| on the rest of the shift: raw, label-free and fitted.
+
 "None of these labels": the label set loses the held-out compositions; images of them (near) and
 shapeless colour fields (far) should score high, images of the remaining labels low. It prints the
 AUROC of the result's ``none_of_these`` against the baseline, 1 - the maximum softmax (MCM).
 
     python -m benchmarks.calibration_shift --model demo --methods all --max-samples 200 --seed 0
     python -m benchmarks.calibration_shift --model demo-vit --methods zero_shot --reverse
+    python -m benchmarks.calibration_shift --model demo --user-data motion_blur --user-images 200
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import re
@@ -178,6 +184,43 @@ def targets(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def user_data(runner: DirectRunner, shift: str, n_fit: int, n_rest: int, seed: int) -> dict[str, Any]:
+    """Calibrate a label set on ``n_fit`` labelled images of ``shift`` (severity 3), as a user would through the
+    API, and score the other ``n_rest``: raw, label-free (inline labels) and fitted (the label set)."""
+    (subset,) = synthetic_subsets([shift], [3], n_fit + n_rest, seed)
+    names = subset.class_names
+    runtime = runner.runtime
+    runtime.label_sets.create("user-data", names, subset.templates)
+    truth = [names[int(y)] for y in subset.labels[:n_fit]]
+
+    async def calibrate() -> dict[str, Any]:
+        runtime.recalibration.start("user-data", subset.images[:n_fit], truth)
+        while (status := runtime.recalibration.describe("user-data"))["fit"]["state"] == "running":
+            await asyncio.sleep(0.05)
+        return status
+
+    status = runner._loop.run_until_complete(calibrate())
+    if status["fit"]["state"] != "fitted":
+        raise SystemExit(f"the calibration failed: {status['fit']['error']}")
+    rest = Subset(f"{shift}-3 rest", subset.images[n_fit:], subset.labels[n_fit:], names, subset.templates, False)
+    fitted = runner.run(Subset(**{**vars(rest), "label_set": "user-data"}), "zero_shot", {})
+    label_free = runner.run(rest, "zero_shot", {})
+    right = (label_free.pred == rest.labels).float()
+    out: dict[str, Any] = {"shift": shift, "fit_images": n_fit, "rest_images": n_rest}
+    out["accuracy"] = 100 * float(right.mean())
+    kinds = {"raw": label_free.logits.softmax(-1), "label_free": label_free.probs, "fitted": fitted.probs}
+    for name, probs in kinds.items():
+        confidence = probs.gather(1, label_free.pred[:, None]).squeeze(1)
+        gap = abs(100 * float(confidence.mean() - right.mean()))
+        out[name] = {"ece": 100 * float(ece_from(confidence, right)), "gap": gap}
+    scored = ", ".join(f"{name} {out[name]['ece']:.1f} / {out[name]['gap']:.1f}" for name in kinds)
+    print(
+        f"\ncalibration on user data: {n_fit} labelled images of {shift}-3, scored on {n_rest} others "
+        f"(accuracy {out['accuracy']:.1f}%): ECE / |conf-acc| {scored}"
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-samples", type=int, default=200, help="images per set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reverse", action="store_true", help="also fit on the report families, report on --design")
+    parser.add_argument("--user-data", default=None, metavar="SHIFT", help="calibrate a label set on this shift")
+    parser.add_argument("--user-images", type=int, default=200, help="labelled images for --user-data")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/calibration_shift"))
     args = parser.parse_args(argv)
@@ -202,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}}
     try:
         print(f"model {runner.description}; confidence model: {runner.runtime.calibration.describe()}", flush=True)
+        if args.user_data:
+            output["user_data"] = user_data(runner, args.user_data, args.user_images, args.max_samples, args.seed)
         sets = report_sets(report, severities, args.max_samples, args.seed, heldout=True)
         label = f"shipped model (designed on {', '.join(design)}) on {', '.join(report)} and held-out compositions"
         output["held_out"] = evaluate(runner, methods, sets, label)

@@ -25,6 +25,7 @@ class Subset:
     class_names: list[str]
     templates: list[str]
     corruption: bool  # pooled into the corruption average
+    label_set: str | None = None  # send this stored label set (its labels are class_names) instead of the labels
 
     @property
     def title(self) -> str:

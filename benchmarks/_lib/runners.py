@@ -105,10 +105,12 @@ class DirectRunner(Runner):
     def classify(
         self, images: list[Image.Image], subset: Subset, method: str, options: dict[str, Any], seed: int
     ) -> list[dict[str, Any]]:
+        by_name = subset.label_set is not None
         request = ClassifyRequest(
             images=images,
-            labels=subset.class_names,
-            templates=subset.templates,
+            labels=None if by_name else subset.class_names,
+            label_set=subset.label_set,
+            templates=None if by_name else subset.templates,
             top_k=len(subset.class_names),
             method=method,
             options=options or None,
@@ -141,10 +143,12 @@ class ServerRunner(Runner):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             payload.append(buf.getvalue())
+        by_name = subset.label_set is not None
         body = self.client.classify(
             payload,
-            labels=subset.class_names,
-            templates=subset.templates,
+            labels=None if by_name else subset.class_names,
+            label_set=subset.label_set,
+            templates=None if by_name else subset.templates,
             top_k=len(subset.class_names),
             method=method,
             options=options or None,

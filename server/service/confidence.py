@@ -86,7 +86,8 @@ class ConfidenceModel:
         labels: torch.Tensor,
         data: str,
         answers: torch.Tensor | None = None,
-        l2: float = 1e-3,
+        prior: ConfidenceModel | None = None,
+        strength: float = 1e-3,
     ) -> ConfidenceModel:
         """Fit on labelled images.
 
@@ -94,19 +95,31 @@ class ConfidenceModel:
             logits: [N, C] each image's zero-shot logits (what confidence reads at serving time).
             labels: [N] the true classes.
             answers: [N] the labels a method answered (default: the zero-shot argmax).
+            prior: a model to start from and stay near: its standardisation is kept and its weights are
+                the centre of the L2 penalty (the intercept is free). For a few hundred images of one
+                label set, whose features span a narrow range: the fit moves the level of confidence
+                and keeps the shape learnt on many.
+            strength: the L2 penalty on the weights (towards the prior's, or towards 0).
         """
         answers = logits.argmax(-1) if answers is None else answers
         x = features(logits, answers)  # [N, 3]
         right = (answers == labels).float()  # [N]
-        means, scales = x.mean(0), x.std(0).clamp_min(1e-6)
+        if prior is None:
+            means, scales = x.mean(0), x.std(0).clamp_min(1e-6)
+            centre = torch.zeros(x.shape[1])
+            start = torch.zeros(x.shape[1] + 1)
+        else:
+            means, scales = torch.tensor(prior.means), torch.tensor(prior.scales)
+            centre = torch.tensor(prior.weights)
+            start = torch.tensor([prior.intercept, *prior.weights])
         z = (x - means) / scales
-        w = torch.zeros(z.shape[1] + 1, requires_grad=True)
+        w = start.clone().requires_grad_(True)
         optimizer = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
 
         def loss() -> torch.Tensor:
             optimizer.zero_grad()
             value = torch.nn.functional.binary_cross_entropy_with_logits(z @ w[1:] + w[0], right)
-            value = value + l2 * (w[1:] ** 2).sum()
+            value = value + strength * ((w[1:] - centre) ** 2).sum()
             torch.autograd.backward(value)
             return value
 

@@ -8,7 +8,7 @@ import shutil
 
 import torch
 
-from benchmarks import adaptation_latency, memory_estimate, method_latency, tune
+from benchmarks import adaptation_latency, calibration_shift, memory_estimate, method_latency, tune
 from benchmarks._lib.scoring import ece_from
 from benchmarks.assets import calibrate
 from server.clip.card import read_card
@@ -122,3 +122,45 @@ def test_memory_estimate_sets_the_lanes_estimate_beside_the_measured_rise(tiny_m
     assert by[("tpt", 40)]["estimate_mib"] > by[("tpt", 5)]["estimate_mib"]  # prompts kept grow with the classes
     assert by[("tps", 40)]["estimate_mib"] == by[("tps", 5)]["estimate_mib"]
     assert "estimate/measured" in printed and "per prompt token" in printed
+
+
+def test_the_confidence_under_shift_benchmark_reports_both_directions_and_user_data(tiny_model_dir, tmp_path):
+    result = calibration_shift.main(
+        [
+            "--model",
+            f"local-dir:{tiny_model_dir}",
+            "--methods",
+            "zero_shot,tps",
+            "--max-samples",
+            "24",
+            "--threads",
+            "1",
+            "--reverse",
+            "--user-data",
+            "gaussian_noise",
+            "--user-images",
+            "20",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    sets = [row["set"] for row in result["held_out"]["zero_shot"]]
+    assert sets == [
+        "clean",
+        "heldout",
+        "defocus_blur-3",
+        "motion_blur-3",
+        "contrast-3",
+        "brightness-3",
+        "pixelate-3",
+        "jpeg-3",
+        "hue-3",
+        "shifts (pooled)",
+    ]
+    assert [row["set"] for row in result["reverse"]["tps"]][-2:] == ["style-3", "shifts (pooled)"]
+    for row in result["held_out"]["tps"]:
+        assert 0 <= row["acc0.9_cal"] <= 1 or math.isnan(row["acc0.9_cal"])
+        assert row["ece_cal"] >= 0 and row["aurc_cal"] >= 0
+    assert set(result["none_of_these"]["tps"]) == {"near", "far"}
+    assert set(result["user_data"]) >= {"raw", "label_free", "fitted"} and result["user_data"]["fit_images"] == 20
+    assert len(result["targets"]) == 2 and len(list(tmp_path.glob("*.json"))) == 1
