@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 
 .PHONY: serve test lint bench
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e './clients/python[cli]'
 	touch $@
 
 serve: $(VENV)/.installed
@@ -20,7 +20,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy server adapters clients
+	$(VENV)/bin/mypy server adapters clients/python/src
 	$(VENV)/bin/lint-imports
 
 bench: $(VENV)/.installed

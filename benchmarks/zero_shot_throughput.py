@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import uvicorn
 from PIL import Image
+from ttaserve_client import Client
 
-from clients import Client
 from server.api import create_app
 from server.engine.classes import ClassFeatures
 from server.settings import Settings

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm import tqdm
+from ttaserve_client import Client
 
 from benchmarks._lib.data import Subset
-from clients import Client
 from server.service import ClassifyRequest, Runtime
 from server.settings import Settings
 
@@ -131,9 +131,9 @@ class ServerRunner(Runner):
     def __init__(self, url: str, batch_size: int, seed: int = 0):
         self.client = Client(url, timeout_s=DAY_S)
         model = self.client.models()[0]
-        self.batch_size = min(batch_size, self.client.methods()["methods"][0]["limits"]["max_images_per_request"])
+        self.batch_size = min(batch_size, self.client.methods().methods[0].limits["max_images_per_request"])
         self.seed = seed
-        self.description = f"{model['id']} (server {url}, {model.get('device')})"
+        self.description = f"{model.id} (server {url}, {model.device})"
 
     def classify(
         self, images: list[Image.Image], subset: Subset, method: str, options: dict[str, Any], seed: int
@@ -154,8 +154,7 @@ class ServerRunner(Runner):
             options=options or None,
             seed=seed,
         )
-        results: list[dict[str, Any]] = body["results"]
-        return results
+        return [result.model_dump() for result in body.results]
 
     def close(self) -> None:
         self.client.close()

@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 from safetensors.torch import save_file
+from ttaserve_client import Client
 
-from clients import Client
 from server.clip import Backbone
 from server.clip.spec import HF_HUB, LOCAL_DIR, SHIPPED_MODELS
 

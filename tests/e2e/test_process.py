@@ -13,20 +13,6 @@ from tests.support.images import png_bytes
 from tests.support.servers import free_port, start, wait_served
 
 
-@pytest.fixture
-def served(tiny_model_dir, tmp_path):
-    port = free_port()
-    proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(port), "--max-batch-delay-ms", "1"], tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_served(url, proc)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(PATIENCE_S)
-
-
 def test_classify_over_loopback_then_shut_down_cleanly(served):
     url, proc = served
     files = [("image", ("a.png", png_bytes(seed=1), "image/png")), ("image", ("b.png", png_bytes(), "image/png"))]
@@ -116,35 +102,6 @@ def test_preload_only_loads_and_exits(tiny_model_dir, tmp_path):
     proc = start(["--model", f"local-dir:{tiny_model_dir}", "--preload-only"], tmp_path)
     assert proc.wait(PATIENCE_S) == 0
     assert "preloaded" in proc.stdout.read()
-
-
-def test_python_client_against_the_live_server(served, tmp_path):
-    from PIL import Image
-
-    from clients import ApiError, Client
-
-    url, _ = served
-    path = tmp_path / "x.png"
-    path.write_bytes(png_bytes(seed=4))
-    with Client(url) as tta:
-        assert tta.ready()
-        body = tta.classify(
-            [path, png_bytes(), Image.new("RGB", (8, 8))], labels=["red", "green"], top_k=1, templates=["a {} picture."]
-        )
-        assert [len(r["predictions"]) for r in body["results"]] == [1, 1, 1]
-        tta.create_label_set("colours", ["red", "green", "blue"])
-        assert tta.classify([path], label_set="colours")["results"][0]["label"] in {"red", "green", "blue"}
-        assert "colours" in [s["name"] for s in tta.label_sets()]
-        tta.delete_label_set("colours")
-        with pytest.raises(ApiError) as refused:
-            tta.classify([path], label_set="colours")
-        assert (refused.value.status, refused.value.code) == (404, "unknown_label_set") and refused.value.request_id
-        assert tta.models()[0]["ready"] is True and "zero_shot" in [m["name"] for m in tta.methods()["methods"]]
-        gated = tta.classify([path], labels=["red", "green"], method="tps", confidence_gate=0.0, timeout_s=300)
-        assert gated["results"][0]["adaptation"]["skipped"] == "confident"
-        with pytest.raises(ApiError) as refused:
-            tta.classify([path], labels=["red", "green"], timeout_s=-1)
-        assert (refused.value.status, refused.value.code) == (400, "invalid_timeout")
 
 
 def test_a_data_directory_from_a_newer_server_exits_at_once_naming_it(tmp_path, tiny_model_dir):

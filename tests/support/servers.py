@@ -13,8 +13,8 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from ttaserve_client import Client
 
-from clients import Client
 from tests.support.apps import PATIENCE_S
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,5 @@
+"""``python -m ttaserve_client``: the ``tta`` command line."""
+
+from ttaserve_client.cli import main
+
+main()

@@ -1,0 +1,403 @@
+"""``Client`` and ``AsyncClient``: the same methods, over httpx, with typed answers.
+
+    from ttaserve_client import Client
+    with Client("http://127.0.0.1:8000") as tta:
+        answer = tta.classify(["photo.jpg"], labels=["cat", "dog"])
+        print(answer.results[0].label, answer.results[0].confidence)
+
+    async with AsyncClient(url) as tta:
+        answer = await tta.classify([...], label_set="animals", method="tpt")
+
+Each method builds one ``Call`` (what to send, how to read the answer, whether sending it twice is
+harmless); the two classes differ only in how they wait. Errors raise ``ApiError`` (status, code,
+message, request id) or ``ConnectionFailed``; see ``retry.py`` for what is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from ttaserve_client.errors import ApiError, ConnectionFailed
+from ttaserve_client.images import ImageLike, image_bytes, image_name
+from ttaserve_client.models import Calibration, Classification, LabelSet, Methods, ModelInfo
+from ttaserve_client.retry import RETRY_STATUSES, RetryPolicy
+
+T = TypeVar("T")
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+@dataclass
+class Call(Generic[T]):
+    method: str
+    path: str
+    read: Callable[[httpx.Response], T]
+    idempotent: bool = True  # safe to send again when the connection broke after sending
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _form(images: Sequence[ImageLike], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Multipart parts: one ``image`` file per image, and each field that is set (lists as JSON)."""
+    files = [
+        ("image", (image_name(img, i), image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)
+    ]
+    data: dict[str, str] = {}
+    for name, value in fields.items():
+        if value is None or value is False:
+            continue
+        if isinstance(value, bool):
+            data[name] = "true"
+        elif isinstance(value, (list, tuple, dict)):
+            data[name] = json.dumps(value)
+        else:
+            data[name] = str(value)
+    return {"files": files, "data": data}
+
+
+def _model(kind: type[T], key: str | None = None) -> Callable[[httpx.Response], T]:
+    def read(response: httpx.Response) -> T:
+        body = response.json()
+        return kind.model_validate(body[key] if key else body)  # type: ignore[attr-defined, no-any-return]
+
+    return read
+
+
+def _label_sets(response: httpx.Response) -> list[LabelSet]:
+    return [LabelSet.model_validate(s) for s in response.json()["label_sets"]]
+
+
+def _model_infos(response: httpx.Response) -> list[ModelInfo]:
+    return [ModelInfo.model_validate(m) for m in response.json()["models"]]
+
+
+def _nothing(response: httpx.Response) -> None:
+    return None
+
+
+class _Calls:
+    """What each method sends; shared by both clients."""
+
+    @staticmethod
+    def classify(
+        images: Sequence[ImageLike],
+        labels: Sequence[str] | None,
+        label_set: str | None,
+        templates: Sequence[str] | str | None,
+        top_k: int | None,
+        method: str | None,
+        options: Mapping[str, Any] | None,
+        seed: int | None,
+        compare: bool,
+        abstain_below: float | None,
+        confidence_gate: float | None,
+        timeout_s: float | None,
+    ) -> Call[Classification]:
+        if not images:
+            raise ValueError("classify needs at least one image")
+        if (labels is None) == (label_set is None):
+            raise ValueError("pass labels or label_set (one of them)")
+        fields = {
+            "labels": list(labels) if labels is not None else None,
+            "label_set": label_set,
+            "templates": templates if isinstance(templates, str) or templates is None else list(templates),
+            "top_k": top_k,
+            "method": method,
+            "options": dict(options) if options is not None else None,
+            "seed": seed,
+            "compare": compare,
+            "abstain_below": abstain_below,
+            "confidence_gate": confidence_gate,
+        }
+        kwargs = _form(images, fields)
+        if timeout_s is not None:
+            kwargs["headers"] = {"X-Request-Timeout": f"{timeout_s:g}"}
+        return Call("POST", "/v1/classify", _model(Classification), kwargs=kwargs)
+
+    @staticmethod
+    def create_label_set(
+        name: str,
+        labels: Sequence[str],
+        templates: Sequence[str] | str | None,
+        descriptions: Mapping[str, Sequence[str]] | None,
+    ) -> Call[LabelSet]:
+        body: dict[str, Any] = {"name": name, "labels": list(labels)}
+        if templates is not None:
+            body["templates"] = templates if isinstance(templates, str) else list(templates)
+        if descriptions is not None:
+            body["descriptions"] = {k: list(v) for k, v in descriptions.items()}
+        return Call("POST", "/v1/label-sets", _model(LabelSet), idempotent=False, kwargs={"json": body})
+
+    @staticmethod
+    def calibrate(
+        label_set: str, images: Sequence[ImageLike], labels: Sequence[str], methods: Sequence[str] | None
+    ) -> Call[Calibration]:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels: give each image its label")
+        kwargs = _form(images, {"labels": list(labels), "methods": list(methods) if methods else None})
+        return Call("POST", f"/v1/label-sets/{label_set}/calibration", _model(Calibration), False, kwargs)
+
+
+class _Base:
+    def __init__(self, base_url: str, timeout_s: float, retries: int | RetryPolicy):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.policy = retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries)
+
+    def _outcome(self, call: Call[T], attempt: int, response: httpx.Response | None, error: Exception | None) -> float:
+        """Seconds to wait before trying ``call`` again; raises when it must not be tried again."""
+        last = attempt >= self.policy.retries
+        if response is not None:
+            if response.status_code in RETRY_STATUSES and not last:
+                return self.policy.wait_s(attempt, response.headers.get("retry-after"))
+            raise ApiError.of(response)
+        connect = isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout))
+        broke = isinstance(error, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))
+        if not last and (connect or (broke and call.idempotent)):
+            return self.policy.wait_s(attempt)
+        raise ConnectionFailed(f"{call.method} {self.base_url}{call.path}: {type(error).__name__}: {error}") from error
+
+
+class Client(_Base):
+    """Synchronous client. ``retries`` (or a ``RetryPolicy``) bounds the tries after the first."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, timeout_s: float = 60.0, retries: int | RetryPolicy = 3):
+        super().__init__(base_url, timeout_s, retries)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def send(self, call: Call[T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(call.method, call.path, **call.kwargs)
+            except httpx.TransportError as error:
+                time.sleep(self._outcome(call, attempt, None, error))
+            else:
+                if response.status_code < 400:
+                    return call.read(response)
+                time.sleep(self._outcome(call, attempt, response, None))
+            attempt += 1
+
+    def classify(
+        self,
+        images: Sequence[ImageLike],
+        labels: Sequence[str] | None = None,
+        *,
+        label_set: str | None = None,
+        templates: Sequence[str] | str | None = None,
+        top_k: int | None = None,
+        method: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        compare: bool = False,
+        abstain_below: float | None = None,
+        confidence_gate: float | None = None,
+        timeout_s: float | None = None,
+    ) -> Classification:
+        """Classify images (paths, bytes, PIL images or uint8 arrays) against ``labels`` or a ``label_set``.
+
+        ``timeout_s`` is sent as ``X-Request-Timeout``: the server answers 504 and stops the work after
+        that many seconds, when it is shorter than the server's own deadline.
+        """
+        args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
+        return self.send(_Calls.classify(images, *args, timeout_s))
+
+    def label_sets(self) -> list[LabelSet]:
+        return self.send(Call("GET", "/v1/label-sets", _label_sets))
+
+    def label_set(self, name: str) -> LabelSet:
+        return self.send(Call("GET", f"/v1/label-sets/{name}", _model(LabelSet)))
+
+    def create_label_set(
+        self,
+        name: str,
+        labels: Sequence[str],
+        templates: Sequence[str] | str | None = None,
+        descriptions: Mapping[str, Sequence[str]] | None = None,
+    ) -> LabelSet:
+        return self.send(_Calls.create_label_set(name, labels, templates, descriptions))
+
+    def delete_label_set(self, name: str) -> None:
+        self.send(Call("DELETE", f"/v1/label-sets/{name}", _nothing))
+
+    def calibrate(
+        self,
+        label_set: str,
+        images: Sequence[ImageLike],
+        labels: Sequence[str],
+        methods: Sequence[str] | None = None,
+    ) -> Calibration:
+        """Start a calibration of ``label_set`` on labelled images (each image's true label, in order).
+
+        The fit runs in the server's background; ``calibration`` shows its progress, ``wait_calibration``
+        waits for it to end."""
+        return self.send(_Calls.calibrate(label_set, images, labels, methods))
+
+    def calibration(self, label_set: str) -> Calibration:
+        return self.send(Call("GET", f"/v1/label-sets/{label_set}/calibration", _model(Calibration)))
+
+    def wait_calibration(
+        self,
+        label_set: str,
+        poll_s: float = 0.5,
+        progress: Callable[[Calibration], None] | None = None,
+    ) -> Calibration:
+        """Poll until the label set's fit has ended (fitted or failed); ``progress`` sees every poll."""
+        while True:
+            status = self.calibration(label_set)
+            if progress is not None:
+                progress(status)
+            if status.fit is None or status.fit.state != "running":
+                return status
+            time.sleep(poll_s)
+
+    def delete_calibration(self, label_set: str) -> None:
+        self.send(Call("DELETE", f"/v1/label-sets/{label_set}/calibration", _nothing))
+
+    def models(self) -> list[ModelInfo]:
+        return self.send(Call("GET", "/v1/models", _model_infos))
+
+    def methods(self) -> Methods:
+        return self.send(Call("GET", "/v1/methods", _model(Methods)))
+
+    def ready(self) -> bool:
+        """True once the model is loaded and warm (``/readyz`` answers 200); never raises."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout_s: float, alive: Callable[[], bool] = lambda: True, poll_s: float = 0.1) -> bool:
+        """Poll ``/readyz`` until ready (True), or until ``alive()`` turns False or ``timeout_s`` passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and alive():
+            if self.ready():
+                return True
+            time.sleep(poll_s)
+        return False
+
+
+class AsyncClient(_Base):
+    """The same methods as ``Client``, awaited: many requests in flight from one event loop."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, timeout_s: float = 60.0, retries: int | RetryPolicy = 3):
+        super().__init__(base_url, timeout_s, retries)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def send(self, call: Call[T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(call.method, call.path, **call.kwargs)
+            except httpx.TransportError as error:
+                await asyncio.sleep(self._outcome(call, attempt, None, error))
+            else:
+                if response.status_code < 400:
+                    return call.read(response)
+                await asyncio.sleep(self._outcome(call, attempt, response, None))
+            attempt += 1
+
+    async def classify(
+        self,
+        images: Sequence[ImageLike],
+        labels: Sequence[str] | None = None,
+        *,
+        label_set: str | None = None,
+        templates: Sequence[str] | str | None = None,
+        top_k: int | None = None,
+        method: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        compare: bool = False,
+        abstain_below: float | None = None,
+        confidence_gate: float | None = None,
+        timeout_s: float | None = None,
+    ) -> Classification:
+        """See ``Client.classify``."""
+        args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
+        return await self.send(_Calls.classify(images, *args, timeout_s))
+
+    async def label_sets(self) -> list[LabelSet]:
+        return await self.send(Call("GET", "/v1/label-sets", _label_sets))
+
+    async def label_set(self, name: str) -> LabelSet:
+        return await self.send(Call("GET", f"/v1/label-sets/{name}", _model(LabelSet)))
+
+    async def create_label_set(
+        self,
+        name: str,
+        labels: Sequence[str],
+        templates: Sequence[str] | str | None = None,
+        descriptions: Mapping[str, Sequence[str]] | None = None,
+    ) -> LabelSet:
+        return await self.send(_Calls.create_label_set(name, labels, templates, descriptions))
+
+    async def delete_label_set(self, name: str) -> None:
+        await self.send(Call("DELETE", f"/v1/label-sets/{name}", _nothing))
+
+    async def calibrate(
+        self,
+        label_set: str,
+        images: Sequence[ImageLike],
+        labels: Sequence[str],
+        methods: Sequence[str] | None = None,
+    ) -> Calibration:
+        """See ``Client.calibrate``."""
+        return await self.send(_Calls.calibrate(label_set, images, labels, methods))
+
+    async def calibration(self, label_set: str) -> Calibration:
+        return await self.send(Call("GET", f"/v1/label-sets/{label_set}/calibration", _model(Calibration)))
+
+    async def wait_calibration(
+        self,
+        label_set: str,
+        poll_s: float = 0.5,
+        progress: Callable[[Calibration], None] | None = None,
+    ) -> Calibration:
+        """See ``Client.wait_calibration``."""
+        while True:
+            status = await self.calibration(label_set)
+            if progress is not None:
+                progress(status)
+            if status.fit is None or status.fit.state != "running":
+                return status
+            await asyncio.sleep(poll_s)
+
+    async def delete_calibration(self, label_set: str) -> None:
+        await self.send(Call("DELETE", f"/v1/label-sets/{label_set}/calibration", _nothing))
+
+    async def models(self) -> list[ModelInfo]:
+        return await self.send(Call("GET", "/v1/models", _model_infos))
+
+    async def methods(self) -> Methods:
+        return await self.send(Call("GET", "/v1/methods", _model(Methods)))
+
+    async def ready(self) -> bool:
+        """See ``Client.ready``."""
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False

@@ -1,0 +1,148 @@
+"""Typed answers of the TTAServe API, one class per schema of the server's OpenAPI.
+
+A test of the server (``tests/e2e/test_client_models.py``) compares these fields with ``/openapi.json``,
+so they cannot drift. Fields the server adds later are kept (``extra="allow"``): an older client still
+reads a newer server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class ModelRef(_Model):
+    id: str
+    pretrained: str | None
+    demo: bool
+
+
+class Prediction(_Model):
+    label: str
+    probability: float  # calibrated; the answer's is the probability that it is right
+    raw_probability: float  # the model's own softmax
+    score: float  # this label's own probability of being right; scores need not sum to 1
+    logit: float
+
+
+class Adaptation(_Model):
+    method: str
+    steps: int
+    views: int
+    selected_views: int
+    entropy_before: float
+    entropy_after: float
+    zero_shot_label: str
+    changed: bool
+    seconds: float
+    seed: int | None = None
+    agreement: float | None = None
+    skipped: str | None = None  # "overload", "confident" or "memory": answered zero-shot instead
+    batch_images: int = 1
+    memory_bytes: int | None = None
+
+
+class ZeroShotView(_Model):
+    label: str
+    confidence: float
+    predictions: list[Prediction]
+
+
+class Result(_Model):
+    label: str | None  # None when abstained
+    confidence: float
+    entropy: float
+    abstained: bool = False
+    none_of_these: float
+    predictions: list[Prediction]
+    adaptation: Adaptation
+    zero_shot: ZeroShotView | None = None
+
+
+class Classification(_Model):
+    """The answer to one classify request: one result per image, in order."""
+
+    request_id: str
+    model: ModelRef
+    method: str
+    results: list[Result]
+    timings: dict[str, float]
+
+
+class LabelSet(_Model):
+    name: str
+    labels: list[str]
+    templates: list[str] | None
+    descriptions: dict[str, list[str]] | None
+    created_at: float
+    source: str  # "user" (stored) or "model" (ships with the model)
+
+
+class CalibrationFit(_Model):
+    state: str  # running, fitted or failed
+    methods: list[str]
+    images: int
+    done: int
+    total: int
+    elapsed_s: float
+    remaining_s: float | None = None
+    error: str | None = None
+
+
+class HeldOut(_Model):
+    images: int
+    accuracy: float
+    ece: dict[str, float]  # raw, before, after
+
+
+class FittedCalibration(_Model):
+    method: str
+    applies: bool
+    fitted_at: float
+    images: int
+    held_out: HeldOut
+
+
+class Calibration(_Model):
+    """A label set's calibration: the fit in progress (or the last), and what is fitted per method."""
+
+    label_set: str
+    fit: CalibrationFit | None = None
+    calibrations: list[FittedCalibration] = Field(default_factory=list)
+
+
+class Method(_Model):
+    name: str
+    summary: str
+    options_schema: dict[str, Any]
+    limits: dict[str, Any]
+
+
+class Methods(_Model):
+    default: str
+    template_sets: dict[str, list[str]]
+    methods: list[Method]
+
+
+class ModelInfo(_Model):
+    """The loaded model; the fields past ``ready`` are there once it is loaded."""
+
+    id: str
+    pretrained: str | None
+    demo: bool
+    ready: bool
+    open_clip_name: str | None = None
+    description: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    image_size: list[int] | None = None
+    embed_dim: int | None = None
+    context_length: int | None = None
+    logit_scale: float | None = None
+    label_sets: list[str] | None = None
+    calibration: dict[str, Any] | None = None
