@@ -49,11 +49,11 @@ def make_jpegs(n: int, size: int, seed: int) -> list[bytes]:
     return out
 
 
-def run_direct(engine, jpegs: list[bytes], batch_size: int) -> float:
+def run_direct(engine, jpegs: list[bytes], batch_size: int, labels: list[str] = LABELS) -> float:
     """Images per second of encode + classify on preprocessed batches, on the engine's backbone."""
     backbone = engine.backbone
     tensors = torch.stack([backbone.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
-    classes = ClassFeatures(backbone, 2**20).get(tuple(LABELS), ("a photo of a {}.",))
+    classes = ClassFeatures(backbone, 2**20).get(tuple(labels), ("a photo of a {}.",))
     started = time.perf_counter()
     for i in range(0, len(tensors), batch_size):
         feats = backbone.encode_images(tensors[i : i + batch_size])
@@ -63,10 +63,14 @@ def run_direct(engine, jpegs: list[bytes], batch_size: int) -> float:
     return len(tensors) / (time.perf_counter() - started)
 
 
-async def run_http(url: str, jpegs: list[bytes], concurrency: int) -> tuple[float, list[float]]:
-    """Images per second and per-request latencies with ``concurrency`` clients, one image per request."""
+async def run_http(
+    url: str, jpegs: list[bytes], concurrency: int, labels: list[str] = LABELS, per_request: int = 1
+) -> tuple[float, list[float]]:
+    """Images per second and per-request latencies with ``concurrency`` clients, ``per_request`` images each."""
+    chunks = [jpegs[i : i + per_request] for i in range(0, len(jpegs), per_request)]
     bodies = [
-        json.dumps({"images": [base64.b64encode(b).decode()], "labels": LABELS, "top_k": 1}).encode() for b in jpegs
+        json.dumps({"images": [base64.b64encode(b).decode() for b in chunk], "labels": labels, "top_k": 1}).encode()
+        for chunk in chunks
     ]
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
@@ -86,7 +90,7 @@ async def run_http(url: str, jpegs: list[bytes], concurrency: int) -> tuple[floa
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return len(bodies) / elapsed, latencies
+    return len(jpegs) / elapsed, latencies
 
 
 def main() -> None:

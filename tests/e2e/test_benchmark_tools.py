@@ -8,12 +8,13 @@ import shutil
 
 import torch
 
-from benchmarks import adaptation_latency, calibration_shift, memory_estimate, method_latency, tune
+from benchmarks import adaptation_latency, calibration_shift, cli_throughput, memory_estimate, method_latency, tune
 from benchmarks._lib.scoring import ece_from
 from benchmarks.assets import calibrate
 from server.clip.card import read_card
 from server.service.calibration import Calibration, fit_temperature
 from server.service.confidence import ConfidenceModel, temper
+from tests.support.servers import free_port
 
 
 def test_fit_temperature_recovers_a_known_temperature():
@@ -164,3 +165,13 @@ def test_the_confidence_under_shift_benchmark_reports_both_directions_and_user_d
     assert set(result["none_of_these"]["tps"]) == {"near", "far"}
     assert set(result["user_data"]) >= {"raw", "label_free", "fitted"} and result["user_data"]["fit_images"] == 20
     assert len(result["targets"]) == 2 and len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_the_cli_throughput_benchmark_runs_tta_classify_beside_the_server(tiny_model_dir, capsys):
+    result = cli_throughput.main(
+        ["--model", f"local-dir:{tiny_model_dir}", "--images", "12", "--batch", "4", "--concurrency", "2",
+         "--rounds", "1", "--threads", "1", "--port", str(free_port())]
+    )  # fmt: skip
+    assert all(result[key] > 0 for key in ("direct_images_per_s", "http_images_per_s", "cli_images_per_s"))
+    printed = capsys.readouterr().out
+    assert "12 images in" in printed and "ratios: tta/http" in printed
