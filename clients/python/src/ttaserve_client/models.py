@@ -1,6 +1,6 @@
 """Typed answers of the TTAServe API, one class per schema of the server's OpenAPI.
 
-A test of the server (``tests/e2e/test_client_models.py``) compares these fields with ``/openapi.json``,
+A test of the server (``tests/integration/test_client_models.py``) compares these fields with ``/openapi.json``,
 so they cannot drift. Fields the server adds later are kept (``extra="allow"``): an older client still
 reads a newer server.
 """
