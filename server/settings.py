@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -157,8 +158,9 @@ def _flag_type(annotation: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """A CLI parser with one flag per settings field; unset flags leave the environment in charge."""
+    called = Path(sys.argv[0]).name
     parser = argparse.ArgumentParser(
-        prog="python -m server",
+        prog="ttaserve" if called == "ttaserve" else "python -m server",
         description="TTAServe: a CLIP test-time adaptation inference server. "
         "Every flag has an environment twin: --max-batch-size <-> TTA_MAX_BATCH_SIZE.",
     )
