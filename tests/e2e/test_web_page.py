@@ -63,9 +63,12 @@ def shots(tmp_path: Path) -> Path:
     return folder
 
 
-def open_page(page: Page, url: str) -> None:
-    page.goto(url + "/")
-    page.wait_for_selector("body[data-ready=true]")  # methods and label sets are loaded
+def open_page(page: Page, url: str) -> Response:
+    """Load the page and wait until it has read the methods and label sets; return the page's response."""
+    response = page.goto(url + "/")
+    assert response is not None and response.ok
+    page.wait_for_selector("body[data-ready=true]")
+    return response
 
 
 def classify(page: Page) -> tuple[Response, dict[str, Any]]:
@@ -108,6 +111,9 @@ def test_an_uploaded_image_gets_a_label_and_one_bar_per_label(page, url, shots):
     expect(page.locator("#request-id")).to_have_text(f"Request id: {response.headers['x-request-id']}")
     expect(page.get_by_role("alert")).to_be_hidden()
     page.screenshot(path=shots / "web-zero-shot.png", full_page=True)
+    # The page is for people: it stays out of the API's schema.
+    schema = page.request.get(url + "/openapi.json").json()
+    assert "/" not in schema["paths"]
 
 
 def test_an_adapted_answer_shows_zero_shot_and_adapted_bars_and_the_report(page, url, shots):
@@ -222,13 +228,20 @@ def test_the_page_works_air_gapped_and_asks_nothing_beyond_loopback(page, url, s
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda exc: problems.append(str(exc)))
-    open_page(page, url)
-    page.get_by_label("Choose images, or drop them here").set_input_files(EXAMPLES / "green_circle.png")
+    served = open_page(page, url)
+    assert served.headers["content-security-policy"].startswith("default-src 'self'")
+    # Two images in one request: one card each, in the order chosen.
+    names = ["green_circle.png", "red_star.png"]
+    page.get_by_label("Choose images, or drop them here").set_input_files([EXAMPLES / n for n in names])
     page.get_by_label("Labels, separated by commas").fill(", ".join(LABELS))
     _, body = classify(page)
 
-    expect(page.locator(".card .prediction")).to_have_text(body["results"][0]["label"])
-    expect(page.locator(".card .bar")).to_have_count(3)
+    cards = page.locator(".card")
+    expect(cards).to_have_count(2)
+    for i, name in enumerate(names):
+        expect(cards.nth(i).locator(".file")).to_have_text(name)
+        expect(cards.nth(i).locator(".prediction")).to_have_text(body["results"][i]["label"])
+        expect(cards.nth(i).locator(".bar")).to_have_count(3)
     # The stylesheet came from the server: the Classify button wears its accent colour.
     button = page.get_by_role("button", name="Classify")
     assert button.evaluate("b => getComputedStyle(b).backgroundColor") == "rgb(11, 92, 173)"

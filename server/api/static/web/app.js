@@ -215,6 +215,7 @@ async function classify(event) {
     response = await fetch("/v1/classify", { method: "POST", body: form });
   } catch (exc) {
     $("status").textContent = "";
+    $("results").hidden = true; // what is shown must be the answer to this request, or nothing
     showError("Could not reach the server.", exc.message);
     return;
   } finally {
