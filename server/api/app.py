@@ -16,6 +16,7 @@ from server.api.errors import install_handlers
 from server.api.middleware import RequestContext
 from server.api.openapi import document_classify_body
 from server.api.routes import router
+from server.api.routes.web import install_web
 from server.clip.backbone import load_backbone
 from server.logs import install_record_factory
 from server.metrics import Metrics
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, load: Loader | None = None) 
     app.state.metrics = metrics
     install_handlers(app)
     app.include_router(router)
+    install_web(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     document_classify_body(app)
     return app
