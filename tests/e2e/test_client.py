@@ -4,6 +4,7 @@ its own tests (clients/python/tests: every method sync and async, retries) again
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -22,8 +23,9 @@ def run(args: list[str | Path], **kwargs: object) -> subprocess.CompletedProcess
 
 def test_the_client_wheel_installs_without_torch_and_passes_its_tests_against_a_live_server(served, tmp_path):
     url, _ = served
-    wheels = tmp_path / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, CLIENT])
+    wheels, source = tmp_path / "wheels", tmp_path / "source"  # built from a copy: no build/ in the checkout
+    shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, source])
     (wheel,) = wheels.glob("ttaserve_client-*.whl")
     fresh = tmp_path / "fresh"
     venv.create(fresh, with_pip=True)
