@@ -107,11 +107,7 @@ async def read_calibration(
             await form.close()
     if ctype not in ("application/json", ""):
         raise _unsupported(ctype)
-    try:
-        data = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
-    body = _validated(CalibrationIn, data)
+    body = _validated(CalibrationIn, _loads(await request.body()))
     return list(body.images), body.labels, body.methods
 
 
@@ -141,11 +137,18 @@ def read_timeout(raw: str | None) -> float | None:
     return value
 
 
-def parse_json_body(body: bytes) -> tuple[list[ImageInput], ClassifyBody]:
+def _loads(raw: bytes | str, what: str = "the body") -> Any:
+    """JSON, or a 400 that says why: not JSON, or nested past what the parser can follow."""
     try:
-        data = json.loads(body)
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+        raise BadRequest(f"{what} is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise BadRequest(f"{what} is nested too deeply to parse", code="invalid_json") from exc
+
+
+def parse_json_body(body: bytes) -> tuple[list[ImageInput], ClassifyBody]:
+    data = _loads(body)
     if not isinstance(data, dict):
         raise BadRequest("the JSON body must be an object", code="invalid_json")
     if isinstance(data.get("images"), list) and not data["images"]:
@@ -159,7 +162,7 @@ def _json_list_or_values(values: list[str], field: str) -> list[str]:
     if len(values) == 1 and values[0].lstrip().startswith("["):
         try:
             parsed = json.loads(values[0])
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BadRequest(f"form field {field!r} looks like JSON but is not: {exc}", code="invalid_form") from exc
         if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
             raise InvalidInput(f"form field {field!r} must be a JSON list of strings", code="invalid_form")
@@ -191,7 +194,7 @@ async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody]:
     if texts["options"]:
         try:
             data["options"] = json.loads(texts["options"][0])
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BadRequest(f"form field 'options' must be a JSON object: {exc}", code="invalid_form") from exc
     return images, _validated(ClassifyBody, data)
 

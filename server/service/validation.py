@@ -14,7 +14,21 @@ from server.clip.templates import PLACEHOLDER, TEMPLATE_SETS
 from server.errors import InvalidInput
 from server.settings import Settings
 
-_LABEL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_LABEL_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline by
+
+
+def check_text(text: str, where: str) -> str:
+    """Text that is valid Unicode: JSON's ``\\ud800`` escapes decode to lone surrogates, which no encoder
+    (the tokenizer, the store, the JSON of an answer) can write."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(
+                f"{where} is not valid Unicode text: a lone surrogate {text[exc.start]!r} at character {exc.start}",
+                code="invalid_text",
+            ) from exc
+    return text
 
 
 def validate_labels(labels: Sequence[str] | None, settings: Settings, where: str = "labels") -> tuple[str, ...]:
@@ -28,6 +42,7 @@ def validate_labels(labels: Sequence[str] | None, settings: Settings, where: str
     for i, label in enumerate(labels):
         if not isinstance(label, str) or not label.strip():
             raise InvalidInput(f"{where}[{i}] is empty", code="empty_label")
+        check_text(label, f"{where}[{i}]")
         label = " ".join(label.split())
         if len(label) > settings.max_label_chars:
             raise InvalidInput(
@@ -70,6 +85,7 @@ def resolve_templates(
             code="too_many_templates",
         )
     for i, template in enumerate(value):
+        check_text(template, f"templates[{i}]")
         if PLACEHOLDER not in template:
             raise InvalidInput(
                 f"templates[{i}] {template!r} has no {{}} where the label goes", code="invalid_templates"
@@ -78,7 +94,7 @@ def resolve_templates(
 
 
 def validate_label_set_name(name: str) -> str:
-    if not _LABEL_SET_NAME.match(name):
+    if not _LABEL_SET_NAME.fullmatch(name):
         raise InvalidInput(
             f"label set name {name!r} is invalid: 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
@@ -98,6 +114,8 @@ def validate_descriptions(
             f"descriptions name labels not in the set: {', '.join(map(repr, unknown[:5]))}", code="invalid_descriptions"
         )
     for key, items in descriptions.items():
+        for j, item in enumerate(items):
+            check_text(item, f"descriptions[{key!r}][{j}]")
         if any(not d.strip() for d in items):
             raise InvalidInput(f"descriptions[{key!r}] holds an empty description", code="invalid_descriptions")
     return dict(descriptions)
@@ -125,6 +143,9 @@ def resolve_method(name: str | None, settings: Settings) -> Method[MethodOptions
 
 def parse_options(method: Method[MethodOptions], raw: Mapping[str, object] | None) -> MethodOptions:
     """A request's ``options`` validated into ``method``'s options dataclass."""
+    for key, value in (raw or {}).items():
+        if isinstance(value, str):
+            check_text(value, f"options.{key}")
     try:
         return method.parse_options(dict(raw) if raw is not None else None)
     except OptionsError as exc:

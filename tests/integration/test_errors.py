@@ -184,3 +184,47 @@ def test_a_bad_image_among_good_ones_fails_the_request_not_the_server(client, mo
     r = classify(client, [b64(good.getvalue()), b64(b"\x89PNG\r\n\x1a\nrubbish")])
     assert r.status_code == 422
     assert classify(client, [b64(good.getvalue())]).status_code == 200
+
+
+def test_text_that_is_not_valid_unicode_is_refused_and_never_stored(client):
+    """JSON's lone-surrogate escape decodes to a string no encoder can write: refused with its place named,
+    so it never reaches the tokenizer or the store (where it once made every list of label sets a 500)."""
+    surrogate = '"a\\ud800"'
+
+    def post(path: str, body: str):
+        return client.post(path, content=body, headers={"content-type": "application/json"})
+
+    image = b64(png_bytes())
+    r = post("/v1/classify", f'{{"images": ["{image}"], "labels": [{surrogate}, "b"]}}')
+    assert_error(r, 422, "invalid_text", "labels[0]", "surrogate")
+    r = post("/v1/classify", f'{{"images": ["{image}"], "labels": ["a", "b"], "templates": [{surrogate[:-1]} {{}}"]}}')
+    assert_error(r, 422, "invalid_text", "templates[0]")
+    r = post(
+        "/v1/classify",
+        f'{{"images": ["{image}"], "labels": ["a"], "method": "tpt", "options": {{"ctx_init": {surrogate}}}}}',
+    )
+    assert_error(r, 422, "invalid_text", "options.ctx_init")
+    assert_error(post("/v1/label-sets", f'{{"name": "x", "labels": [{surrogate}]}}'), 422, "invalid_text")
+    body = f'{{"name": "y", "labels": ["a"], "descriptions": {{"a": [{surrogate}]}}}}'
+    assert_error(post("/v1/label-sets", body), 422, "invalid_text", "descriptions")
+    listed = client.get("/v1/label-sets")
+    assert listed.status_code == 200 and not {"x", "y"} & {s["name"] for s in listed.json()["label_sets"]}
+
+
+def test_json_nested_past_the_parser_is_a_400(client):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = client.post("/v1/classify", content=b'{"images": ' + deep + b"}", headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json", "nested too deeply")
+    files = [("image", ("a.png", png_bytes(), "image/png"))]
+    r = client.post("/v1/classify", files=files, data={"labels": "a", "options": "[" * 100_000})
+    assert_error(r, 400, "invalid_form", "options")
+    r = client.post(
+        "/v1/label-sets",
+        content=b'{"name": "x", "labels": ' + deep + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["request_id"]
+
+
+def test_a_label_set_name_may_not_end_in_a_newline(client):
+    assert_error(client.post("/v1/label-sets", json={"name": "ok\n", "labels": ["a"]}), 422, "invalid_name")
