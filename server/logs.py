@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -30,3 +31,11 @@ def install_record_factory() -> None:
 def configure_logging(level: str) -> None:
     install_record_factory()
     logging.basicConfig(level=level.upper(), format=FORMAT, force=True)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def loggable(text: str) -> str:
+    """``text`` with control characters escaped: a newline in a URL path (%0A) cannot start a forged log line."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -27,6 +27,7 @@ from server.errors import (
     TTAError,
     UnsupportedMediaType,
 )
+from server.logs import loggable
 
 log = logging.getLogger("ttaserve.errors")
 
@@ -68,7 +69,7 @@ def respond(
     """Log the error with the request id, count a refusal, and render the shared body."""
     rid = request_id_of(request)
     level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.INFO
-    log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, status, code, message)
+    log.log(level, "%s %s -> %d %s: %s", request.method, loggable(request.url.path), status, code, loggable(message))
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None and status in COUNTED_AS_REJECTED:
         metrics.rejected.labels(reason=code).inc()
@@ -105,7 +106,7 @@ def install_handlers(app: FastAPI) -> None:
         return respond(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.exception("unhandled error on %s %s", request.method, loggable(request.url.path), exc_info=exc)
         return respond(request, 500, "internal_error", "internal server error; see the server log")
 
     app.add_exception_handler(TTAError, tta_error)

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_body
 from server.errors import PayloadTooLarge
-from server.logs import request_id_var
+from server.logs import loggable, request_id_var
 
 log = logging.getLogger("ttaserve.access")
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to log and echo
@@ -57,7 +57,8 @@ class RequestContext:
         finally:
             path = scope.get("path", "")
             if path not in ("/healthz", "/readyz", "/metrics"):
-                log.info("%s %s %d %.1f ms", scope.get("method"), path, status, 1000 * (time.monotonic() - started))
+                elapsed_ms = 1000 * (time.monotonic() - started)
+                log.info("%s %s %d %.1f ms", scope.get("method"), loggable(path), status, elapsed_ms)
             request_id_var.reset(token)
 
     def _counting(self, receive: Receive) -> Receive:

@@ -214,7 +214,7 @@ class Engine:
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout=timeout_s)
         except asyncio.TimeoutError:
-            job.cancelled = True
+            job.deadline = min(job.deadline, time.monotonic())  # stop it now, as past its deadline, not cancelled
             raise DeadlineExceeded(f"the request did not finish within {timeout_s:g} s") from None
         except asyncio.CancelledError:
             job.cancelled = True  # the client went away: do not spend the device on it

@@ -12,10 +12,11 @@ import socket
 import threading
 
 import httpx
+from fastapi.testclient import TestClient
 
 from server.api import create_app
 from server.clip import load_backbone
-from tests.support.apps import PATIENCE_S, metric, wait_until
+from tests.support.apps import PATIENCE_S, metric, wait_ready, wait_until
 from tests.support.images import b64, png_bytes
 from tests.support.servers import serve_in_thread
 
@@ -79,3 +80,45 @@ def test_a_client_that_disconnects_stops_its_adaptation(settings, caplog):
     assert steps == [1], f"{len(steps)} text passes ran for a request whose client had gone"
     messages = [r.getMessage() for r in caplog.records]
     assert any("stopped before step 2 of 10" in m and "the client went away" in m for m in messages), messages
+
+
+def test_a_request_past_its_deadline_stops_its_adaptation_and_says_why(settings, caplog):
+    entered, release = threading.Event(), threading.Event()
+    steps: list[int] = []
+
+    def load(settings_, spec):
+        backbone = load_backbone(settings_, spec)
+        encode = backbone.encode_text_with_contexts
+
+        def held(ctx, inputs):
+            if inputs[0].labels == LABELS:
+                steps.append(len(steps) + 1)
+                if len(steps) == 1:
+                    entered.set()
+                    release.wait(PATIENCE_S)
+            return encode(ctx, inputs)
+
+        backbone.encode_text_with_contexts = held
+        return backbone
+
+    caplog.set_level(logging.INFO, logger="ttaserve")
+    body = {
+        "images": [b64(png_bytes(seed=1, size=(80, 64)))],
+        "labels": list(LABELS),
+        "method": "tpt",
+        "options": {"views": 8, "steps": STEPS},
+    }
+    with TestClient(create_app(settings, load=load)) as client:
+        wait_ready(client)
+        # Step 1 is held past the request's own deadline (the server's stays at 600 s for the next one).
+        r = client.post("/v1/classify", json=body, headers={"X-Request-Timeout": "0.2"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert entered.is_set()
+        release.set()
+        after = client.post("/v1/classify", json={**body, "labels": ["a", "b"], "options": {"views": 4}})
+        assert after.status_code == 200, after.text
+    assert steps == [1], f"{len(steps)} text passes ran for a request past its deadline"
+    messages = [r.getMessage() for r in caplog.records]
+    stops = [m for m in messages if "stopped" in m or "went away" in m or "deadline" in m]
+    assert any("stopped before step 2 of 10" in m and "past the deadline" in m for m in messages), stops
+    assert not any("went away" in m for m in messages), messages

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import zlib
 
@@ -228,3 +229,12 @@ def test_json_nested_past_the_parser_is_a_400(client):
 
 def test_a_label_set_name_may_not_end_in_a_newline(client):
     assert_error(client.post("/v1/label-sets", json={"name": "ok\n", "labels": ["a"]}), 422, "invalid_name")
+
+
+def test_a_newline_in_the_path_cannot_forge_a_log_line(client, caplog):
+    caplog.set_level(logging.INFO, logger="ttaserve")
+    r = client.get("/v1/label-sets/x%0A2026-01-01 INFO forged%0D")
+    assert r.status_code == 404
+    lines = [record.getMessage() for record in caplog.records]
+    assert all("\n" not in line and "\r" not in line for line in lines), lines
+    assert any("x\\x0a2026-01-01 INFO forged\\x0d" in line for line in lines), lines
