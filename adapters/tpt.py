@@ -34,6 +34,9 @@ from adapters.base import AdaptInput, AdaptResult, Cost, Method, register
 from adapters.common import EpisodicOptions, optimize
 from adapters.losses import dispersion, marginal_entropy, select_confident
 
+# A prompt context is a few words ("a photo of a"); it and the label share CLIP's 77 tokens.
+MAX_CTX_INIT_CHARS = 200
+
 
 @dataclass(frozen=True)
 class PromptOptions(EpisodicOptions):
@@ -43,6 +46,8 @@ class PromptOptions(EpisodicOptions):
         super().__post_init__()
         if not self.ctx_init.strip():
             raise ValueError("ctx_init must not be empty")
+        if len(self.ctx_init) > MAX_CTX_INIT_CHARS:  # checked before the request queues: tokenizing is quadratic
+            raise ValueError(f"ctx_init has {len(self.ctx_init)} characters; the limit is {MAX_CTX_INIT_CHARS}")
 
 
 PromptOptionsT = TypeVar("PromptOptionsT", bound=PromptOptions)

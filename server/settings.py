@@ -56,8 +56,18 @@ class Settings(BaseSettings):
     max_labels: int = Field(1000, ge=1, description="Most labels in one request or label set.")
     max_label_chars: int = Field(200, ge=1, description="Longest label.")
     max_templates: int = Field(100, ge=1, description="Most prompt templates in one request.")
+    max_template_chars: int = Field(300, ge=1, description="Longest template, and longest description of a label.")
+    max_descriptions: int = Field(
+        16, ge=1, description="Most descriptions of one label (a label set holds at most max_labels times this)."
+    )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest decoded image (width x height): the decompression-bomb guard."
+    )
+    max_aspect_ratio: float = Field(
+        20.0,
+        ge=1,
+        description="Longest side over shortest side of an image: a 1 x 100,000 strip would be resized to "
+        "gigabytes on its short side, so it is refused before decoding.",
     )
     max_top_k: int = Field(1000, ge=1, description="Largest top_k a request may ask for.")
     max_views: int = Field(128, ge=1, description="Most augmented views (image included) a method may use per image.")

@@ -168,6 +168,7 @@ class ClassifyService:
             backbone.image_size,
             settings.max_image_pixels,
             adaptive,
+            settings.max_aspect_ratio,
         )
         decode_s = time.monotonic() - t0
         work = Work(

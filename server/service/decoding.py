@@ -45,7 +45,7 @@ def decode_base64(text: str, index: int) -> bytes:
         ) from exc
 
 
-def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, index: int, max_pixels: int, max_aspect_ratio: float = float("inf")) -> Image.Image:
     """Bytes to an RGB PIL image, EXIF orientation applied; the first frame of animations."""
     name = f"image {index}"
     if not data:
@@ -72,6 +72,13 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
         )
     if width == 0 or height == 0:
         raise InvalidInput(f"{name} has zero width or height", code="invalid_image")
+    # Preprocessing resizes the short side to the model's input: a thin strip would grow by its aspect ratio.
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise InvalidInput(
+            f"{name} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; "
+            f"the limit is {max_aspect_ratio:g}:1 (TTA_MAX_ASPECT_RATIO)",
+            code="extreme_aspect_ratio",
+        )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -94,6 +101,7 @@ def decode_images(
     input_size: tuple[int, int],
     max_pixels: int,
     keep_originals: bool,
+    max_aspect_ratio: float = float("inf"),
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Decode, check and preprocess every image.
 
@@ -108,7 +116,8 @@ def decode_images(
         if isinstance(item, Image.Image):
             image = item.convert("RGB")
         else:
-            image = decode_image(decode_base64(item, i) if isinstance(item, str) else item, i, max_pixels)
+            data = decode_base64(item, i) if isinstance(item, str) else item
+            image = decode_image(data, i, max_pixels, max_aspect_ratio)
         tensors.append(preprocess(image))
         if keep_originals:
             if min(image.size) > cap:

@@ -58,7 +58,7 @@ class LabelSets:
         name = validate_label_set_name(name)
         checked = validate_labels(labels, self.settings)
         resolved = resolve_templates(templates, self.settings) if templates is not None else None
-        described = validate_descriptions(descriptions, checked)
+        described = validate_descriptions(descriptions, checked, self.settings)
         if name in self.shipped:
             raise Conflict(
                 f"label set {name!r} is provided by the model and cannot be replaced", code="label_set_exists"

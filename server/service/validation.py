@@ -86,6 +86,12 @@ def resolve_templates(
         )
     for i, template in enumerate(value):
         check_text(template, f"templates[{i}]")
+        if len(template) > settings.max_template_chars:
+            raise InvalidInput(
+                f"templates[{i}] has {len(template)} characters; the limit is {settings.max_template_chars} "
+                "(TTA_MAX_TEMPLATE_CHARS)",
+                code="template_too_long",
+            )
         if PLACEHOLDER not in template:
             raise InvalidInput(
                 f"templates[{i}] {template!r} has no {{}} where the label goes", code="invalid_templates"
@@ -104,7 +110,7 @@ def validate_label_set_name(name: str) -> str:
 
 
 def validate_descriptions(
-    descriptions: Mapping[str, list[str]] | None, labels: tuple[str, ...]
+    descriptions: Mapping[str, list[str]] | None, labels: tuple[str, ...], settings: Settings
 ) -> dict[str, list[str]] | None:
     if descriptions is None:
         return None
@@ -114,8 +120,20 @@ def validate_descriptions(
             f"descriptions name labels not in the set: {', '.join(map(repr, unknown[:5]))}", code="invalid_descriptions"
         )
     for key, items in descriptions.items():
+        if len(items) > settings.max_descriptions:
+            raise InvalidInput(
+                f"descriptions[{key!r}] has {len(items)} descriptions; the limit is {settings.max_descriptions} "
+                "per label (TTA_MAX_DESCRIPTIONS)",
+                code="invalid_descriptions",
+            )
         for j, item in enumerate(items):
             check_text(item, f"descriptions[{key!r}][{j}]")
+            if len(item) > settings.max_template_chars:
+                raise InvalidInput(
+                    f"descriptions[{key!r}][{j}] has {len(item)} characters; the limit is "
+                    f"{settings.max_template_chars} (TTA_MAX_TEMPLATE_CHARS)",
+                    code="invalid_descriptions",
+                )
         if any(not d.strip() for d in items):
             raise InvalidInput(f"descriptions[{key!r}] holds an empty description", code="invalid_descriptions")
     return dict(descriptions)

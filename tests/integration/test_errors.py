@@ -238,3 +238,28 @@ def test_a_newline_in_the_path_cannot_forge_a_log_line(client, caplog):
     lines = [record.getMessage() for record in caplog.records]
     assert all("\n" not in line and "\r" not in line for line in lines), lines
     assert any("x\\x0a2026-01-01 INFO forged\\x0d" in line for line in lines), lines
+
+
+def test_inputs_that_would_amplify_work_are_refused_before_it_starts(client):
+    """Each is cheap to send and expensive to serve: refused with its own code before it decodes or queues."""
+    strip = Image.new("RGB", (100_000, 1))  # 370 bytes as a PNG; resized on its short side it was gigabytes
+    buf = io.BytesIO()
+    strip.save(buf, format="PNG")
+    r = client.post("/v1/classify", json={"images": [b64(buf.getvalue())], "labels": LABELS})
+    assert_error(r, 422, "extreme_aspect_ratio", "100000x1", "TTA_MAX_ASPECT_RATIO")
+    wide = io.BytesIO()
+    Image.new("RGB", (190, 10), (200, 30, 30)).save(wide, format="PNG")  # 19:1, within the limit
+    assert client.post("/v1/classify", json={"images": [b64(wide.getvalue())], "labels": LABELS}).status_code == 200
+
+    image = b64(png_bytes())
+    r = client.post("/v1/classify", json={"images": [image], "labels": LABELS, "templates": ["a {} " + "x" * 60_000]})
+    assert_error(r, 422, "template_too_long", "TTA_MAX_TEMPLATE_CHARS")
+    options = {"ctx_init": "a" * 20_000}
+    r = client.post("/v1/classify", json={"images": [image], "labels": LABELS, "method": "tpt", "options": options})
+    assert_error(r, 422, "invalid_options", "ctx_init has 20000 characters")
+    many = {"red": [f"a red thing number {i}" for i in range(200_000)]}
+    r = client.post("/v1/label-sets", json={"name": "many", "labels": LABELS, "descriptions": many})
+    assert_error(r, 422, "invalid_descriptions", "TTA_MAX_DESCRIPTIONS")
+    long = {"red": ["x" * 1000]}
+    r = client.post("/v1/label-sets", json={"name": "long", "labels": LABELS, "descriptions": long})
+    assert_error(r, 422, "invalid_descriptions", "TTA_MAX_TEMPLATE_CHARS")
