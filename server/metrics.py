@@ -62,7 +62,11 @@ class Metrics:
             ["model", "pretrained", "device", "precision"],
             registry=r,
         )
-        self.text_cache_bytes = Gauge("tta_text_cache_bytes", "Bytes held by the class text-feature cache.", registry=r)
+        self.text_cache_bytes = Gauge(
+            "tta_text_cache_bytes",
+            "Bytes held by the text caches (class features and prompt inputs, keys included).",
+            registry=r,
+        )
         self.adapt_duration = Histogram(
             "tta_adapt_duration_seconds",
             "Time to adapt to one image and predict it, by method.",

@@ -84,7 +84,11 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="Jobs waiting for the device; beyond it 429.")
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline; beyond it 504.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429.")
-    text_cache_bytes: int = Field(256 * 2**20, ge=0, description="Byte budget of the class text-feature LRU.")
+    text_cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        description="One byte budget for the text caches (class features, prompt inputs), keys included.",
+    )
     decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (unset: torch's default).")
 

@@ -26,7 +26,7 @@ from adapters.backbone import TPT_CTX_INIT, UnsupportedModel
 from adapters.lowrank import LoraFactors, LoraTargets
 from adapters.prompts import PromptInputs
 from server.clip import lowrank
-from server.clip.cache import ByteLRU
+from server.clip.cache import ByteLRU, split_text_budget
 from server.clip.prompting import TextTower, shared_prefix_block, shares_prefix, text_tower
 from server.clip.spec import HF_HUB, LOCAL_DIR, ModelSpec, resolve_device, resolve_model
 from server.errors import ConfigError
@@ -35,6 +35,9 @@ from server.settings import Settings
 log = logging.getLogger("ttaserve.clip")
 
 TEXT_CHUNK = 256  # prompts per text-encoder call: bounds activation memory for large label sets
+# Words open_clip's tokenizer may remember (each a few hundred bytes): its cache otherwise grows with every
+# new word a request sends.
+TOKENIZER_CACHE_WORDS = 50_000
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -103,7 +106,17 @@ class Backbone:
             for start in range(0, len(prompts), TEXT_CHUNK):
                 tokens = self.tokenizer(prompts[start : start + TEXT_CHUNK]).to(self.device)  # [p, 77]
                 out.append(torch.nn.functional.normalize(encode(tokens).float(), dim=-1))  # [p, D]
+        self._bound_tokenizer_cache()
         return torch.cat(out)
+
+    def _bound_tokenizer_cache(self) -> None:
+        """open_clip's BPE tokenizer keeps every word it has seen; past ``TOKENIZER_CACHE_WORDS`` it starts over."""
+        cache = getattr(self.tokenizer, "cache", None)
+        if isinstance(cache, dict) and len(cache) > TOKENIZER_CACHE_WORDS:
+            decoder = getattr(self.tokenizer, "decoder", {})
+            specials = [decoder[i] for i in getattr(self.tokenizer, "all_special_ids", []) if i in decoder]
+            cache.clear()
+            cache.update({token: token for token in specials})
 
     def warm_up(self) -> None:
         """One forward pass of each tower, so the first request does not pay for lazy initialisation."""
@@ -183,6 +196,7 @@ class Backbone:
                 tokens=ids,
             )
         self.prompt_cache.put(key, inputs)
+        self._bound_tokenizer_cache()
         return inputs
 
     def encode_text_with_context(self, ctx: torch.Tensor, inputs: PromptInputs) -> torch.Tensor:
@@ -339,4 +353,5 @@ def load_backbone(settings: Settings, spec: ModelSpec | None = None) -> Backbone
         raise ConfigError(f"Could not load TTA_MODEL={spec.display}: {type(exc).__name__}: {exc}") from exc
     model.eval()
     model.requires_grad_(False)
-    return Backbone(spec, model, tokenizer, device, settings.precision, settings.text_cache_bytes)
+    _, prompt_bytes = split_text_budget(settings.text_cache_bytes)
+    return Backbone(spec, model, tokenizer, device, settings.precision, prompt_bytes)

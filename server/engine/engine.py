@@ -25,6 +25,7 @@ import torch
 
 from adapters import Stopped, UnsupportedModel
 from server.clip.backbone import Backbone
+from server.clip.cache import split_text_budget
 from server.clip.probes import ActivationBytes
 from server.engine.admission import CostModel, MemoryModel, default_memory_budget
 from server.engine.classes import ClassFeatures
@@ -139,7 +140,7 @@ class Engine:
         self.backbone = backbone
         self.runner = Runner(
             backbone,
-            ClassFeatures(backbone, self.settings.text_cache_bytes),
+            ClassFeatures(backbone, split_text_budget(self.settings.text_cache_bytes)[0]),
             self.costs,
             memory,
             self.metrics,

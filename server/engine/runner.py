@@ -73,8 +73,11 @@ class Runner:
             offset += job.n_images
             timings = {"queue": started - job.enqueued_at, "encode": encode_s, "classify": time.monotonic() - t0}
             outputs.append(JobOutput(logits, timings, int(images.shape[0]), skipped=job.skipped))
-        self.metrics.text_cache_bytes.set(self.classes.bytes)
+        self._gauge_text_cache()
         return outputs
+
+    def _gauge_text_cache(self) -> None:
+        self.metrics.text_cache_bytes.set(self.classes.bytes + self.classes.backbone.prompt_cache.bytes)
 
     def _predict(self, method: Method[Any], feats: torch.Tensor, classes: torch.Tensor, work: Work) -> torch.Tensor:
         """[N, D] image features against [C, D] classes: the method's zero-shot logits [N, C], float32 on the CPU."""
@@ -145,6 +148,7 @@ class Runner:
             outputs[id(job)] = JobOutput(
                 torch.stack(logits), timings, max(r.batch_images for r in reports), list(reports)
             )
+        self._gauge_text_cache()
         return outputs
 
     @staticmethod

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from server.clip import load_backbone, resolve_device, resolve_model
 from server.clip import spec as spec_module
-from server.clip.cache import ByteLRU, tensor_bytes
+from server.clip.cache import ByteLRU, key_bytes, tensor_bytes
 from server.engine.classes import ClassFeatures
 from server.errors import ConfigError
 from server.settings import Settings
@@ -135,17 +135,18 @@ def test_class_features_are_cached_and_ensembled(tiny_model_dir):
     expected = torch.nn.functional.normalize(per_template.mean(0), dim=-1)
     assert torch.allclose(feats[0], expected, atol=1e-6)
     assert classes.get(("cat", "dog"), templates) is feats  # served from the cache
-    assert classes.bytes == feats.numel() * 4
+    assert classes.bytes == feats.numel() * 4 + key_bytes(((("cat", "dog"), templates, None)))  # the key counts
 
 
 def test_text_cache_is_bounded_in_bytes_and_evicts_least_recently_used():
-    cache = ByteLRU(3 * 400, tensor_bytes)
+    entry = 400 + key_bytes(("a",))  # every key here is as large
+    cache = ByteLRU(3 * entry, tensor_bytes)
     tensors = {k: torch.zeros(10, 10) for k in "abcd"}  # 400 bytes each
     for key in "abc":
         cache.put((key,), tensors[key])
     assert cache.get(("a",)) is not None  # a is now the most recently used
     cache.put(("d",), tensors["d"])
     assert cache.get(("b",)) is None and cache.get(("a",)) is not None
-    assert cache.bytes == 1200 and len(cache) == 3
+    assert cache.bytes == 3 * entry and len(cache) == 3
     cache.put(("huge",), torch.zeros(1000))  # larger than the budget: not kept, nothing evicted
     assert cache.get(("huge",)) is None and len(cache) == 3
