@@ -8,7 +8,15 @@ import shutil
 
 import torch
 
-from benchmarks import adaptation_latency, calibration_shift, cli_throughput, memory_estimate, method_latency, tune
+from benchmarks import (
+    adaptation_latency,
+    calibration_shift,
+    cli_throughput,
+    memory_estimate,
+    method_latency,
+    soak,
+    tune,
+)
 from benchmarks._lib.scoring import ece_from
 from benchmarks.assets import calibrate
 from server.clip.card import read_card
@@ -175,3 +183,16 @@ def test_the_cli_throughput_benchmark_runs_tta_classify_beside_the_server(tiny_m
     assert all(result[key] > 0 for key in ("direct_images_per_s", "http_images_per_s", "cli_images_per_s"))
     printed = capsys.readouterr().out
     assert "12 images in" in printed and "ratios: tta/http" in printed
+
+
+def test_the_soak_drives_mixed_traffic_and_reports_per_interval(tiny_model_dir, capsys):
+    result = soak.main(
+        ["--model", f"local-dir:{tiny_model_dir}", "--minutes", "0.05", "--clients", "3", "--interval-s", "1",
+         "--label-set-every", "2", "--threads", "1", "--port", str(free_port())]
+    )  # fmt: skip
+    assert result["unexpected_5xx"] == 0 and result["hung"] == 0
+    assert sum(result["totals"].values()) >= 3 and result["rows"]
+    assert {"rss_mib", "fds", "p50_s", "p99_s", "statuses"} <= set(result["rows"][0])
+    assert set(result["served_zero_shot"]) == {"overload", "confident", "memory"}
+    printed = capsys.readouterr().out
+    assert "unexpected 5xx: 0" in printed and "resident memory" in printed
