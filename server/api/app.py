@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from server.api.docs import install_docs
 from server.api.errors import install_handlers
 from server.api.middleware import RequestContext
 from server.api.openapi import document_classify_body
@@ -47,11 +48,14 @@ def create_app(settings: Settings | None = None, *, load: Loader | None = None) 
         version="0.1.0",
         summary="Zero-shot CLIP classification with test-time adaptation.",
         lifespan=lifespan,
+        docs_url=None,  # install_docs serves both pages without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     install_handlers(app)
     app.include_router(router)
+    install_docs(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     document_classify_body(app)
     return app
