@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from server.api.docs import install_docs
 from server.api.errors import install_handlers
 from server.api.middleware import RequestContext
-from server.api.openapi import document_classify_body
+from server.api.openapi import install_openapi, operation_id
 from server.api.routes import router
 from server.api.routes.web import install_web
 from server.clip.backbone import load_backbone
@@ -48,12 +49,16 @@ def create_app(settings: Settings | None = None, *, load: Loader | None = None) 
         version="0.1.0",
         summary="Zero-shot CLIP classification with test-time adaptation.",
         lifespan=lifespan,
+        docs_url=None,  # install_docs serves both pages without a CDN
+        redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     install_handlers(app)
     app.include_router(router)
     install_web(app)
+    install_docs(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics)
-    document_classify_body(app)
+    install_openapi(app, settings)
     return app

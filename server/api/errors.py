@@ -7,6 +7,7 @@ logged with the request id, and refusals (413, 429, 503, 504) are counted in ``t
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -88,6 +89,17 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def allowed_methods(request: Request) -> str | None:
+    """Every method the API documents for the request's path, for ``Allow``: Starlette's 405 names only the
+    methods of the first route of the path (``GET`` of ``/v1/label-sets/{name}``, not its ``DELETE``)."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for template, item in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
+            methods |= {method.upper() for method in item}
+    return ", ".join(sorted(methods)) or None
+
+
 def install_handlers(app: FastAPI) -> None:
     """Register the mapping from exceptions to the shared error shape."""
 
@@ -103,7 +115,11 @@ def install_handlers(app: FastAPI) -> None:
     async def http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return respond(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        allowed = allowed_methods(request) if exc.status_code == 405 else None
+        if allowed:  # else Starlette's, for a path the API does not document (/docs)
+            headers["Allow"] = allowed
+        return respond(request, exc.status_code, code, str(exc.detail), headers)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, loggable(request.url.path), exc_info=exc)

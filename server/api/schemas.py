@@ -13,15 +13,8 @@ from server.storage import LabelSet
 class ClassifyRequest(BaseModel):
     """JSON body of ``POST /v1/classify``; the multipart form carries the same fields."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"images": ["data:image/png;base64,iVBORw0KGgo..."], "labels": ["red star", "blue circle"], "top_k": 2},
-                {"images": ["iVBORw0KGgo..."], "label_set": "demo-shapes", "templates": "simple"},
-            ]
-        },
-    )
+    # Its examples are the request body's, in server/api/openapi.py: real images, so they work as they are.
+    model_config = ConfigDict(extra="forbid")
 
     images: list[str] = Field(..., min_length=1, description="Base64 strings or data: URIs, one per image.")
     labels: list[str] | None = Field(None, description="Class names; or use label_set.")
@@ -112,18 +105,8 @@ class LabelSetList(BaseModel):
 class CalibrationIn(BaseModel):
     """JSON body of ``POST /v1/label-sets/{name}/calibration``; the multipart form carries the same fields."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "images": ["iVBORw0KGgo...", "iVBORw0KGgo..."],
-                    "labels": ["cat", "dog"],
-                    "methods": ["zero_shot", "tps"],
-                }
-            ]
-        },
-    )
+    # Its example is the request body's, in server/api/openapi.py: real images, so it works as it is.
+    model_config = ConfigDict(extra="forbid")
 
     images: list[str] = Field(..., min_length=1, description="Base64 strings or data: URIs, one per image.")
     labels: list[str] = Field(..., description="The true label of each image, in order; each in the label set.")
@@ -168,10 +151,71 @@ class CalibrationOut(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    code: str
+    code: str = Field(..., description="What went wrong, one code per problem (see the README's error table).")
     message: str
-    request_id: str | None
+    request_id: str | None = Field(..., description="The request's X-Request-ID.")
 
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class Status(BaseModel):
+    status: str = Field(..., description="'ok' (/healthz) or 'ready' (/readyz).")
+
+
+class ModelCalibration(BaseModel):
+    kind: str = Field(..., description="'label-free': the confidence model used without a label set's own.")
+    source: str
+    images: int = Field(..., description="Images the confidence model was fitted on.")
+    data: str = Field(..., description="What they were.")
+
+
+class ModelInfo(BaseModel):
+    """The loaded model. Until it is loaded only ``id``, ``pretrained``, ``demo`` and ``ready`` are given."""
+
+    id: str
+    pretrained: str | None
+    demo: bool
+    ready: bool = Field(..., description="Loaded and warmed up: /readyz answers 200.")
+    open_clip_name: str | None = None
+    description: str | None = None
+    device: str | None = Field(None, description="cpu, cuda:0, ...")
+    precision: str | None = Field(None, description="fp32, fp16 or bf16.")
+    image_size: list[int] | None = Field(None, description="Height and width the model reads, pixels.")
+    embed_dim: int | None = None
+    context_length: int | None = Field(None, description="Tokens per prompt.")
+    logit_scale: float | None = None
+    label_sets: list[str] | None = Field(None, description="The label sets that ship with the model.")
+    calibration: ModelCalibration | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo] = Field(..., description="One: a process serves one model.")
+
+
+class Limits(BaseModel):
+    """The server limits that bound a request (TTA_* settings)."""
+
+    max_images_per_request: int
+    max_labels: int
+    max_templates: int
+    max_top_k: int
+    max_image_pixels: int
+    max_body_bytes: int
+    request_timeout_s: float
+    max_views: int
+    max_steps: int
+
+
+class MethodInfo(BaseModel):
+    name: str
+    summary: str
+    options_schema: dict[str, Any] = Field(..., description="JSON Schema of the method's options.")
+    limits: Limits
+
+
+class MethodList(BaseModel):
+    default: str = Field(..., description="The method of a request that names none (TTA_DEFAULT_METHOD).")
+    template_sets: dict[str, list[str]] = Field(..., description="The named template sets, by name.")
+    methods: list[MethodInfo]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 
 from server.api.deps import LabelSetsDep, RecalibrationDep, SettingsDep
 from server.api.inputs import read_calibration
-from server.api.openapi import ERRORS, errors
+from server.api.openapi import CALIBRATION_OPENAPI, ERRORS, errors
 from server.api.schemas import CalibrationOut, ErrorBody, LabelSetIn, LabelSetList, LabelSetOut
 
 router = APIRouter(tags=["label sets"])
@@ -18,7 +18,7 @@ router = APIRouter(tags=["label sets"])
     "/v1/label-sets",
     status_code=201,
     response_model=LabelSetOut,
-    responses=errors(400, 422) | {409: {"model": ErrorBody, "description": "Name taken."}},
+    responses=errors(400, 413, 422) | {409: {"model": ErrorBody, "description": "Name taken."}},
 )
 def create_label_set(body: LabelSetIn, label_sets: LabelSetsDep) -> LabelSetOut:
     """Register a label set; it is stored durably and survives restarts."""
@@ -27,11 +27,13 @@ def create_label_set(body: LabelSetIn, label_sets: LabelSetsDep) -> LabelSetOut:
 
 @router.get("/v1/label-sets", response_model=LabelSetList)
 def list_label_sets(label_sets: LabelSetsDep) -> LabelSetList:
+    """Every label set: the stored ones and those that ship with the model."""
     return LabelSetList(label_sets=[LabelSetOut.of(s) for s in label_sets.list()])
 
 
 @router.get("/v1/label-sets/{name}", response_model=LabelSetOut, responses=errors(404))
 def get_label_set(name: str, label_sets: LabelSetsDep) -> LabelSetOut:
+    """One label set, stored or shipped with the model."""
     return LabelSetOut.of(label_sets.get(name))
 
 
@@ -41,6 +43,7 @@ def get_label_set(name: str, label_sets: LabelSetsDep) -> LabelSetOut:
     responses={404: ERRORS[404], 409: {"model": ErrorBody, "description": "Built into the model."}},
 )
 def delete_label_set(name: str, label_sets: LabelSetsDep) -> Response:
+    """Delete a stored label set and the calibrations fitted for it; those of the model cannot be deleted."""
     label_sets.delete(name)
     return Response(status_code=204)
 
@@ -54,30 +57,8 @@ _RUNNING: dict[int | str, dict[str, Any]] = {
     "/v1/label-sets/{name}/calibration",
     status_code=202,
     response_model=CalibrationOut,
-    responses=errors(400, 404, 415, 422, 503) | _RUNNING,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/CalibrationIn"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image", "labels"],
-                        "properties": {
-                            "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                            "labels": {
-                                "type": "array",
-                                "items": {"type": "string"},
-                                "description": "Each image's label, in order (repeat, or one JSON list).",
-                            },
-                            "methods": {"type": "array", "items": {"type": "string"}},
-                        },
-                    }
-                },
-            },
-        }
-    },
+    responses=errors(400, 404, 413, 415, 422, 503) | _RUNNING,
+    openapi_extra=CALIBRATION_OPENAPI,
 )
 async def calibrate_label_set(
     name: str, request: Request, response: Response, recalibration: RecalibrationDep, settings: SettingsDep

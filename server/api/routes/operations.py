@@ -3,28 +3,39 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
 
 from server.api.deps import RuntimeDep
 from server.api.openapi import errors
+from server.api.schemas import Status
 from server.service.runtime import METRICS_CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
+@router.get("/healthz", response_model=Status)
+def healthz() -> Status:
     """Liveness: the process answers. Does not look at the model."""
-    return {"status": "ok"}
+    return Status(status="ok")
 
 
-@router.get("/readyz", responses=errors(503))
-def readyz(runtime: RuntimeDep) -> dict[str, str]:
+@router.get("/readyz", response_model=Status, responses=errors(503))
+def readyz(runtime: RuntimeDep) -> Status:
     """Readiness: 200 once the model is loaded and a warm-up pass has run; 503 before and while stopping."""
     runtime.readiness()
-    return {"status": "ready"}
+    return Status(status="ready")
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": "The Prometheus text exposition format, version 0.0.4.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus metrics in the text exposition format."""
     return Response(runtime.metrics_text(), media_type=METRICS_CONTENT_TYPE)

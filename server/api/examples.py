@@ -1,0 +1,51 @@
+"""The example images of ``docs/examples/``, base64-encoded: the OpenAPI examples send them, so "Try it out"
+classifies a real image. A test checks each against its file."""
+
+from __future__ import annotations
+
+# docs/examples/red_star.png
+RED_STAR_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAABy0lEQVR4nO2YzXGDMBBG15lUAA3oYmpwbqITuyfudifo5tSAD94GTA05aEIYQApC"
+    "n73jmX03z8CyTz+7kndN09A78wGPWDLDY0YAC5TMh/Pl63zBho0AFqhaR0QF88sckAKVc8Xv+imYK+eAwUMgBco7j3/uWwcMHgIpUMy27wsmASaw"
+    "mOtkTp4BvoyOmc8JnM9nf2BgMkWdtZCwGwVK5qFhPYx5GBN5smrdfCr2reuN6WobeXcNaQI+70l52RMRUR/I4xBuCAVzZvaUJOC7bCSb1G/fapv6"
+    "ypyETZw/WmN6YyDbIK0KfZ+O+Z8kot6YKyhUmsDDmHwHYPa0oQ94h9CW/ZdbbYHZE9Fu84Wmcq6888q9C6mYi2wXGIhXpwHsyhkAHCWqdafOYtT7"
+    "gOQKlLx2FVG0qW0mV2Dl8P89jz5g5wqEhj/UZeEH7CyB0HDeattZu1hq4Qds/H1gOCNcM9rFesACk1q56IDdBsgLzWKlv56Oi4dwFBiBeKP1N57O"
+    "Wm+Cuot5sgR8KusTit/dtpG7B7DDuYHn/ivxAlRAGhWQRgWkUQFpVEAaFZBGBaRRAWlUQBoVkEYFpFEBaVRAGhWQRgWkUQFp3l7gBy/sr3pyl9ML"
+    "AAAAAElFTkSuQmCC"
+)
+# docs/examples/blue_square.png
+BLUE_SQUARE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAACFUlEQVR4nO3Zv0oDQRAG8HEJKSQLgmJAlGizWIjYCFbiA/gSeSKfQnwNtbGyspGr"
+    "FMQgGFAmpLCyWM2fvU2yO25uZ/CmkuPj+A2EvfvOlW63CwDGGK01lKYoCkQsX0+VR8SiKMrXtdbGmJC8Eq0HACVaDwBKtF5r3ahGf/cwxWp+XSXR"
+    "G2PcBcL11jRARBxf/xh2Poe79u/bx/JtfuZ0P40eAKYWCNRfXJ7PpJGGrAd7CtmJ/eWkmr/oYbSAUD3YBWL1B3v3RO/vPL+feTV2os4oRTpzBgR0"
+    "iAbiT1iV5MSMHa1bSfSIqMpXl60HgFa6p5u7QAV675CfzVMLiNPD5AIS9TBaIEq/tvpE5tp5eVv3akaz3D5wfNQkoCfHLsCrD8QOrz5AmFR9wPMc"
+    "kPVe5C4gSw/Oc0CcHv5vHzg59Nw6alK9UVP6ACL2Xnsk9gLN6P7hZ1SD+kVkK8ra2bhxrmy3+0neqBvk7zmTJq1b9g15Z7O/3e6TNYS857tQmP66"
+    "dHf3R1WBPqIPVKMh5IP6AFs9hPQBznpY2AeY62F+H+Cvhzl9QIQeZvUBKXp/HxCk9/QBWXpwngPZNYS8ikpz048XYKIh5BUrDSGvWGkIecVKk+b/"
+    "A4L0nj4gSw/OcyC7hpBXUWlu+vECTDSEvGKlIeQVKw0hr1hp6j6QW0PI130gd77uA7nzdR/Ina/7QO583Qdy578BhMxgAKaM9AQAAAAASUVORK5C"
+    "YII="
+)
+# docs/examples/green_circle.png
+GREEN_CIRCLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAEeElEQVR4nO1aS27bMBAdyx8kqIV2KyEy0C50gawS3yOfpc5QoJscIECB7nKHfO4h"
+    "Z5ULaFfLkJYpoBQpYtjogg5Bz4xIhpLhBPBbWeP52iRnOKNOkiQAEMex7/vwiqqqsiwDBWEYBkGgUh4eHmAdh4eH6mNZlkVRaJRQK77vx3GsUrIs"
+    "q6pKY8UTYqr3LAV5DwDIEnoUIqoS3/eREhsriBKGIWLoXF5eIi0SVVU9PT2xehHDcDhUlaSDSbSIRosIAMqyrHPO0opUgqysAri6uqoTs8e0m+fd"
+    "PO3f06+i5cFoEY1fjptbYdFrKD/t5ulgknuzOobcm+XeLO3fj+dHmwjDayI87eY3e3ca71Wk/fvr/dsm5li4B3C9f3uzd/cmkdyb/fz0a9rNnY1S"
+    "eOiQUlFVVVmWcheq0C8bPdLBxNKKhGBgXe0kSUJPX1g/gBGDWDlu3gtEy4Pz51MgqQClIxsGTzCh4BBF/EjysaH3AJB7M7GQUCKj/wOiIH6Qe0Cc"
+    "xBLoEQBkTkULwBnpYELdpYuEUpCU7SaWf1xbWzD3Zo+fHx0Eh8Oh+rgKAGVBTUp33rsUj1/+oAVNKwVEodWH5/s+Ko8E5HYRO1h8bmv9CKT9+ziO"
+    "pYu0XgSAIAhUBnrY9ChJgMa6IQRBoKmCjAyNMvF7wC6AbePDB9DLsgxdnQRE9hV5RJ4P0SICruh3w3h+xFpBkFdTcafDxyi9mAqotVBRFOKzuGS1"
+    "CGSFLSVkEcC66kk+JEYViQ/j+VFjt1f49vsroqAmAEtBxYXtHpBibd2qnH8IVKetAkAFBnqE9ZR+9u/EzbZEtDwYvxzTFU+3IqUgKQ+4IhtdAFBH"
+    "ZLSIouWBq/MAyt+IrNCyAPlGGQxdibIs69L49f6tW2F39u8EHQZlWbItEwmxgFkGwx7QFCHnz6cO/wP1HkgLjEJTmDVqq5w/n9pfL+U1sl007QuN"
+    "FtGPv9/TwWTazetW1Hh+JBt1raNpAALjl+MxALy26FR6K/o16Gm2qUxedTuM9kZH5Jc29kbtrbBKeqJM0LdVwKLhwVYyagu+FStUCd9WoV0kWlyg"
+    "soTmfCSCejN1dvVWqAjfVqHQNPDqQENCoEZtrFiVEhQO92PaYkCgRm1KCaatwk5K3jqhoe7SeUzzCQ0V6VxcXLR4CmmUbOgUamdCs0V8+DvxLoBt"
+    "wxBA3VxEgmYWVklzK3VKOkmS0AQO6zmcvSsZZyewXimwtYbRClLCT2joOJ9WIA6zE/S7yt5MnRTbNUG+tTChUe2BFpQBqd3OhMYeG+rON53QSNBG"
+    "ht4SpVCdxgkNNeTVbR11u4RhSP1TGVgliMjucmRFP6FhrexKiW1jF8C28eEDME9o2LmIgJw+1A1XbJTIXGuc0LAM5gmNYGCrAJmei6KgSlRByzmQ"
+    "fkLDWnnzhEb1T/MIXD1ibKsYJzS1bRUjHNoqRhFjL8dGymVCYwljcdHahMb44ivtiIDTi69sKaFxjlKYUsL44qt+diKWtWYOYlTyLl583SI+fCLb"
+    "BbBt/AfPg3HGyhxiHQAAAABJRU5ErkJggg=="
+)
+
+# name in docs/examples -> base64
+EXAMPLE_IMAGES = {
+    "red_star.png": RED_STAR_PNG,
+    "blue_square.png": BLUE_SQUARE_PNG,
+    "green_circle.png": GREEN_CIRCLE_PNG,
+}
