@@ -122,6 +122,10 @@ class Method(ABC, Generic[OptionsT]):
         if unknown:
             accepted = ", ".join(sorted(known)) or "none"
             raise OptionsError(f"method {self.name!r} has no option(s) {', '.join(unknown)}; it accepts: {accepted}")
+        types = {f.name: str(f.type) for f in dataclasses.fields(self.Options)}
+        for key, value in raw.items():
+            if isinstance(value, bool) and "bool" not in types[key]:  # a lax validator reads true as 1
+                raise OptionsError(f"options.{key} must be a number, not {str(value).lower()}")
         try:
             return TypeAdapter(self.Options).validate_python(raw)
         except ValidationError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.service.results import ModelRef, Result
 from server.storage import LabelSet
@@ -43,6 +43,14 @@ class ClassifyRequest(BaseModel):
         "probability) is at least this; it is answered zero-shot with adaptation.skipped = 'confident'. "
         "Default: the server's TTA_CONFIDENCE_GATE.",
     )
+
+    @field_validator("top_k", "seed", "abstain_below", "confidence_gate", mode="before")
+    @classmethod
+    def _a_number_not_a_boolean(cls, value: object) -> object:
+        # JSON's true is 1 to a lax validator: `confidence_gate: false` would skip every adaptation.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 class ClassifyResponse(BaseModel):

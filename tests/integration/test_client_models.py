@@ -19,6 +19,9 @@ PAIRS = [
     (models.CalibrationFit, "CalibrationFit"),
     (models.FittedCalibration, "FittedCalibration"),
     (models.HeldOut, "HeldOut"),
+    (models.ModelInfo, "ModelInfo"),
+    (models.Method, "MethodInfo"),
+    (models.Methods, "MethodList"),
 ]
 
 

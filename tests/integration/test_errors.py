@@ -263,3 +263,20 @@ def test_inputs_that_would_amplify_work_are_refused_before_it_starts(client):
     long = {"red": ["x" * 1000]}
     r = client.post("/v1/label-sets", json={"name": "long", "labels": LABELS, "descriptions": long})
     assert_error(r, 422, "invalid_descriptions", "TTA_MAX_TEMPLATE_CHARS")
+
+
+def test_booleans_are_not_numbers(client):
+    """JSON's true is 1 to a lax validator: confidence_gate: false skipped every adaptation, abstain_below: true
+    abstained on everything."""
+    image = b64(png_bytes())
+    for field, value in (("confidence_gate", False), ("abstain_below", True), ("top_k", True), ("seed", False)):
+        r = client.post("/v1/classify", json={"images": [image], "labels": LABELS, field: value})
+        assert_error(r, 422, "validation_error", field, "not true or false")
+    r = client.post(
+        "/v1/classify", json={"images": [image], "labels": LABELS, "method": "tpt", "options": {"steps": True}}
+    )
+    assert_error(r, 422, "invalid_options", "options.steps must be a number")
+    r = client.post(
+        "/v1/classify", json={"images": [image], "labels": LABELS, "abstain_below": 1}
+    )  # an int is a number
+    assert r.status_code == 200 and r.json()["results"][0]["abstained"] in (True, False)
