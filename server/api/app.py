@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from server.api.drain import Drain
 from server.api.errors import install_handlers
 from server.api.middleware import RequestContext
 from server.api.openapi import document_classify_body
@@ -28,7 +29,7 @@ def create_app(settings: Settings | None = None, *, load: Loader | None = None) 
     """Build the app. ``load`` replaces ``load_backbone`` (tests use it to hold or break loading).
 
     Set ``app.state.on_fatal`` before it starts to hear of a model that fails to load (``python -m
-    server`` exits then).
+    server`` exits then). ``app.state.drain`` (``server.api.drain.Drain``) stops it taking new work.
     """
     settings = settings or Settings()
     metrics = Metrics()
@@ -51,9 +52,10 @@ def create_app(settings: Settings | None = None, *, load: Loader | None = None) 
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.drain = Drain(settings.retry_after_s)
     install_handlers(app)
     app.include_router(router)
     install_web(app)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics, drain=app.state.drain)
     document_classify_body(app)
     return app

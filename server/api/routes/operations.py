@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from server.api.deps import RuntimeDep
+from server.api.deps import DrainDep, RuntimeDep
 from server.api.openapi import errors
 from server.service.runtime import METRICS_CONTENT_TYPE
 
@@ -18,8 +18,10 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses=errors(503))
-def readyz(runtime: RuntimeDep) -> dict[str, str]:
-    """Readiness: 200 once the model is loaded and a warm-up pass has run; 503 before and while stopping."""
+def readyz(runtime: RuntimeDep, drain: DrainDep) -> dict[str, str]:
+    """Readiness: 200 once the model is loaded and a warm-up pass has run; 503 before, and from the moment a
+    drain begins (``shutting_down``)."""
+    drain.check()
     runtime.readiness()
     return {"status": "ready"}
 
