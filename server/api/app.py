@@ -21,12 +21,16 @@ from server.api.routes.web import install_web
 from server.clip.backbone import load_backbone
 from server.logs import install_record_factory
 from server.metrics import Metrics
-from server.service.runtime import Loader, Runtime
+from server.service.runtime import Loader, Runtime, StoreOpener
 from server.settings import Settings
+from server.storage import open_store
 
 
-def create_app(settings: Settings | None = None, *, load: Loader | None = None) -> FastAPI:
-    """Build the app. ``load`` replaces ``load_backbone`` (tests use it to hold or break loading).
+def create_app(
+    settings: Settings | None = None, *, load: Loader | None = None, store: StoreOpener | None = None
+) -> FastAPI:
+    """Build the app. ``load`` replaces ``load_backbone`` (tests use it to hold or break loading), ``store``
+    replaces ``open_store`` (tests use it to fill or lock the store's disk).
 
     Set ``app.state.on_fatal`` before it starts to hear of a model that fails to load (``python -m
     server`` exits then). ``app.state.drain`` (``server.api.drain.Drain``) stops it taking new work.
@@ -37,7 +41,13 @@ def create_app(settings: Settings | None = None, *, load: Loader | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime.open(settings, metrics, load or load_backbone, on_fatal=getattr(app.state, "on_fatal", None))
+        runtime = Runtime.open(
+            settings,
+            metrics,
+            load or load_backbone,
+            on_fatal=getattr(app.state, "on_fatal", None),
+            store=store or open_store,
+        )
         app.state.runtime = runtime
         try:
             yield

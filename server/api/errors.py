@@ -24,6 +24,8 @@ from server.errors import (
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    StorageFull,
+    StorageReadOnly,
     TTAError,
     UnsupportedMediaType,
 )
@@ -41,7 +43,9 @@ STATUS: dict[type[TTAError], int] = {
     Overloaded: 429,
     ClientClosed: 499,  # nginx's "client closed request": logged, never read by anyone
     NotReady: 503,
+    StorageReadOnly: 503,
     DeadlineExceeded: 504,
+    StorageFull: 507,  # WebDAV's Insufficient Storage: the server cannot store what the request asks it to
 }
 COUNTED_AS_REJECTED = (413, 429, 503, 504)
 
