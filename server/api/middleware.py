@@ -39,7 +39,9 @@ class RequestContext:
         rid = sent if _CLIENT_ID.match(sent) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
-        trace_token = trace_var.set(parse_traceparent(headers.get("traceparent", "")))
+        trace = parse_traceparent(headers.get("traceparent", ""))
+        scope["state"]["trace"] = trace
+        trace_token = trace_var.set(trace)
         fields: dict[str, Any] = {}
         fields_token = request_fields_var.set(fields)
         started = time.monotonic()
@@ -63,6 +65,10 @@ class RequestContext:
                 await self._too_large(send_with_id, rid, int(declared))
                 return
             await self.app(scope, self._counting(receive), send_with_id)
+        except Exception:
+            # The 500 handler answers outside this middleware, after this; the access line says what it sends.
+            status = status or 500
+            raise
         finally:
             path = scope.get("path", "")
             if counted:
