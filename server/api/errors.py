@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server.errors import (
     BadRequest,
@@ -126,6 +127,10 @@ def install_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return respond(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
+    async def gone(request: Request, exc: Exception) -> JSONResponse:
+        # The client left while its body was arriving: nobody reads this answer, but it is logged as gone.
+        return await tta_error(request, ClientClosed("the client closed the connection while sending its body"))
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         with logging_as(request):
             log.exception("unhandled error on %s %s", request.method, loggable(request.url.path), exc_info=exc)
@@ -134,4 +139,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TTAError, tta_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http)
+    app.add_exception_handler(ClientDisconnect, gone)
     app.add_exception_handler(Exception, unexpected)
