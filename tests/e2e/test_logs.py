@@ -66,9 +66,8 @@ def test_json_logs_carry_request_id_trace_and_the_access_fields(tiny_model_dir, 
 
 def test_text_logs_append_the_trace_id(served):
     url, proc = served
-    r = httpx.post(
-        f"{url}/v1/classify", json=BODY, headers={"X-Request-ID": "t-ok", "traceparent": TRACEPARENT}, timeout=PATIENCE_S
-    )
+    headers = {"X-Request-ID": "t-ok", "traceparent": TRACEPARENT}
+    r = httpx.post(f"{url}/v1/classify", json=BODY, headers=headers, timeout=PATIENCE_S)
     assert r.status_code == 200
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(PATIENCE_S) == 0
