@@ -68,6 +68,18 @@ class NotReady(Rejected):
     code = "not_ready"
 
 
+class StorageFull(TTAError):
+    """The data directory's disk is full: nothing more can be stored (deleting still may free space)."""
+
+    code = "storage_full"
+
+
+class StorageReadOnly(Rejected):
+    """The data directory cannot be written (a read-only mount or file): writes are refused, reads go on."""
+
+    code = "storage_read_only"
+
+
 class DeadlineExceeded(TTAError):
     """The request did not finish within its deadline."""
 

@@ -52,6 +52,11 @@ class Metrics:
         )
         self.queue_depth = Gauge("tta_queue_depth", "Jobs waiting for the engine.", registry=r)
         self.inflight = Gauge("tta_inflight_requests", "Classify requests being handled.", registry=r)
+        self.http_inflight = Gauge(
+            "tta_http_inflight_requests",
+            "HTTP requests being handled, body upload included (probes and /metrics excepted); a drain waits for them.",
+            registry=r,
+        )
         self.images = Counter("tta_images", "Images classified, by method.", ["method"], registry=r)
         self.rejected = Counter(
             "tta_rejected", "Requests refused before any work: overload, size, deadline.", ["reason"], registry=r

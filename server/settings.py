@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 in containers.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line.")
 
     # Storage
     data_dir: Path = Field(Path("data"), description="Holds the SQLite store of label sets.")
@@ -83,7 +84,13 @@ class Settings(BaseSettings):
     )
     max_queue_size: int = Field(256, ge=1, description="Jobs waiting for the device; beyond it 429.")
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline; beyond it 504.")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and with 503 while draining.")
+    drain_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="On SIGTERM, how long requests in flight may take to finish while new ones get 503; then the "
+        "process exits. Unset: TTA_REQUEST_TIMEOUT_S + 5.",
+    )
     text_cache_bytes: int = Field(
         256 * 2**20,
         ge=0,
@@ -139,10 +146,17 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("adapt_budget_s", "adapt_memory_bytes", "confidence_gate", "torch_threads", mode="before")
+    @field_validator(
+        "adapt_budget_s", "adapt_memory_bytes", "drain_timeout_s", "confidence_gate", "torch_threads", mode="before"
+    )
     @classmethod
     def _blank_number_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def drain_grace_s(self) -> float:
+        """How long a drain waits for the requests in flight."""
+        return self.drain_timeout_s if self.drain_timeout_s is not None else self.request_timeout_s + 5
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration with secrets replaced by '***', for the start-up log."""

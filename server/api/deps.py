@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.api.drain import Drain
 from server.errors import NotReady
 from server.service.classify import ClassifyService
 from server.service.label_sets import LabelSets
@@ -31,6 +32,17 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_drain(request: Request) -> Drain:
+    drain = request.app.state.drain
+    assert isinstance(drain, Drain)
+    return drain
+
+
+def accepting(drain: Annotated[Drain, Depends(get_drain)]) -> None:
+    """Refuse new work (503 ``shutting_down``) while the process drains."""
+    drain.check()
+
+
 def get_classifier(runtime: Annotated[Runtime, Depends(get_runtime)]) -> ClassifyService:
     return runtime.classifier
 
@@ -43,6 +55,8 @@ def get_recalibration(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Reca
     return runtime.recalibration
 
 
+DrainDep = Annotated[Drain, Depends(get_drain)]
+Accepting = Depends(accepting)
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ClassifierDep = Annotated[ClassifyService, Depends(get_classifier)]

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server.errors import (
     BadRequest,
@@ -25,10 +28,12 @@ from server.errors import (
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    StorageFull,
+    StorageReadOnly,
     TTAError,
     UnsupportedMediaType,
 )
-from server.logs import loggable
+from server.logs import loggable, request_id_var, trace_var
 
 log = logging.getLogger("ttaserve.errors")
 
@@ -42,7 +47,9 @@ STATUS: dict[type[TTAError], int] = {
     Overloaded: 429,
     ClientClosed: 499,  # nginx's "client closed request": logged, never read by anyone
     NotReady: 503,
+    StorageReadOnly: 503,
     DeadlineExceeded: 504,
+    StorageFull: 507,  # WebDAV's Insufficient Storage: the server cannot store what the request asks it to
 }
 COUNTED_AS_REJECTED = (413, 429, 503, 504)
 
@@ -64,13 +71,28 @@ def request_id_of(request: Request) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
+@contextmanager
+def logging_as(request: Request) -> Iterator[None]:
+    """Log with the request's id and trace: the 500 handler runs outside the middleware that sets them."""
+    rid = request_id_of(request)
+    token = request_id_var.set(rid or "-")
+    trace_token = trace_var.set(getattr(request.state, "trace", None))
+    try:
+        yield
+    finally:
+        trace_var.reset(trace_token)
+        request_id_var.reset(token)
+
+
 def respond(
     request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """Log the error with the request id, count a refusal, and render the shared body."""
     rid = request_id_of(request)
     level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.INFO
-    log.log(level, "%s %s -> %d %s: %s", request.method, loggable(request.url.path), status, code, loggable(message))
+    path = loggable(request.url.path)
+    with logging_as(request):
+        log.log(level, "%s %s -> %d %s: %s", request.method, path, status, code, loggable(message))
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None and status in COUNTED_AS_REJECTED:
         metrics.rejected.labels(reason=code).inc()
@@ -121,11 +143,17 @@ def install_handlers(app: FastAPI) -> None:
             headers["Allow"] = allowed
         return respond(request, exc.status_code, code, str(exc.detail), headers)
 
+    async def gone(request: Request, exc: Exception) -> JSONResponse:
+        # The client left while its body was arriving: nobody reads this answer, but it is logged as gone.
+        return await tta_error(request, ClientClosed("the client closed the connection while sending its body"))
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, loggable(request.url.path), exc_info=exc)
+        with logging_as(request):
+            log.exception("unhandled error on %s %s", request.method, loggable(request.url.path), exc_info=exc)
         return respond(request, 500, "internal_error", "internal server error; see the server log")
 
     app.add_exception_handler(TTAError, tta_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http)
+    app.add_exception_handler(ClientDisconnect, gone)
     app.add_exception_handler(Exception, unexpected)

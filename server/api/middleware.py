@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, the body-size limit and an access log line per request."""
+"""ASGI middleware: request ids, trace context, the body-size limit, the drain's count of requests in flight, and
+an access log line per request."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.drain import UNCOUNTED_PATHS, Drain
 from server.api.errors import error_body
 from server.errors import PayloadTooLarge
-from server.logs import loggable, request_id_var
+from server.logs import loggable, parse_traceparent, request_fields_var, request_id_var, trace_var
 
 log = logging.getLogger("ttaserve.access")
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to log and echo
@@ -22,10 +24,11 @@ _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: 
 class RequestContext:
     """Echo or generate ``X-Request-ID``, cap the body at ``max_body_bytes``, log one access line."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Any = None):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Any = None, drain: Drain | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -36,8 +39,16 @@ class RequestContext:
         rid = sent if _CLIENT_ID.match(sent) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
+        trace = parse_traceparent(headers.get("traceparent", ""))
+        scope["state"]["trace"] = trace
+        trace_token = trace_var.set(trace)
+        fields: dict[str, Any] = {}
+        fields_token = request_fields_var.set(fields)
         started = time.monotonic()
         status = 0
+        counted = scope.get("path", "") not in UNCOUNTED_PATHS
+        if counted:
+            self._enter()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -54,12 +65,38 @@ class RequestContext:
                 await self._too_large(send_with_id, rid, int(declared))
                 return
             await self.app(scope, self._counting(receive), send_with_id)
+        except Exception:
+            # The 500 handler answers outside this middleware, after this; the access line says what it sends.
+            status = status or 500
+            raise
         finally:
             path = scope.get("path", "")
-            if path not in ("/healthz", "/readyz", "/metrics"):
+            if counted:
                 elapsed_ms = 1000 * (time.monotonic() - started)
-                log.info("%s %s %d %.1f ms", scope.get("method"), loggable(path), status, elapsed_ms)
+                method = scope.get("method")
+                access = {
+                    "method": method,
+                    "path": loggable(path),
+                    "status": status,
+                    "duration_ms": round(elapsed_ms, 1),
+                }
+                log.info("%s %s %d %.1f ms", method, loggable(path), status, elapsed_ms, extra=access | fields)
+                self._leave()
+            request_fields_var.reset(fields_token)
+            trace_var.reset(trace_token)
             request_id_var.reset(token)
+
+    def _enter(self) -> None:
+        if self.drain is not None:
+            self.drain.enter()
+        if self.metrics is not None:
+            self.metrics.http_inflight.inc()
+
+    def _leave(self) -> None:
+        if self.metrics is not None:
+            self.metrics.http_inflight.dec()
+        if self.drain is not None:
+            self.drain.leave()
 
     def _counting(self, receive: Receive) -> Receive:
         """Count body bytes as they arrive: a chunked body has no Content-Length to check up front."""

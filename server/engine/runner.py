@@ -3,11 +3,12 @@
 ``Runner.zero_shot`` encodes every job's images in one forward pass and classifies each job against
 its own classes. ``Runner.adapt`` adapts every image of jobs that share a method and options: it
 stacks images while their estimated activation bytes fit the memory budget (an image that does not
-fit alone is answered zero-shot, ``"memory"``), answers zero-shot the images whose calibrated
-zero-shot margin passes their request's confidence gate (``"confident"``), and runs the rest through
-``server.engine.adaptation.adapt_images``. Zero-shot answers always come from the method's own
-``predict``, the one zero-shot path. The lanes (``server.engine.engine``) call these and hand the
-results to the callers.
+fit alone is answered zero-shot, ``"memory"``; a stacked batch that runs out of memory anyway is
+retried image by image, and an image that runs out alone is answered zero-shot, ``"memory"`` too),
+answers zero-shot the images whose calibrated zero-shot margin passes their request's confidence gate
+(``"confident"``), and runs the rest through ``server.engine.adaptation.adapt_images``. Zero-shot
+answers always come from the method's own ``predict``, the one zero-shot path. The lanes
+(``server.engine.engine``) call these and hand the results to the callers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ from server.engine.work import ImageReport, Job, JobOutput, Work
 from server.metrics import Metrics
 
 log = logging.getLogger("ttaserve.engine")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device (or the host, for the CPU) could not allocate memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back after an out-of-memory error, so a smaller retry can fit."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
 
 Image = tuple[Job, int]  # an image: its job and its index in the job
 Answer = tuple[torch.Tensor, ImageReport]  # an image's final logits [C] and its report
@@ -125,15 +141,7 @@ class Runner:
                 chunk = self._gate(chunk, classes, done)
             if not chunk:
                 continue
-            tasks = [self._task(job, i, classes[id(job)]) for job, i in chunk]
-            with gpu_peak(backbone.device) as peak:
-                outs = adapt_images(backbone, method, options, tasks)
-            if peak:
-                self.gpu_peak_bytes = max(self.gpu_peak_bytes, peak["before"])
-                self.memory.learn(method.name, sum(needs[id(job)] for job, _ in chunk), peak["rise"])
-            for (job, i), out in zip(chunk, outs, strict=True):
-                done[(id(job), i)] = out
-            self.metrics.adapt_batch_size.observe(len(chunk))
+            self._adapt_chunk(chunk, classes, needs, done)
         elapsed = time.monotonic() - started
         if not any(job.work.gate is not None for job in jobs):  # a gated batch skipped work it was priced for
             self.costs.learn(method.name, sum(job.cost_s for job in jobs), elapsed)
@@ -150,6 +158,42 @@ class Runner:
             )
         self._gauge_text_cache()
         return outputs
+
+    def _adapt_chunk(
+        self,
+        chunk: list[Image],
+        classes: dict[int, torch.Tensor],
+        needs: dict[int, float],
+        done: dict[tuple[int, int], Answer],
+    ) -> None:
+        """Adapt the images of ``chunk`` together. If the device runs out of memory (the estimate was wrong),
+        each image is tried alone; one that runs out alone is answered zero-shot (``skipped = "memory"``)."""
+        backbone = self.backbone
+        method, options = chunk[0][0].work.method, chunk[0][0].work.options
+        tasks = [self._task(job, i, classes[id(job)]) for job, i in chunk]
+        try:
+            with gpu_peak(backbone.device) as peak:
+                outs = adapt_images(backbone, method, options, tasks)
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+            del tasks
+            free_cached_memory(backbone.device)
+            if len(chunk) > 1:
+                log.warning("adapting %d images together ran out of memory (%s); trying each alone", len(chunk), exc)
+                for item in chunk:
+                    if not item[0].stopped():
+                        self._adapt_chunk([item], classes, needs, done)
+                return
+            log.warning("adapting one image with %s ran out of memory alone (%s): served zero-shot", method.name, exc)
+            self._answer_zero_shot(chunk, classes, done, "memory")
+            return
+        if peak:
+            self.gpu_peak_bytes = max(self.gpu_peak_bytes, peak["before"])
+            self.memory.learn(method.name, sum(needs[id(job)] for job, _ in chunk), peak["rise"])
+        for (job, i), out in zip(chunk, outs, strict=True):
+            done[(id(job), i)] = out
+        self.metrics.adapt_batch_size.observe(len(chunk))
 
     @staticmethod
     def _task(job: Job, i: int, classes: torch.Tensor) -> ImageTask:

@@ -83,6 +83,11 @@ class JobOutput:
     skipped: str | None = None  # "overload": served zero-shot because the adaptation lane was full
 
 
+def _mark_read(future: asyncio.Future[JobOutput]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 @dataclass(eq=False)
 class Job:
     """``Work`` waiting for a lane, with the future its caller awaits."""
@@ -100,6 +105,12 @@ class Job:
     @property
     def n_images(self) -> int:
         return self.work.n_images
+
+    def __post_init__(self) -> None:
+        # When the caller stops waiting (it went away, or its deadline passed), asyncio.shield drops its hold
+        # on the future, and the error the lane sets later would be logged as "Future exception was never
+        # retrieved" once collected. The caller has been answered already: mark every outcome as read.
+        self.future.add_done_callback(_mark_read)
 
     def stopped(self) -> bool:
         return self.cancelled or time.monotonic() > self.deadline

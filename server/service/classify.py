@@ -25,6 +25,7 @@ from adapters.losses import entropy
 from server.clip.spec import ModelSpec
 from server.engine import Demand, Engine, JobOutput, Work
 from server.errors import ClientClosed, ClientError, DeadlineExceeded, InvalidInput, NotReady, Rejected, TTAError
+from server.logs import note
 from server.metrics import Metrics
 from server.service.calibration import Calibration, FittedCalibrations
 from server.service.decoding import ImageInput, decode_images
@@ -132,6 +133,7 @@ class ClassifyService:
             raise
         finally:
             self.metrics.inflight.dec()
+            note(outcome=result, classify_method=method_label)  # on the request's access line
             self.metrics.requests.labels(method=method_label, outcome=result).inc()
             self.metrics.request_duration.labels(method=method_label).observe(time.monotonic() - started)
 

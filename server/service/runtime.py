@@ -33,6 +33,7 @@ from server.storage import Store, open_store
 log = logging.getLogger("ttaserve")
 
 Loader = Callable[[Settings, ModelSpec], Backbone]
+StoreOpener = Callable[[Settings], Store]
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -78,11 +79,13 @@ class Runtime:
         metrics: Metrics | None = None,
         load: Loader = load_backbone,
         on_fatal: Callable[[BaseException], None] | None = None,
+        store: StoreOpener = open_store,
     ) -> Runtime:
         """Check the settings, open the store, start loading the model; raises ConfigError on a bad setting.
 
         ``load`` replaces ``load_backbone`` (tests use it to hold or break loading); ``on_fatal`` is called
-        if the model then fails to load.
+        if the model then fails to load; ``store`` replaces ``open_store`` (tests use it to fill or lock the
+        store's disk).
         """
         spec = check_settings(settings)
         metrics = metrics or Metrics()
@@ -97,21 +100,21 @@ class Runtime:
             )
         shipped = shipped_label_sets(spec.card, settings)
         calibration = Calibration.from_card(spec.card)
-        store = open_store(settings)
+        opened = store(settings)
         engine = Engine(settings, metrics, lambda: load(settings, spec), on_fatal=on_fatal)
         metrics.model_info.labels(
             model=spec.display, pretrained=spec.pretrained or "", device=str(device), precision=settings.precision
         ).set(1)
         estimate = AccuracyEstimate(metrics, settings.accuracy_window)
-        label_sets = LabelSets(store, shipped, settings)
-        fitted = FittedCalibrations(store, label_sets, calibration, engine)
+        label_sets = LabelSets(opened, shipped, settings)
+        fitted = FittedCalibrations(opened, label_sets, calibration, engine)
         label_sets.on_delete += [estimate.forget, fitted.forget]
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tta-decode")
         classifier = ClassifyService(settings, spec, engine, label_sets, fitted, metrics, decode_pool, estimate)
         recalibration = Recalibration(settings, label_sets, fitted, classifier, engine)
         engine.start()
         return cls(
-            settings, metrics, spec, engine, store, label_sets, calibration, classifier, recalibration, decode_pool
+            settings, metrics, spec, engine, opened, label_sets, calibration, classifier, recalibration, decode_pool
         )
 
     def close(self) -> None:

@@ -9,12 +9,15 @@ which creates nothing it already has.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from server.errors import ConfigError, Conflict, NotFound
+from server.errors import ConfigError, Conflict, NotFound, StorageFull, StorageReadOnly
 from server.storage.base import CalibrationRecord, LabelSet
 
 # Migration n (1-based) brings a database from version n-1 to n. Append; never edit a released one.
@@ -43,18 +46,42 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
+log = logging.getLogger("ttaserve.storage")
+
+
+def storage_error(exc: sqlite3.Error, path: Path) -> Exception | None:
+    """The typed error for a write that failed because the disk is full or read-only; None for another failure."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    text = str(exc)
+    if name == "SQLITE_FULL" or "database or disk is full" in text:
+        return StorageFull(f"the disk of the data directory ({path.parent}, TTA_DATA_DIR) is full; free space there")
+    if name.startswith("SQLITE_READONLY") or "readonly database" in text:
+        return StorageReadOnly(
+            f"the data directory ({path.parent}, TTA_DATA_DIR) is read-only: label sets can be read, not changed"
+        )
+    return None
+
 
 class SqliteStore:
     """A thread-safe SQLite store; every write is committed (and synced) before the call returns."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        except (OSError, sqlite3.Error) as exc:
+            # A read-only or missing mount, a full disk: one line naming the setting, not a traceback.
+            raise ConfigError(
+                f"cannot open the store {path}: {exc}; TTA_DATA_DIR must be a writable directory"
+            ) from None
         self._lock = threading.Lock()
-        self.schema_version = self._migrate()
+        try:
+            self.schema_version = self._migrate()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot prepare the store {path}: {exc}; check TTA_DATA_DIR") from None
 
     def _migrate(self) -> int:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
@@ -78,6 +105,22 @@ class SqliteStore:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock, for a write: a failed one is rolled back, and a full or read-only
+        disk raises StorageFull or StorageReadOnly instead of a bare sqlite3 error."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                typed = storage_error(exc, self.path)
+                if typed is None:
+                    raise
+                log.warning("a write to %s failed: %s", self.path, exc)
+                raise typed from exc
+
     def create_label_set(self, label_set: LabelSet) -> LabelSet:
         row = (
             label_set.name,
@@ -86,9 +129,9 @@ class SqliteStore:
             json.dumps(label_set.descriptions) if label_set.descriptions is not None else None,
             label_set.created_at,
         )
-        with self._lock:
+        with self._writing() as db:
             try:
-                self._db.execute("INSERT INTO label_sets VALUES (?, ?, ?, ?, ?)", row)
+                db.execute("INSERT INTO label_sets VALUES (?, ?, ?, ?, ?)", row)
             except sqlite3.IntegrityError:
                 raise Conflict(
                     f"label set {label_set.name!r} already exists; DELETE it first to replace it",
@@ -109,11 +152,11 @@ class SqliteStore:
         return [_from_row(r) for r in rows]
 
     def delete_label_set(self, name: str) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            cursor = self._db.execute("DELETE FROM label_sets WHERE name = ?", (name,))
-            self._db.execute("DELETE FROM calibrations WHERE label_set = ?", (name,))
-            self._db.execute("COMMIT")
+        with self._writing() as db:
+            db.execute("BEGIN")
+            cursor = db.execute("DELETE FROM label_sets WHERE name = ?", (name,))
+            db.execute("DELETE FROM calibrations WHERE label_set = ?", (name,))
+            db.execute("COMMIT")
         if cursor.rowcount == 0:
             raise NotFound(f"no label set named {name!r}", code="unknown_label_set")
 
@@ -127,12 +170,12 @@ class SqliteStore:
             json.dumps(record.report),
             record.created_at,
         )
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        with self._writing() as db:
+            db.execute("INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
     def delete_calibrations(self, label_set: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM calibrations WHERE label_set = ?", (label_set,))
+        with self._writing() as db:
+            db.execute("DELETE FROM calibrations WHERE label_set = ?", (label_set,))
 
     def calibrations(self, label_set: str | None = None) -> list[CalibrationRecord]:
         query = "SELECT * FROM calibrations" + (" WHERE label_set = ?" if label_set is not None else "")

@@ -111,3 +111,18 @@ def test_a_data_directory_from_a_newer_server_exits_at_once_naming_it(tmp_path, 
     proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(free_port())], tmp_path)
     assert proc.wait(PATIENCE_S) == 2
     assert "TTA_DATA_DIR" in proc.stdout.read()
+
+
+def test_a_data_directory_that_cannot_be_written_exits_at_once_naming_it(tmp_path, tiny_model_dir):
+    # Not chmod: tests may run as root, whom no mode stops. A regular file where a folder must be created
+    # fails the same way a read-only mount does: the store cannot be opened.
+    (tmp_path / "blocked").write_text("a file, not a directory")
+    proc = start(
+        ["--model", f"local-dir:{tiny_model_dir}", "--port", str(free_port())],
+        tmp_path,
+        env={"TTA_DATA_DIR": str(tmp_path / "blocked" / "data")},
+    )
+    assert proc.wait(PATIENCE_S) == 2
+    out = proc.stdout.read()
+    assert "cannot open the store" in out and "TTA_DATA_DIR must be a writable directory" in out, out
+    assert "Traceback" not in out, out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import threading
 
 import torch
@@ -10,6 +12,7 @@ import torch
 from adapters import get_method
 from server.engine.lane import Lane
 from server.engine.work import Job, Work
+from server.errors import ClientClosed
 
 
 def job(loop: asyncio.AbstractEventLoop, method: str, n_images: int) -> Job:
@@ -55,3 +58,28 @@ def test_batches_take_what_fits_the_first_job_within_the_limit():
     loop.close()
     # a leads; c (3 images) does not fit beside it, d (2) does. b leads the next, e (4) does not fit beside it.
     assert batches == [[a, d], [b], [c], [e]]
+
+
+def test_an_error_set_after_the_caller_stopped_waiting_is_not_reported_as_never_retrieved(caplog):
+    # The engine's caller waits through asyncio.shield; when it is cancelled (the client went away) the shield
+    # lets go of the job's future, and the lane fails the job later, from its own thread.
+    loop = asyncio.new_event_loop()
+    stopped = job(loop, "tpt", 1)
+
+    async def caller_goes_away(stopped: Job) -> None:
+        waiting = asyncio.ensure_future(asyncio.wait_for(asyncio.shield(stopped.future), timeout=60))
+        await asyncio.sleep(0)  # let the wait begin
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        lane = threading.Thread(target=stopped.fail, args=(ClientClosed("the client closed the connection"),))
+        lane.start()
+        lane.join()
+        while not stopped.future.done():
+            await asyncio.sleep(0)
+
+    loop.run_until_complete(caller_goes_away(stopped))
+    loop.close()
+    del stopped
+    gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server.api.deps import ClassifierDep, SettingsDep
+from server.api.deps import Accepting, ClassifierDep, SettingsDep
 from server.api.inputs import read_classify
 from server.api.openapi import CLASSIFY_OPENAPI, ERRORS
 from server.api.schemas import ClassifyResponse
@@ -18,6 +18,7 @@ router = APIRouter(tags=["classify"])
     responses=ERRORS,
     openapi_extra=CLASSIFY_OPENAPI,
     summary="Classify images zero-shot or with test-time adaptation",
+    dependencies=[Accepting],
 )
 async def classify(request: Request, classifier: ClassifierDep, settings: SettingsDep) -> ClassifyResponse:
     """Classify one or more images against labels (or a label set).

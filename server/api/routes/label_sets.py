@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from server.api.deps import LabelSetsDep, RecalibrationDep, SettingsDep
+from server.api.deps import Accepting, LabelSetsDep, RecalibrationDep, SettingsDep
 from server.api.inputs import read_calibration
 from server.api.openapi import CALIBRATION_OPENAPI, ERRORS, errors
 from server.api.schemas import CalibrationOut, ErrorBody, LabelSetIn, LabelSetList, LabelSetOut
@@ -58,6 +58,7 @@ _RUNNING: dict[int | str, dict[str, Any]] = {
     status_code=202,
     response_model=CalibrationOut,
     responses=errors(400, 404, 413, 415, 422, 503) | _RUNNING,
+    dependencies=[Accepting],
     openapi_extra=CALIBRATION_OPENAPI,
 )
 async def calibrate_label_set(

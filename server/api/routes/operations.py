@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 
-from server.api.deps import RuntimeDep
+from server.api.deps import DrainDep, RuntimeDep
 from server.api.openapi import errors
 from server.api.schemas import Status
 from server.service.runtime import METRICS_CONTENT_TYPE
@@ -20,8 +20,10 @@ def healthz() -> Status:
 
 
 @router.get("/readyz", response_model=Status, responses=errors(503))
-def readyz(runtime: RuntimeDep) -> Status:
-    """Readiness: 200 once the model is loaded and a warm-up pass has run; 503 before and while stopping."""
+def readyz(runtime: RuntimeDep, drain: DrainDep) -> Status:
+    """Readiness: 200 once the model is loaded and a warm-up pass has run; 503 before, and from the moment a
+    drain begins (``shutting_down``)."""
+    drain.check()
     runtime.readiness()
     return Status(status="ready")
 
