@@ -1,4 +1,4 @@
-"""Logging with the request id on every record logged while a request is handled."""
+"""Logging with the request id, and the API key's name, on every record logged while a request is handled."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import logging
 import re
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# The name of the caller's API key (never the key): '-' outside requests and without keys.
+key_name_var: contextvars.ContextVar[str] = contextvars.ContextVar("key_name", default="-")
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s %(key_name)s] %(message)s"
 _installed = False
 
 
 def install_record_factory() -> None:
-    """Give every log record a ``request_id`` attribute (``-`` outside requests). Idempotent."""
+    """Give every log record ``request_id`` and ``key_name`` attributes (``-`` outside requests). Idempotent."""
     global _installed
     if _installed:
         return
@@ -22,6 +24,7 @@ def install_record_factory() -> None:
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         record.request_id = request_id_var.get()
+        record.key_name = key_name_var.get()
         return record
 
     logging.setLogRecordFactory(factory)

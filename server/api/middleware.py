@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids, the body-size limit and an access log line per request."""
+"""ASGI middleware: request ids, the body-size limit and an access log line per request (with the key's name)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_body
 from server.errors import PayloadTooLarge
-from server.logs import loggable, request_id_var
+from server.logs import key_name_var, loggable, request_id_var
 
 log = logging.getLogger("ttaserve.access")
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to log and echo
@@ -34,8 +34,10 @@ class RequestContext:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         sent = headers.get("x-request-id", "")
         rid = sent if _CLIENT_ID.match(sent) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
         token = request_id_var.set(rid)
+        key_token = key_name_var.set("-")  # ``server.api.auth`` names the caller once it knows the key
         started = time.monotonic()
         status = 0
 
@@ -58,7 +60,12 @@ class RequestContext:
             path = scope.get("path", "")
             if path not in ("/healthz", "/readyz", "/metrics"):
                 elapsed_ms = 1000 * (time.monotonic() - started)
-                log.info("%s %s %d %.1f ms", scope.get("method"), loggable(path), status, elapsed_ms)
+                key_name = state.get("key_name")
+                if key_name:
+                    key_name_var.set(key_name)
+                who = f" key={key_name}" if key_name else ""
+                log.info("%s %s %d %.1f ms%s", scope.get("method"), loggable(path), status, elapsed_ms, who)
+            key_name_var.reset(key_token)
             request_id_var.reset(token)
 
     def _counting(self, receive: Receive) -> Receive:

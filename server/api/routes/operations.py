@@ -1,9 +1,11 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics: open to all, but ``/metrics`` asks for a key when
+``TTA_METRICS_REQUIRE_KEY`` is set."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 
+from server.api.auth import authorize_metrics
 from server.api.deps import RuntimeDep
 from server.api.openapi import errors
 from server.service.runtime import METRICS_CONTENT_TYPE
@@ -24,7 +26,7 @@ def readyz(runtime: RuntimeDep) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(authorize_metrics)], responses=errors(401))
 def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus metrics in the text exposition format."""
     return Response(runtime.metrics_text(), media_type=METRICS_CONTENT_TYPE)
