@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.errors import ConfigError, Forbidden, Unauthorized
 from server.logs import key_name_var
@@ -46,6 +47,8 @@ class Caller:
 
 
 OPEN = Caller("", admin=True)  # every request when no keys are configured
+# Declares the scheme in the OpenAPI document (the docs page's "Authorize" button); the header is read below.
+BEARER = HTTPBearer(auto_error=False, description="An API key of TTA_API_KEYS or TTA_ADMIN_API_KEYS, when set.")
 
 
 def _pairs(spec: str, setting: str) -> list[tuple[str, str]]:
@@ -152,7 +155,9 @@ def _remember(request: Request, caller: Caller) -> None:
         key_name_var.set(caller.name)
 
 
-async def authorize(request: Request) -> Caller:
+async def authorize(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None
+) -> Caller:
     """The caller of an API route; 401 without a valid key, 403 for a classify key on a state-changing route.
 
     Async on purpose: run on the event loop (not a worker thread), the key name it puts in the logging

@@ -102,6 +102,10 @@ def test_every_api_route_asks_for_a_key_and_health_and_metrics_stay_open(keyed_c
         assert keyed_client.get(concrete(path), headers=bearer(CAROL)).status_code == 200, path
     for path in OPEN_PATHS:
         assert keyed_client.get(path).status_code == 200, path
+    schema = keyed_client.get("/openapi.json").json()  # the docs page offers to send a key
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert schema["paths"]["/v1/classify"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
     image = b64(png_bytes())
     body = {"images": [image], "labels": ["red", "blue"]}
     assert keyed_client.post("/v1/classify", json=body).status_code == 401
