@@ -15,7 +15,7 @@ from server.api import create_app
 from server.errors import ConfigError
 from server.settings import Settings
 from tests.integration.test_calibration import LABELS, labelled
-from tests.support.apps import wait_ready, wait_until
+from tests.support.apps import metric, wait_ready, wait_until
 from tests.support.images import b64, png_bytes
 
 ALICE_ADMIN = "alice-admin-0123456789abcdef"
@@ -166,9 +166,15 @@ def test_one_key_cannot_see_or_touch_another_keys_label_sets(keyed_client):
     assert {p["label"] for p in r.json()["results"][0]["predictions"]} == {"cat", "dog"}
     # Carol, another name, sees neither.
     assert c.get("/v1/label-sets/pets", headers=bearer(CAROL)).status_code == 404
+    # Each set has its own accuracy estimate.
+    text = c.get("/metrics").text
+    assert metric(text, 'tta_estimated_accuracy_images{label_set="alice/pets"}') == 1
+    assert metric(text, 'tta_estimated_accuracy_images{label_set="bob/pets"}') == 1
     # Deleting Alice's leaves Bob's.
     assert c.delete("/v1/label-sets/pets", headers=bearer(ALICE_ADMIN)).status_code == 204
     assert c.get("/v1/label-sets/pets", headers=bearer(BOB_ADMIN)).json()["labels"] == theirs["labels"]
+    text = c.get("/metrics").text
+    assert 'label_set="alice/pets"' not in text and 'label_set="bob/pets"' in text
 
 
 def test_a_calibration_of_the_shipped_label_set_is_its_keys_own(keyed_client):
