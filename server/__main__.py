@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             load_backbone(settings, spec).warm_up()
             log.info("preloaded %s; exiting (--preload-only)", spec.display)
             return 0
+        app = create_app(settings)  # reads the API keys
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,

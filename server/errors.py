@@ -44,6 +44,18 @@ class Conflict(ClientError):
     code = "conflict"
 
 
+class Unauthorized(ClientError):
+    """No API key, or one the server does not know (keys are configured)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(ClientError):
+    """A known API key that may not do this (changing state takes an admin key)."""
+
+    code = "forbidden"
+
+
 class PayloadTooLarge(ClientError):
     code = "body_too_large"
 
@@ -60,6 +72,12 @@ class Overloaded(Rejected):
     """The engine's queue is full."""
 
     code = "overloaded"
+
+
+class RateLimited(Rejected):
+    """The caller has used its rate (images per second, with a burst); ``retry_after_s`` says when it may go on."""
+
+    code = "rate_limited"
 
 
 class NotReady(Rejected):

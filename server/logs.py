@@ -1,6 +1,7 @@
-"""Logging with the request id (and the caller's trace id) on every record logged while a request is handled.
+"""Logging with the request id, the API key's name and the caller's trace id on every record logged while
+a request is handled.
 
-``TTA_LOG_FORMAT=text`` (the default) writes ``time level logger [request id] message``, with
+``TTA_LOG_FORMAT=text`` (the default) writes ``time level logger [request id key name] message``, with
 `` trace_id=...`` appended when the request carried a W3C ``traceparent`` header. ``json`` writes one
 JSON object per line: ``time``, ``level``, ``logger``, ``message``, ``request_id``, ``trace_id`` and
 ``span_id`` when known, the fields a record was given (the access line's ``method``, ``path``,
@@ -25,7 +26,10 @@ request_fields_var: contextvars.ContextVar[dict[str, Any] | None] = contextvars.
     "request_fields", default=None
 )
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# The name of the caller's API key (never the key): '-' outside requests and without keys.
+key_name_var: contextvars.ContextVar[str] = contextvars.ContextVar("key_name", default="-")
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s %(key_name)s] %(message)s"
 FIELDS = ("method", "path", "status", "duration_ms", "outcome", "classify_method", "key")
 _installed = False
 
@@ -52,7 +56,8 @@ def note(**fields: Any) -> None:
 
 
 def install_record_factory() -> None:
-    """Give every log record ``request_id`` (``-`` outside requests), ``trace_id`` and ``span_id``. Idempotent."""
+    """Give every log record ``request_id`` and ``key_name`` (``-`` outside requests), ``trace_id`` and ``span_id``.
+    Idempotent."""
     global _installed
     if _installed:
         return
@@ -63,6 +68,7 @@ def install_record_factory() -> None:
         record.request_id = request_id_var.get()
         trace = trace_var.get()
         record.trace_id, record.span_id = trace if trace is not None else (None, None)
+        record.key_name = key_name_var.get()
         return record
 
     logging.setLogRecordFactory(factory)

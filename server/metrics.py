@@ -21,6 +21,7 @@ ENTROPY_BUCKETS = (-1.0, -0.5, -0.1, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 SKIP_REASONS = ("overload", "confident", "memory")
+RATE_LIMIT_REASONS = ("zero_shot", "adaptation")  # what the refused request asked for
 STAGES = ("queue", "decode", "encode", "classify", "adapt")
 
 
@@ -60,6 +61,13 @@ class Metrics:
         self.images = Counter("tta_images", "Images classified, by method.", ["method"], registry=r)
         self.rejected = Counter(
             "tta_rejected", "Requests refused before any work: overload, size, deadline.", ["reason"], registry=r
+        )
+        self.rate_limited = Counter(
+            "tta_rate_limited",
+            "Classify requests refused (429 rate_limited) because their caller was over TTA_RATE_LIMIT_RPS, by "
+            "what they asked for (zero_shot, adaptation).",
+            ["reason"],
+            registry=r,
         )
         self.model_info = Gauge(
             "tta_model_info",
@@ -139,5 +147,7 @@ class Metrics:
         )
         for reason in SKIP_REASONS:
             self.adapt_skipped.labels(reason=reason)
+        for reason in RATE_LIMIT_REASONS:
+            self.rate_limited.labels(reason=reason)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)

@@ -47,6 +47,27 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line.")
+    cors_origins: str = Field(
+        "", description="Comma-separated origins a browser may call the API from (* for any). Empty: CORS off."
+    )
+
+    # Authentication and rate limits
+    api_keys: SecretStr | None = Field(
+        None,
+        description="API keys that may classify and read: comma-separated NAME:KEY pairs, or @FILE with one "
+        "'NAME KEY' or 'NAME:KEY' a line. Unset (with TTA_ADMIN_API_KEYS unset too): no authentication.",
+    )
+    admin_api_keys: SecretStr | None = Field(
+        None,
+        description="API keys that may also change state (label sets, calibrations): the same format as TTA_API_KEYS.",
+    )
+    metrics_require_key: bool = Field(False, description="Whether /metrics asks for an API key (when keys are set).")
+    rate_limit_rps: float = Field(
+        0.0, ge=0, description="Images per second each API key (each client address without keys) may classify. 0: off."
+    )
+    rate_limit_burst: float | None = Field(
+        None, gt=0, description="Images a key may classify at once beyond its rate. Unset: TTA_MAX_IMAGES_PER_REQUEST."
+    )
 
     # Storage
     data_dir: Path = Field(Path("data"), description="Holds the SQLite store of label sets.")
@@ -146,8 +167,27 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value().strip() else None
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.api_keys is not None or self.admin_api_keys is not None
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
     @field_validator(
-        "adapt_budget_s", "adapt_memory_bytes", "drain_timeout_s", "confidence_gate", "torch_threads", mode="before"
+        "adapt_budget_s",
+        "adapt_memory_bytes",
+        "drain_timeout_s",
+        "confidence_gate",
+        "torch_threads",
+        "rate_limit_burst",
+        mode="before",
     )
     @classmethod
     def _blank_number_is_unset(cls, value: Any) -> Any:

@@ -2,19 +2,24 @@
 
 The lifespan opens the process's ``Runtime`` (checking the configuration, failing fast on a bad one),
 whose engine loads and warms the model on its own thread while ``/healthz`` already answers and
-``/readyz`` says 503; it closes the runtime on shutdown.
+``/readyz`` says 503; it closes the runtime on shutdown. The API keys are read when the app is built (a
+bad one raises ConfigError), the rate limits and CORS set up from the settings.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from server.api.auth import Keys, exposed_without_keys
 from server.api.docs import install_docs
 from server.api.drain import Drain
 from server.api.errors import install_handlers
+from server.api.limits import TokenBuckets
 from server.api.middleware import RequestContext
 from server.api.openapi import install_openapi, operation_id
 from server.api.routes import router
@@ -25,6 +30,8 @@ from server.metrics import Metrics
 from server.service.runtime import Loader, Runtime, StoreOpener
 from server.settings import Settings
 from server.storage import open_store
+
+log = logging.getLogger("ttaserve")
 
 
 def create_app(
@@ -39,9 +46,16 @@ def create_app(
     settings = settings or Settings()
     metrics = Metrics()
     install_record_factory()
+    keys = Keys.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if exposed_without_keys(settings):
+            log.warning(
+                "listening on %s without API keys: anyone who can reach it may classify and change label sets; "
+                "set TTA_API_KEYS and TTA_ADMIN_API_KEYS",
+                settings.host,
+            )
         runtime = Runtime.open(
             settings,
             metrics,
@@ -67,10 +81,23 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.drain = Drain(settings.retry_after_s)
+    app.state.keys = keys
+    burst = settings.rate_limit_burst or float(settings.max_images_per_request)
+    app.state.rate_limits = TokenBuckets(settings.rate_limit_rps, burst, metrics)
     install_handlers(app)
     app.include_router(router)
     install_web(app)
     install_docs(app)
+    if settings.cors_origin_list:
+        # Inside RequestContext: a preflight is answered here, still with a request id and a log line.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout", "traceparent"],
+            expose_headers=["X-Request-ID", "Retry-After", "Location", "WWW-Authenticate"],
+            max_age=600,
+        )
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics, drain=app.state.drain)
     install_openapi(app, settings)
     return app

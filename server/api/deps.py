@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.api.drain import Drain
+from server.api.limits import TokenBuckets
 from server.errors import NotReady
 from server.service.classify import ClassifyService
 from server.service.label_sets import LabelSets
@@ -43,6 +44,12 @@ def accepting(drain: Annotated[Drain, Depends(get_drain)]) -> None:
     drain.check()
 
 
+def get_rate_limits(request: Request) -> TokenBuckets:
+    limits = request.app.state.rate_limits
+    assert isinstance(limits, TokenBuckets)
+    return limits
+
+
 def get_classifier(runtime: Annotated[Runtime, Depends(get_runtime)]) -> ClassifyService:
     return runtime.classifier
 
@@ -62,3 +69,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ClassifierDep = Annotated[ClassifyService, Depends(get_classifier)]
 LabelSetsDep = Annotated[LabelSets, Depends(get_label_sets)]
 RecalibrationDep = Annotated[Recalibration, Depends(get_recalibration)]
+RateLimitsDep = Annotated[TokenBuckets, Depends(get_rate_limits)]

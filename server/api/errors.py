@@ -23,14 +23,17 @@ from server.errors import (
     ClientClosed,
     Conflict,
     DeadlineExceeded,
+    Forbidden,
     InvalidInput,
     NotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
     StorageFull,
     StorageReadOnly,
     TTAError,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from server.logs import loggable, request_id_var, trace_var
@@ -39,12 +42,15 @@ log = logging.getLogger("ttaserve.errors")
 
 STATUS: dict[type[TTAError], int] = {
     BadRequest: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     InvalidInput: 422,
     Overloaded: 429,
+    RateLimited: 429,
     ClientClosed: 499,  # nginx's "client closed request": logged, never read by anyone
     NotReady: 503,
     StorageReadOnly: 503,
@@ -52,6 +58,11 @@ STATUS: dict[type[TTAError], int] = {
     StorageFull: 507,  # WebDAV's Insufficient Storage: the server cannot store what the request asks it to
 }
 COUNTED_AS_REJECTED = (413, 429, 503, 504)
+# RFC 6750: a 401 names the scheme; a 403 for a key that is known but not allowed says which scope it lacks.
+CHALLENGE: dict[type[TTAError], str] = {
+    Unauthorized: 'Bearer realm="ttaserve"',
+    Forbidden: 'Bearer realm="ttaserve", error="insufficient_scope", scope="admin"',
+}
 
 
 def status_of(exc: TTAError) -> int:
@@ -127,7 +138,10 @@ def install_handlers(app: FastAPI) -> None:
 
     async def tta_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, TTAError)
-        headers = {"Retry-After": f"{exc.retry_after_s:g}"} if exc.retry_after_s is not None else None
+        headers = {"Retry-After": f"{exc.retry_after_s:g}"} if exc.retry_after_s is not None else {}
+        challenge = CHALLENGE.get(type(exc))
+        if challenge is not None:
+            headers["WWW-Authenticate"] = challenge
         return respond(request, status_of(exc), exc.code, exc.message, headers)
 
     async def validation(request: Request, exc: Exception) -> JSONResponse:

@@ -1,5 +1,5 @@
 """ASGI middleware: request ids, trace context, the body-size limit, the drain's count of requests in flight, and
-an access log line per request."""
+an access log line per request (with the API key's name)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api.drain import UNCOUNTED_PATHS, Drain
 from server.api.errors import error_body
 from server.errors import PayloadTooLarge
-from server.logs import loggable, parse_traceparent, request_fields_var, request_id_var, trace_var
+from server.logs import key_name_var, loggable, parse_traceparent, request_fields_var, request_id_var, trace_var
 
 log = logging.getLogger("ttaserve.access")
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to log and echo
@@ -37,13 +37,15 @@ class RequestContext:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         sent = headers.get("x-request-id", "")
         rid = sent if _CLIENT_ID.match(sent) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
         token = request_id_var.set(rid)
         trace = parse_traceparent(headers.get("traceparent", ""))
         scope["state"]["trace"] = trace
         trace_token = trace_var.set(trace)
         fields: dict[str, Any] = {}
         fields_token = request_fields_var.set(fields)
+        key_token = key_name_var.set("-")  # ``server.api.auth`` names the caller once it knows the key
         started = time.monotonic()
         status = 0
         counted = scope.get("path", "") not in UNCOUNTED_PATHS
@@ -74,14 +76,20 @@ class RequestContext:
             if counted:
                 elapsed_ms = 1000 * (time.monotonic() - started)
                 method = scope.get("method")
+                key_name = state.get("key_name")
+                if key_name:
+                    key_name_var.set(key_name)
                 access = {
                     "method": method,
                     "path": loggable(path),
                     "status": status,
                     "duration_ms": round(elapsed_ms, 1),
+                    "key": key_name,
                 }
-                log.info("%s %s %d %.1f ms", method, loggable(path), status, elapsed_ms, extra=access | fields)
+                who = f" key={key_name}" if key_name else ""
+                log.info("%s %s %d %.1f ms%s", method, loggable(path), status, elapsed_ms, who, extra=access | fields)
                 self._leave()
+            key_name_var.reset(key_token)
             request_fields_var.reset(fields_token)
             trace_var.reset(trace_token)
             request_id_var.reset(token)

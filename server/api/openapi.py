@@ -32,12 +32,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "Malformed JSON or multipart body, or a bad X-Request-Timeout.",
+        401: "No API key, or an unknown one (when keys are configured); see WWW-Authenticate.",
+        403: "The API key may not do this: changing state takes an admin key.",
         404: "Unknown label set.",
         413: "Body larger than TTA_MAX_BODY_BYTES.",
         415: "Neither application/json nor multipart/form-data.",
         422: "Invalid input: each problem has its own error code.",
-        429: "Queue full; retry after the Retry-After header's seconds.",
-        503: "The model is still loading; retry after the Retry-After header's seconds.",
+        429: "Queue full, or the key over its rate limit; retry after the Retry-After header's seconds.",
+        503: "The model is still loading, or the server is draining; retry after the Retry-After header's seconds.",
         504: "The request did not finish within its deadline (TTA_REQUEST_TIMEOUT_S or X-Request-Timeout).",
     }.items()
 }

@@ -58,6 +58,15 @@ class CostModel:
         seconds = cost.image_passes * self.image_s + cost.prompt_passes * self.prompt_s
         return n_images * seconds * self._correction.get(method.name, 1.0)
 
+    def in_images(self, method: Method[Any], options: MethodOptions, n_classes: int) -> float:
+        """What adapting one image with ``method`` costs, counted in images encoded once (a zero-shot image): the
+        weight of an adapted image against the rate limits. At least 1; before the timings are measured, the
+        method's forward passes (a prompt pass counted as an image pass)."""
+        if self.image_s <= 0:
+            cost = method.cost(options, n_classes)
+            return max(1.0, cost.image_passes + cost.prompt_passes)
+        return max(1.0, self.estimate_s(method, options, 1, n_classes) / self.image_s)
+
     def learn(self, method: str, estimated_s: float, actual_s: float) -> None:
         """Move the method's correction towards what a batch estimated at ``estimated_s`` really took."""
         if estimated_s <= 0:

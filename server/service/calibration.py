@@ -109,17 +109,22 @@ class Calibration:
 
 
 class FittedCalibrations:
-    """The confidence models fitted on label sets' labelled images, kept in the store, applied where they hold."""
+    """The confidence models fitted on label sets' labelled images, kept in the store, applied where they hold.
+
+    Each belongs to the owner (API key name, '' without keys) that fitted it, and applies to that owner's
+    requests only: two owners calibrating one shipped label set keep two calibrations.
+    """
 
     def __init__(self, store: Store, label_sets: LabelSets, calibration: Calibration, engine: Engine):
         self.store = store
         self.label_sets = label_sets
         self.calibration = calibration
         self.engine = engine
-        self._records: dict[str, dict[str, CalibrationRecord]] = {}
+        # (owner, label set) -> method -> record; (owner, label set, method) -> its model
+        self._records: dict[tuple[str, str], dict[str, CalibrationRecord]] = {}
         for record in store.calibrations():
-            self._records.setdefault(record.label_set, {})[record.method] = record
-        self._models: dict[tuple[str, str], ConfidenceModel] = {}
+            self._records.setdefault((record.owner, record.label_set), {})[record.method] = record
+        self._models: dict[tuple[str, str, str], ConfidenceModel] = {}
 
     def _applies(self, record: CalibrationRecord, label_set: LabelSet) -> bool:
         backbone = self.engine.backbone
@@ -129,13 +134,14 @@ class FittedCalibrations:
             and record.model_fingerprint == backbone.fingerprint
         )
 
-    def model(self, method: str, label_set: LabelSet | None) -> ConfidenceModel:
-        """The confidence model for ``method``'s answers on ``label_set`` (None: labels sent inline)."""
-        records = self._records.get(label_set.name, {}) if label_set is not None else {}
+    def model(self, method: str, label_set: LabelSet | None, owner: str = "") -> ConfidenceModel:
+        """The confidence model for ``method``'s answers on ``label_set`` (None: labels sent inline), as fitted
+        by ``owner`` (each owner fits its own, the model's shipped label sets too)."""
+        records = self._records.get((owner, label_set.name), {}) if label_set is not None else {}
         for name in (method, "zero_shot"):
             record = records.get(name)
             if record is not None and label_set is not None and self._applies(record, label_set):
-                key = (label_set.name, name)
+                key = (owner, label_set.name, name)
                 if key not in self._models:
                     self._models[key] = ConfidenceModel.from_dict(record.model)
                 return self._models[key]
@@ -144,16 +150,18 @@ class FittedCalibrations:
     def keep(self, record: CalibrationRecord) -> None:
         """Store a fitted calibration and apply it from now on."""
         self.store.save_calibration(record)
-        self._records.setdefault(record.label_set, {})[record.method] = record
-        self._models.pop((record.label_set, record.method), None)
+        self._records.setdefault((record.owner, record.label_set), {})[record.method] = record
+        self._models.pop((record.owner, record.label_set, record.method), None)
 
-    def forget(self, label_set: str) -> None:
-        """Drop what was fitted for a label set (the store has deleted it, or is told to)."""
-        self._records.pop(label_set, None)
-        self._models = {k: v for k, v in self._models.items() if k[0] != label_set}
+    def forget(self, label_set: LabelSet, owner: str | None = None) -> None:
+        """Drop what ``owner`` (default: the label set's) fitted for a label set (the store has deleted it, or is
+        told to)."""
+        key = (label_set.owner if owner is None else owner, label_set.name)
+        self._records.pop(key, None)
+        self._models = {k: v for k, v in self._models.items() if k[:2] != key}
 
-    def describe(self, label_set: LabelSet) -> list[dict[str, Any]]:
-        """Each fitted calibration of a label set, whether it applies, and its held-out figures."""
+    def describe(self, label_set: LabelSet, owner: str = "") -> list[dict[str, Any]]:
+        """Each calibration ``owner`` fitted for a label set, whether it applies, and its held-out figures."""
         return [
             {
                 "method": method,
@@ -161,7 +169,7 @@ class FittedCalibrations:
                 "fitted_at": record.created_at,
                 **record.report,
             }
-            for method, record in sorted(self._records.get(label_set.name, {}).items())
+            for method, record in sorted(self._records.get((owner, label_set.name), {}).items())
         ]
 
 

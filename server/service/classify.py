@@ -47,6 +47,9 @@ from server.storage import LabelSet
 DISCONNECT_POLL_S = 0.1  # how often a request waiting on the engine asks whether its caller is still there
 
 Disconnected = Callable[[], Awaitable[bool]]
+# Charges a request's cost, in images weighted by their method (``CostModel.in_images``), to its caller's
+# rate limit, told whether it adapts; raises ``RateLimited`` to refuse it.
+Admit = Callable[[float, bool], None]
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class ClassifyRequest:
     confidence_gate: float | None = None  # default: TTA_CONFIDENCE_GATE
     timeout_s: float | None = None  # a deadline shorter than TTA_REQUEST_TIMEOUT_S
     monitor: bool = True  # counted in its label set's accuracy estimate (not a calibration's labelled images)
+    owner: str = ""  # whose label sets ``label_set`` names: the caller's API key name ('' without keys)
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,12 @@ class ClassifyService:
         self.decode_pool = decode_pool
         self.estimate = estimate
 
-    async def classify(self, req: ClassifyRequest, disconnected: Disconnected | None = None) -> Classification:
+    async def classify(
+        self, req: ClassifyRequest, disconnected: Disconnected | None = None, admit: Admit | None = None
+    ) -> Classification:
         """Classify ``req``'s images; ``disconnected`` says when the caller has gone (its work is then stopped).
+
+        ``admit`` is charged the request's cost once it is found valid, before any capacity is asked for.
 
         Raises a ``server.errors.TTAError``: ClientError for a bad request, Rejected when the server
         cannot take it now, DeadlineExceeded, ClientClosed.
@@ -125,7 +133,7 @@ class ClassifyService:
         try:
             method = resolve_method(req.method, self.settings)
             method_label = method.name
-            classification = await self._classify(req, method, disconnected, started)
+            classification = await self._classify(req, method, disconnected, started, admit)
             result = "success"
             return classification
         except TTAError as exc:
@@ -143,6 +151,7 @@ class ClassifyService:
         method: Method[Any],
         disconnected: Disconnected | None,
         started: float,
+        admit: Admit | None = None,
     ) -> Classification:
         settings = self.settings
         options = parse_options(method, req.options)
@@ -155,6 +164,9 @@ class ClassifyService:
         timeout_s = min(req.timeout_s, settings.request_timeout_s) if req.timeout_s else settings.request_timeout_s
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         gate = req.confidence_gate if req.confidence_gate is not None else settings.confidence_gate
+        if admit is not None:
+            weight = self.engine.costs.in_images(method, options, len(classes.labels)) if adaptive else 1.0
+            admit(len(req.images) * weight, adaptive)
         # Before decoding: a request that will be refused costs no decode.
         demand = Demand(method, options, len(req.images), len(classes.labels)) if adaptive else None
         self.engine.check_capacity(demand, timeout_s)
@@ -183,7 +195,9 @@ class ClassifyService:
             seed=seed,
             descriptions=classes.descriptions,
             gate=gate if adaptive else None,
-            gate_margin=functools.partial(Calibration.margin, self.calibrations.model("zero_shot", classes.label_set))
+            gate_margin=functools.partial(
+                Calibration.margin, self.calibrations.model("zero_shot", classes.label_set, req.owner)
+            )
             if adaptive
             else None,
         )
@@ -196,7 +210,7 @@ class ClassifyService:
         self.metrics.images.labels(method=method.name).inc(work.n_images)
         results = self._results(output, work, classes.label_set, top_k, req, seed if adaptive else None)
         if req.monitor:
-            self.estimate.observe(req.label_set, [r.confidence for r in results])
+            self.estimate.observe(classes.label_set, [r.confidence for r in results])
         spec = self.spec
         return Classification(
             model=ModelRef(id=spec.display, pretrained=spec.pretrained, demo=spec.is_demo),
@@ -211,7 +225,7 @@ class ClassifyService:
         if req.labels is not None and req.label_set is not None:
             raise InvalidInput("give labels or label_set, not both", code="labels_and_label_set")
         if req.label_set is not None:
-            label_set: LabelSet = self.label_sets.get(req.label_set)
+            label_set: LabelSet = self.label_sets.get(req.label_set, owner=req.owner)
             described = label_set.descriptions
             descriptions = tuple(tuple(described.get(label, ())) for label in label_set.labels) if described else None
             templates = resolve_templates(req.templates, settings, fallback=label_set.templates)
@@ -250,8 +264,8 @@ class ClassifyService:
     ) -> list[Result]:
         """Each image's calibrated predictions, abstention, adaptation report and zero-shot view."""
         method, labels = work.method.name, work.labels
-        zero_shot_model = self.calibrations.model("zero_shot", label_set)
-        method_model = self.calibrations.model(method, label_set)
+        zero_shot_model = self.calibrations.model("zero_shot", label_set, req.owner)
+        method_model = self.calibrations.model(method, label_set, req.owner)
         results = []
         for i in range(output.logits.shape[0]):
             logits = output.logits[i]  # [C]

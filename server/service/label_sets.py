@@ -1,7 +1,8 @@
 """Label sets: named labels with default templates and descriptions, stored durably or shipped by the model.
 
-The model's own sets (from its card) are served read-only beside the stored ones; a stored set cannot
-take a shipped set's name.
+The model's own sets (from its card) are served read-only beside the stored ones, to every owner; a
+stored set cannot take a shipped set's name. A stored set belongs to its ``owner`` (the name of the API
+key that created it, '' without keys): another owner's set is answered as absent.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class LabelSets:
         self.store = store
         self.shipped = shipped
         self.settings = settings
-        self.on_delete: list[Callable[[str], None]] = []  # told of a deleted label set: state kept for it goes
+        self.on_delete: list[Callable[[LabelSet], None]] = []  # told of a deleted label set: state kept for it goes
 
     def create(
         self,
@@ -54,6 +55,8 @@ class LabelSets:
         labels: Sequence[str],
         templates: Sequence[str] | str | None = None,
         descriptions: Mapping[str, list[str]] | None = None,
+        *,
+        owner: str = "",
     ) -> LabelSet:
         name = validate_label_set_name(name)
         checked = validate_labels(labels, self.settings)
@@ -63,21 +66,23 @@ class LabelSets:
             raise Conflict(
                 f"label set {name!r} is provided by the model and cannot be replaced", code="label_set_exists"
             )
-        return self.store.create_label_set(LabelSet(name, checked, resolved, described))
+        return self.store.create_label_set(LabelSet(name, checked, resolved, described, owner=owner))
 
-    def get(self, name: str) -> LabelSet:
+    def get(self, name: str, *, owner: str = "") -> LabelSet:
+        """The shipped set ``name``, else ``owner``'s; NotFound for another owner's."""
         if name in self.shipped:
             return self.shipped[name]
-        return self.store.get_label_set(name)
+        return self.store.get_label_set(name, owner)
 
-    def list(self) -> list[LabelSet]:
-        return sorted(self.shipped.values(), key=lambda s: s.name) + self.store.list_label_sets()
+    def list(self, *, owner: str = "") -> list[LabelSet]:
+        return sorted(self.shipped.values(), key=lambda s: s.name) + self.store.list_label_sets(owner)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, owner: str = "") -> None:
         if name in self.shipped:
             raise Conflict(
                 f"label set {name!r} is provided by the model and cannot be deleted", code="label_set_builtin"
             )
-        self.store.delete_label_set(name)
+        label_set = self.store.get_label_set(name, owner)
+        self.store.delete_label_set(name, owner)
         for forget in self.on_delete:
-            forget(name)
+            forget(label_set)

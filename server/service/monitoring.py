@@ -3,8 +3,9 @@
 If confidence is calibrated under shift, the mean confidence of a window of answers estimates their
 accuracy, and a fall in it is a drift alarm that needs no label: ``tta_estimated_accuracy{label_set}``
 over the last ``TTA_ACCURACY_WINDOW`` images of each label set. Label values stay bounded: a stored or
-shipped label set's name, and ``inline`` for every request that sends its labels; a deleted label set's
-series is removed. deploy/prometheus/alerts.yml alerts on a drop against the past day.
+shipped label set's name (``OWNER/NAME`` for a set stored under an API key's name), and ``inline`` for
+every request that sends its labels; a deleted label set's series is removed. deploy/prometheus/alerts.yml
+alerts on a drop against the past day.
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ import threading
 from collections import deque
 
 from server.metrics import Metrics
+from server.storage import LabelSet
 
 INLINE = "inline"  # the label value of requests that send their labels instead of naming a label set
+
+
+def series(label_set: LabelSet | None) -> str:
+    """The ``label_set`` label value of a request's label set: two owners' sets of one name are two series."""
+    if label_set is None:
+        return INLINE
+    return f"{label_set.owner}/{label_set.name}" if label_set.owner else label_set.name
 
 
 class AccuracyEstimate:
@@ -26,9 +35,9 @@ class AccuracyEstimate:
         self._windows: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def observe(self, label_set: str | None, confidences: list[float]) -> float:
+    def observe(self, label_set: LabelSet | None, confidences: list[float]) -> float:
         """Add a request's confidences to its label set's window; returns the window's mean."""
-        key = label_set or INLINE
+        key = series(label_set)
         with self._lock:
             window = self._windows.setdefault(key, deque(maxlen=self.window))
             window.extend(confidences)
@@ -37,10 +46,11 @@ class AccuracyEstimate:
         self.metrics.estimated_accuracy_images.labels(label_set=key).set(len(window))
         return mean
 
-    def forget(self, label_set: str) -> None:
+    def forget(self, label_set: LabelSet) -> None:
         """Drop a deleted label set's window and its series."""
+        key = series(label_set)
         with self._lock:
-            if self._windows.pop(label_set, None) is None:
+            if self._windows.pop(key, None) is None:
                 return
         for gauge in (self.metrics.estimated_accuracy, self.metrics.estimated_accuracy_images):
-            gauge.remove(label_set)
+            gauge.remove(key)

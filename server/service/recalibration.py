@@ -61,6 +61,7 @@ class Fit:
     label_set: str
     methods: list[str]
     images: int
+    owner: str = ""  # who started it: its calibration is theirs
     state: str = "running"  # running, fitted or failed
     done: int = 0  # images classified so far, over all methods
     error: str | None = None
@@ -99,35 +100,42 @@ class Recalibration:
         self.fitted = fitted
         self.classifier = classifier
         self.engine = engine
-        self._fits: dict[str, Fit] = {}
+        self._fits: dict[tuple[str, str], Fit] = {}  # (owner, label set) -> its fit
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def describe(self, name: str) -> dict[str, Any]:
-        """What ``GET /v1/label-sets/{name}/calibration`` shows: the fit in progress, and what is fitted."""
-        label_set = self.label_sets.get(name)
-        fit = self._fits.get(name)
+    def describe(self, name: str, *, owner: str = "") -> dict[str, Any]:
+        """What ``GET /v1/label-sets/{name}/calibration`` shows to ``owner``: the fit in progress, and what is
+        fitted."""
+        label_set = self.label_sets.get(name, owner=owner)
+        fit = self._fits.get((owner, name))
         return {
             "label_set": name,
             "fit": fit.describe() if fit else None,
-            "calibrations": self.fitted.describe(label_set),
+            "calibrations": self.fitted.describe(label_set, owner),
         }
 
-    def drop(self, name: str) -> None:
-        """Delete what was fitted for a label set: its answers go back to the label-free default."""
-        self.label_sets.get(name)
-        fit = self._fits.get(name)
+    def drop(self, name: str, *, owner: str = "") -> None:
+        """Delete what ``owner`` fitted for a label set: its answers go back to the label-free default."""
+        label_set = self.label_sets.get(name, owner=owner)
+        fit = self._fits.get((owner, name))
         if fit is not None and fit.state == "running":
             raise Conflict(f"a calibration of {name!r} is running; wait for it to end", code="calibration_running")
-        self.fitted.store.delete_calibrations(name)
-        self.fitted.forget(name)
-        self._fits.pop(name, None)
+        self.fitted.store.delete_calibrations(name, owner)
+        self.fitted.forget(label_set, owner)
+        self._fits.pop((owner, name), None)
 
     # -- fitting ---------------------------------------------------------------------------------
     def start(
-        self, name: str, images: Sequence[ImageInput], labels: Sequence[str], methods: Sequence[str] | None = None
+        self,
+        name: str,
+        images: Sequence[ImageInput],
+        labels: Sequence[str],
+        methods: Sequence[str] | None = None,
+        *,
+        owner: str = "",
     ) -> dict[str, Any]:
-        """Check the request and start fitting in the background; returns what ``describe`` shows."""
-        label_set = self.label_sets.get(name)
+        """Check the request and start fitting, for ``owner``, in the background; returns what ``describe`` shows."""
+        label_set = self.label_sets.get(name, owner=owner)
         methods = list(dict.fromkeys(methods or ["zero_shot"]))
         unknown = [m for m in methods if m not in method_names()]
         if unknown:
@@ -157,22 +165,22 @@ class Recalibration:
             )
         if not self.engine.ready:
             raise NotReady("the model is still loading; retry shortly", retry_after_s=1)
-        running = self._fits.get(name)
+        running = self._fits.get((owner, name))
         if running is not None and running.state == "running":
             raise Conflict(f"a calibration of {name!r} is already running", code="calibration_running")
         truth = torch.tensor([index[" ".join(str(label).split())] for label in labels])
-        fit = self._fits[name] = Fit(name, methods, len(images))
+        fit = self._fits[owner, name] = Fit(name, methods, len(images), owner)
         task = asyncio.get_running_loop().create_task(self._fit(fit, label_set, list(images), truth))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return self.describe(name)
+        return self.describe(name, owner=owner)
 
     async def _fit(self, fit: Fit, label_set: LabelSet, images: list[ImageInput], truth: torch.Tensor) -> None:
         try:
             for method in fit.methods:
                 anchors, answers, raw = await self._classify(fit, label_set, method, images)
                 record = await asyncio.get_running_loop().run_in_executor(
-                    None, self._fitted, label_set, method, anchors, answers, raw, truth
+                    None, self._fitted, fit, label_set, method, anchors, answers, raw, truth
                 )
                 self.fitted.keep(record)
             fit.state = "fitted"
@@ -204,6 +212,7 @@ class Recalibration:
                 seed=SEED + start,
                 compare=True,
                 monitor=False,
+                owner=fit.owner,
             )
             for _ in range(OVERLOAD_RETRIES):
                 answer = await self.classifier.classify(request)
@@ -230,6 +239,7 @@ class Recalibration:
 
     def _fitted(
         self,
+        fit: Fit,
         label_set: LabelSet,
         method: str,
         anchors: torch.Tensor,
@@ -242,7 +252,7 @@ class Recalibration:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(SEED))
         half, rest = order[: n // 2], order[n // 2 :]
         right = (answers == truth).float()
-        before = self.fitted.model(method, label_set)
+        before = self.fitted.model(method, label_set, fit.owner)
         data = f"label set {label_set.name}, {method}"
         prior, strength = self.fitted.calibration.label_free, PRIOR_STRENGTH
         trial = ConfidenceModel.fit(anchors[half], truth[half], data, answers[half], prior, strength)
@@ -264,6 +274,7 @@ class Recalibration:
             backbone.fingerprint if backbone else "",
             model.to_dict(),
             {"images": n, "held_out": held_out},
+            owner=fit.owner,
         )
 
     def cancel(self) -> None:

@@ -1,9 +1,9 @@
 """What the server keeps on purpose, and the protocol every store implements.
 
-Today: label sets and the calibrations fitted on their labelled images. Later state (adapters, jobs,
-sessions, API keys) goes through the same protocol, so a deployment can move from the embedded SQLite
-file to a shared database without the service layer noticing. Every write is durable when the call
-returns.
+Today: label sets and the calibrations fitted on their labelled images, each kept for an owner (a tenant:
+the name of an API key). Later state (adapters, jobs, sessions) goes through the same protocol, so a
+deployment can move from the embedded SQLite file to a shared database without the service layer
+noticing. Every write is durable when the call returns.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class LabelSet:
     descriptions: dict[str, list[str]] | None = None
     created_at: float = field(default_factory=time.time)
     source: str = "user"  # "user" (stored) or "model" (shipped with the model, read-only)
+    owner: str = ""  # the name of the API key that stored it ('' without keys); shipped sets have none
 
 
 @dataclass(frozen=True)
@@ -40,31 +41,38 @@ class CalibrationRecord:
     model: dict[str, Any]  # the ConfidenceModel's to_dict()
     report: dict[str, Any]  # images, held-out ECE before and after
     created_at: float = field(default_factory=time.time)
+    owner: str = ""  # the owner of the label set
 
 
 class Store(Protocol):
-    """Durable state. Raises ``server.errors.Conflict`` for a name taken, ``NotFound`` for one missing."""
+    """Durable state. Raises ``server.errors.Conflict`` for a name taken, ``NotFound`` for one missing.
 
-    def create_label_set(self, label_set: LabelSet) -> LabelSet: ...
+    Everything kept belongs to an ``owner`` (a tenant: the name of the API key that stored it, '' without
+    keys); names are unique per owner, and every lookup by name sees the owner's rows only.
+    """
 
-    def get_label_set(self, name: str) -> LabelSet: ...
+    def create_label_set(self, label_set: LabelSet) -> LabelSet:
+        """Keep ``label_set`` for ``label_set.owner``."""
+        ...
 
-    def list_label_sets(self) -> list[LabelSet]: ...
+    def get_label_set(self, name: str, owner: str = "") -> LabelSet: ...
 
-    def delete_label_set(self, name: str) -> None:
+    def list_label_sets(self, owner: str = "") -> list[LabelSet]: ...
+
+    def delete_label_set(self, name: str, owner: str = "") -> None:
         """Delete a label set and everything kept for it (its calibrations)."""
         ...
 
     def save_calibration(self, record: CalibrationRecord) -> None:
-        """Keep ``record``, replacing the label set's earlier one for the same method."""
+        """Keep ``record``, replacing the owner's earlier one for the same label set and method."""
         ...
 
-    def calibrations(self, label_set: str | None = None) -> list[CalibrationRecord]:
-        """The calibrations kept for ``label_set`` (all label sets: None)."""
+    def calibrations(self, label_set: str | None = None, owner: str = "") -> list[CalibrationRecord]:
+        """The calibrations ``owner`` keeps for ``label_set`` (every owner's, of all label sets: None)."""
         ...
 
-    def delete_calibrations(self, label_set: str) -> None:
-        """Delete the calibrations kept for ``label_set``."""
+    def delete_calibrations(self, label_set: str, owner: str = "") -> None:
+        """Delete the calibrations ``owner`` keeps for ``label_set``."""
         ...
 
     def close(self) -> None: ...

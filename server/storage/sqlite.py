@@ -43,6 +43,36 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (label_set, method)
     );
     """,
+    # 3: tenants. Every row belongs to the name of the API key that stored it ('' without keys, and for the rows
+    # stored before keys existed); names are unique per owner. SQLite cannot change a primary key in place.
+    """
+    CREATE TABLE label_sets_3 (
+        owner TEXT NOT NULL DEFAULT '',
+        name TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        templates TEXT,
+        descriptions TEXT,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (owner, name)
+    );
+    INSERT INTO label_sets_3 SELECT '', name, labels, templates, descriptions, created_at FROM label_sets;
+    DROP TABLE label_sets;
+    ALTER TABLE label_sets_3 RENAME TO label_sets;
+    CREATE TABLE calibrations_3 (
+        owner TEXT NOT NULL DEFAULT '',
+        label_set TEXT NOT NULL,
+        method TEXT NOT NULL,
+        label_set_fingerprint TEXT NOT NULL,
+        model_fingerprint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        report TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (owner, label_set, method)
+    );
+    INSERT INTO calibrations_3 SELECT '', * FROM calibrations;
+    DROP TABLE calibrations;
+    ALTER TABLE calibrations_3 RENAME TO calibrations;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -123,6 +153,7 @@ class SqliteStore:
 
     def create_label_set(self, label_set: LabelSet) -> LabelSet:
         row = (
+            label_set.owner,
             label_set.name,
             json.dumps(list(label_set.labels)),
             json.dumps(list(label_set.templates)) if label_set.templates is not None else None,
@@ -131,7 +162,7 @@ class SqliteStore:
         )
         with self._writing() as db:
             try:
-                db.execute("INSERT INTO label_sets VALUES (?, ?, ?, ?, ?)", row)
+                db.execute("INSERT INTO label_sets VALUES (?, ?, ?, ?, ?, ?)", row)
             except sqlite3.IntegrityError:
                 raise Conflict(
                     f"label set {label_set.name!r} already exists; DELETE it first to replace it",
@@ -139,29 +170,30 @@ class SqliteStore:
                 ) from None
         return label_set
 
-    def get_label_set(self, name: str) -> LabelSet:
+    def get_label_set(self, name: str, owner: str = "") -> LabelSet:
         with self._lock:
-            row = self._db.execute("SELECT * FROM label_sets WHERE name = ?", (name,)).fetchone()
+            row = self._db.execute("SELECT * FROM label_sets WHERE owner = ? AND name = ?", (owner, name)).fetchone()
         if row is None:
             raise NotFound(f"no label set named {name!r}; GET /v1/label-sets lists them", code="unknown_label_set")
         return _from_row(row)
 
-    def list_label_sets(self) -> list[LabelSet]:
+    def list_label_sets(self, owner: str = "") -> list[LabelSet]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM label_sets ORDER BY name").fetchall()
+            rows = self._db.execute("SELECT * FROM label_sets WHERE owner = ? ORDER BY name", (owner,)).fetchall()
         return [_from_row(r) for r in rows]
 
-    def delete_label_set(self, name: str) -> None:
+    def delete_label_set(self, name: str, owner: str = "") -> None:
         with self._writing() as db:
             db.execute("BEGIN")
-            cursor = db.execute("DELETE FROM label_sets WHERE name = ?", (name,))
-            db.execute("DELETE FROM calibrations WHERE label_set = ?", (name,))
+            cursor = db.execute("DELETE FROM label_sets WHERE owner = ? AND name = ?", (owner, name))
+            db.execute("DELETE FROM calibrations WHERE owner = ? AND label_set = ?", (owner, name))
             db.execute("COMMIT")
         if cursor.rowcount == 0:
             raise NotFound(f"no label set named {name!r}", code="unknown_label_set")
 
     def save_calibration(self, record: CalibrationRecord) -> None:
         row = (
+            record.owner,
             record.label_set,
             record.method,
             record.label_set_fingerprint,
@@ -171,22 +203,29 @@ class SqliteStore:
             record.created_at,
         )
         with self._writing() as db:
-            db.execute("INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            db.execute("INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
 
-    def delete_calibrations(self, label_set: str) -> None:
+    def delete_calibrations(self, label_set: str, owner: str = "") -> None:
         with self._writing() as db:
-            db.execute("DELETE FROM calibrations WHERE label_set = ?", (label_set,))
+            db.execute("DELETE FROM calibrations WHERE owner = ? AND label_set = ?", (owner, label_set))
 
-    def calibrations(self, label_set: str | None = None) -> list[CalibrationRecord]:
-        query = "SELECT * FROM calibrations" + (" WHERE label_set = ?" if label_set is not None else "")
+    def calibrations(self, label_set: str | None = None, owner: str = "") -> list[CalibrationRecord]:
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY label_set, method", (label_set,) if label_set else ()).fetchall()
-        return [CalibrationRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), r[6]) for r in rows]
+            if label_set is None:
+                rows = self._db.execute("SELECT * FROM calibrations ORDER BY owner, label_set, method").fetchall()
+            else:
+                query = "SELECT * FROM calibrations WHERE owner = ? AND label_set = ? ORDER BY method"
+                rows = self._db.execute(query, (owner, label_set)).fetchall()
+        return [
+            CalibrationRecord(r[1], r[2], r[3], r[4], json.loads(r[5]), json.loads(r[6]), r[7], owner=r[0])
+            for r in rows
+        ]
 
 
 def _from_row(row: tuple[Any, ...]) -> LabelSet:
-    name, labels, templates, descriptions, created_at = row
+    owner, name, labels, templates, descriptions, created_at = row
     return LabelSet(
+        owner=owner,
         name=name,
         labels=tuple(json.loads(labels)),
         templates=tuple(json.loads(templates)) if templates is not None else None,

@@ -57,3 +57,40 @@ def test_a_file_from_a_newer_server_is_refused_naming_the_setting(tmp_path):
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(ConfigError, match=r"newer than this server's.*TTA_DATA_DIR"):
         SqliteStore(path)
+
+
+# The tables as schema version 2 left them: before owners.
+VERSION_2 = """
+CREATE TABLE label_sets (
+    name TEXT PRIMARY KEY, labels TEXT NOT NULL, templates TEXT, descriptions TEXT, created_at REAL NOT NULL
+);
+CREATE TABLE calibrations (
+    label_set TEXT NOT NULL, method TEXT NOT NULL, label_set_fingerprint TEXT NOT NULL,
+    model_fingerprint TEXT NOT NULL, model TEXT NOT NULL, report TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (label_set, method)
+);
+PRAGMA user_version = 2;
+"""
+
+
+def test_rows_from_before_owners_belong_to_no_key_and_each_owner_has_its_own_names(tmp_path):
+    path = tmp_path / "ttaserve.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(VERSION_2)
+        db.execute("INSERT INTO label_sets VALUES ('pets', '[\"cat\", \"dog\"]', NULL, NULL, 1.0)")
+        db.execute("INSERT INTO calibrations VALUES ('pets', 'zero_shot', 'f1', 'm1', '{}', '{\"images\": 20}', 2.0)")
+    store = SqliteStore(path)
+    assert store.get_label_set("pets").owner == ""
+    assert [(r.owner, r.label_set, r.report) for r in store.calibrations()] == [("", "pets", {"images": 20})]
+    with pytest.raises(NotFound):
+        store.get_label_set("pets", owner="alice")  # invisible to a key
+
+    store.create_label_set(LabelSet("pets", ("hamster",), owner="alice"))  # the same name, another owner
+    assert store.get_label_set("pets", owner="alice").labels == ("hamster",)
+    assert store.get_label_set("pets").labels == ("cat", "dog")
+    assert [s.name for s in store.list_label_sets("bob")] == []
+    store.delete_label_set("pets", owner="alice")
+    assert store.get_label_set("pets").labels == ("cat", "dog")  # the other owner's is untouched
+    assert len(store.calibrations()) == 1
+    store.close()
+    assert user_version(path) == SCHEMA_VERSION

@@ -1,10 +1,14 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics: open to all, but ``/metrics`` asks for a key when
+``TTA_METRICS_REQUIRE_KEY`` is set."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import PlainTextResponse
 
+from server.api.auth import authorize_metrics
 from server.api.deps import DrainDep, RuntimeDep
 from server.api.openapi import errors
 from server.api.schemas import Status
@@ -28,15 +32,19 @@ def readyz(runtime: RuntimeDep, drain: DrainDep) -> Status:
     return Status(status="ready")
 
 
+_METRICS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The Prometheus text exposition format, version 0.0.4.",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
+
+
 @router.get(
     "/metrics",
     response_class=PlainTextResponse,
-    responses={
-        200: {
-            "description": "The Prometheus text exposition format, version 0.0.4.",
-            "content": {"text/plain": {"schema": {"type": "string"}}},
-        }
-    },
+    dependencies=[Depends(authorize_metrics)],
+    responses=_METRICS_TEXT | errors(401),
 )
 def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus metrics in the text exposition format."""

@@ -6,7 +6,8 @@
     tta bench --requests 200 --concurrency 8
     tta serve --port 8000                      # the server, when it is installed
 
-The server is ``--server`` or ``TTA_SERVER`` (default http://127.0.0.1:8000). Progress and summaries go
+The server is ``--server`` or ``TTA_SERVER`` (default http://127.0.0.1:8000), its API key ``--api-key`` or
+``TTA_API_KEY`` (prefer the variable: a flag shows in the process list). Progress and summaries go
 to stderr, results to stdout (or ``--output``), so the output pipes cleanly.
 """
 
@@ -74,18 +75,21 @@ def _progress() -> Progress:
 @click.option("--server", envvar="TTA_SERVER", default=DEFAULT_URL, show_default=True, help="The server's URL.")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True, help="Seconds per request.")
 @click.option("--retries", type=int, default=3, show_default=True, help="Tries after the first, with backoff.")
+@click.option(
+    "--api-key", envvar="TTA_API_KEY", default=None, help="The server's API key (sent as Authorization: Bearer)."
+)
 @click.pass_context
-def main(ctx: click.Context, server: str, timeout_s: float, retries: int) -> None:
+def main(ctx: click.Context, server: str, timeout_s: float, retries: int, api_key: str | None) -> None:
     """TTAServe from the command line: classify files and folders, manage label sets, calibrate, load-test."""
-    ctx.obj = {"server": server, "timeout_s": timeout_s, "retries": retries}
+    ctx.obj = {"server": server, "timeout_s": timeout_s, "retries": retries, "api_key": api_key or None}
 
 
 def _client(ctx: click.Context) -> Client:
-    return Client(ctx.obj["server"], ctx.obj["timeout_s"], ctx.obj["retries"])
+    return Client(ctx.obj["server"], ctx.obj["timeout_s"], ctx.obj["retries"], api_key=ctx.obj["api_key"])
 
 
 def _async_client(ctx: click.Context) -> AsyncClient:
-    return AsyncClient(ctx.obj["server"], ctx.obj["timeout_s"], ctx.obj["retries"])
+    return AsyncClient(ctx.obj["server"], ctx.obj["timeout_s"], ctx.obj["retries"], api_key=ctx.obj["api_key"])
 
 
 def _fail(exc: Exception) -> None:

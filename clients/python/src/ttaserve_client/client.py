@@ -5,7 +5,7 @@
         answer = tta.classify(["photo.jpg"], labels=["cat", "dog"])
         print(answer.results[0].label, answer.results[0].confidence)
 
-    async with AsyncClient(url) as tta:
+    async with AsyncClient(url, api_key=key) as tta:  # a server with API keys: sent as Authorization: Bearer
         answer = await tta.classify([...], label_set="animals", method="tpt")
 
 Each method builds one ``Call`` (what to send, how to read the answer, whether sending it twice is
@@ -144,10 +144,12 @@ class _Calls:
 
 
 class _Base:
-    def __init__(self, base_url: str, timeout_s: float, retries: int | RetryPolicy):
+    def __init__(self, base_url: str, timeout_s: float, retries: int | RetryPolicy, api_key: str | None):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.policy = retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries)
+        # Sent with every request; the key itself is kept nowhere else (not in repr or errors).
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def _outcome(self, call: Call[T], attempt: int, response: httpx.Response | None, error: Exception | None) -> float:
         """Seconds to wait before trying ``call`` again; raises when it must not be tried again."""
@@ -164,11 +166,19 @@ class _Base:
 
 
 class Client(_Base):
-    """Synchronous client. ``retries`` (or a ``RetryPolicy``) bounds the tries after the first."""
+    """Synchronous client. ``retries`` (or a ``RetryPolicy``) bounds the tries after the first; ``api_key`` is
+    sent as ``Authorization: Bearer KEY`` to a server with API keys."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, timeout_s: float = 60.0, retries: int | RetryPolicy = 3):
-        super().__init__(base_url, timeout_s, retries)
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout_s: float = 60.0,
+        retries: int | RetryPolicy = 3,
+        *,
+        api_key: str | None = None,
+    ):
+        super().__init__(base_url, timeout_s, retries, api_key)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=self._headers)
 
     def __enter__(self) -> Client:
         return self
@@ -294,9 +304,16 @@ class Client(_Base):
 class AsyncClient(_Base):
     """The same methods as ``Client``, awaited: many requests in flight from one event loop."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, timeout_s: float = 60.0, retries: int | RetryPolicy = 3):
-        super().__init__(base_url, timeout_s, retries)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s)
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout_s: float = 60.0,
+        retries: int | RetryPolicy = 3,
+        *,
+        api_key: str | None = None,
+    ):
+        super().__init__(base_url, timeout_s, retries, api_key)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, headers=self._headers)
 
     async def __aenter__(self) -> AsyncClient:
         return self
