@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pytest
+from pydantic import SecretStr
 
 from server.api import create_app
 from server.settings import Settings
@@ -250,3 +251,27 @@ def test_the_page_works_air_gapped_and_asks_nothing_beyond_loopback(page, url, s
     assert refused == []
     assert problems == []
     page.screenshot(path=shots / "web-air-gapped.png", full_page=True)
+
+
+def test_on_a_server_with_keys_the_page_asks_for_one_and_sends_it(browser, settings, shots):
+    from playwright.sync_api import expect
+
+    key = "web-page-key-0123456789"
+    keyed = settings.model_copy(update={"api_keys": SecretStr(f"web:{key}")})
+    with serve_in_thread(create_app(keyed)) as served:
+        page = browser.new_page()
+        try:
+            open_page(page, served)
+            expect(page.get_by_role("alert")).to_contain_text("could not load what the server offers")
+            page.get_by_label("API key (only when the server asks for one)").fill(key)
+            page.get_by_label("API key (only when the server asks for one)").dispatch_event("change")
+            expect(page.get_by_role("alert")).to_be_hidden()
+            expect(page.get_by_label("Test-time method")).to_have_value("zero_shot")
+            page.get_by_label("Choose images, or drop them here").set_input_files(EXAMPLES / "red_star.png")
+            page.get_by_label("Labels, separated by commas").fill("red star, blue square, green circle")
+            response, body = classify(page)
+            assert response.status == 200 and response.request.headers["authorization"] == f"Bearer {key}"
+            expect(page.locator(".card .prediction")).to_have_text(body["results"][0]["label"])
+            page.screenshot(path=shots / "web-with-key.png", full_page=True)
+        finally:
+            page.close()

@@ -56,10 +56,16 @@ async function errorOf(response) {
   return { code: `http_${response.status}`, message: `the server answered ${response.status} ${response.statusText}` };
 }
 
+// The API key, when the server has keys: sent to this server only, kept for this tab.
+function authorization() {
+  const key = $("api-key").value.trim();
+  return key ? { authorization: `Bearer ${key}` } : {};
+}
+
 async function getJSON(path) {
   let response;
   try {
-    response = await fetch(path, { headers: { accept: "application/json" } });
+    response = await fetch(path, { headers: { accept: "application/json", ...authorization() } });
   } catch (exc) {
     throw new Error(`could not reach the server for ${path}: ${exc.message}`);
   }
@@ -212,7 +218,7 @@ async function classify(event) {
   let response;
   try {
     // No X-Request-ID: the server assigns one and sends it back in the response's header.
-    response = await fetch("/v1/classify", { method: "POST", body: form });
+    response = await fetch("/v1/classify", { method: "POST", body: form, headers: authorization() });
   } catch (exc) {
     $("status").textContent = "";
     $("results").hidden = true; // what is shown must be the answer to this request, or nothing
@@ -356,5 +362,11 @@ document.addEventListener("DOMContentLoaded", () => {
     radio.addEventListener("change", () => state.last && render());
   }
   $("classify").addEventListener("submit", classify);
+  $("api-key").value = sessionStorage.getItem("tta-api-key") || "";
+  $("api-key").addEventListener("change", () => {
+    sessionStorage.setItem("tta-api-key", $("api-key").value.trim());
+    $("error").hidden = true;
+    loadChoices(); // what a key may see: its own label sets
+  });
   loadChoices().then(() => document.body.setAttribute("data-ready", "true"));
 });
