@@ -13,6 +13,7 @@ import uvicorn
 from server.api import create_app
 from server.api.drain import Drain
 from server.clip import load_backbone
+from server.connections import protocol, raise_descriptor_limit
 from server.errors import ConfigError
 from server.logs import configure_logging
 from server.service import check_settings
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    before, after = raise_descriptor_limit()
+    if after > before:
+        log.info("open-file limit raised from %d to %d (connections each hold one)", before, after)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=CLOSE_S,
+        http=protocol(settings.first_request_timeout_s),  # a connection that sends nothing is closed
+        timeout_keep_alive=settings.keep_alive_timeout_s,
     )
     server = DrainingServer(config, app.state.drain, settings.drain_grace_s)
     fatal: list[BaseException] = []

@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="Jobs waiting for the device; beyond it 429.")
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline; beyond it 504.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and with 503 while draining.")
+    first_request_timeout_s: float = Field(
+        10.0, gt=0, description="How long a new connection may take to send its first request's headers; then closed."
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, description="Seconds an idle keep-alive connection stays open between requests."
+    )
     drain_timeout_s: float | None = Field(
         None,
         gt=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -26,8 +27,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``python -m server ARGS`` with a data directory under ``tmp_path``, on the CPU, output captured."""
+def start(
+    args: list[str], tmp_path: Path, env: dict[str, str] | None = None, open_files: int | None = None
+) -> subprocess.Popen[str]:
+    """``python -m server ARGS`` with a data directory under ``tmp_path``, on the CPU, output captured;
+    ``open_files`` starts it with that soft limit on open files (as many machines do: 1,024)."""
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
     full_env.update({"TTA_DATA_DIR": str(tmp_path / "data"), "TTA_DEVICE": "cpu", **(env or {})})
     return subprocess.Popen(
@@ -37,6 +46,7 @@ def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) ->
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        preexec_fn=limit if open_files is not None else None,
     )
 
 
