@@ -84,8 +84,9 @@ class RequestContext:
                     "path": loggable(path),
                     "status": status,
                     "duration_ms": round(elapsed_ms, 1),
-                    "key": key_name,
                 }
+                if key_name:
+                    access["key"] = key_name
                 who = f" key={key_name}" if key_name else ""
                 log.info("%s %s %d %.1f ms%s", method, loggable(path), status, elapsed_ms, who, extra=access | fields)
                 self._leave()

@@ -35,7 +35,7 @@ def test_classify_over_loopback_then_shut_down_cleanly(served):
     assert proc.wait(PATIENCE_S) in (0, -signal.SIGTERM)
     log = proc.stdout.read()
     assert "Application shutdown complete" in log
-    assert "effective configuration" in log and "[e2e-1]" in log
+    assert "effective configuration" in log and "[e2e-1 -]" in log
 
 
 def test_label_sets_survive_a_process_restart(tiny_model_dir, tmp_path):
