@@ -44,7 +44,14 @@ _METRICS_TEXT: dict[int | str, dict[str, Any]] = {
     "/metrics",
     response_class=PlainTextResponse,
     dependencies=[Depends(authorize_metrics)],
-    responses=_METRICS_TEXT | errors(401),
+    # Written out: with a text/plain route, FastAPI would document the JSON error body as text/plain.
+    responses=_METRICS_TEXT
+    | {
+        401: {
+            "description": errors(401)[401]["description"],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        }
+    },
 )
 def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus metrics in the text exposition format."""
