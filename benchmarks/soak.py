@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     url = f"http://127.0.0.1:{args.port}"
     try:
-        with Client(url) as client:
+        with Client(url, api_key=keys[0] if keys else None) as client:
             if not client.wait_ready(600, alive=lambda: proc.poll() is None):
                 raise SystemExit(f"the server did not start:\n{(workdir / 'server.log').read_text()[-3000:]}")
             methods = [m.name for m in client.methods().methods if m.name != "zero_shot"]

@@ -188,10 +188,11 @@ def test_the_cli_throughput_benchmark_runs_tta_classify_beside_the_server(tiny_m
 def test_the_soak_drives_mixed_traffic_and_reports_per_interval(tiny_model_dir, capsys):
     result = soak.main(
         ["--model", f"local-dir:{tiny_model_dir}", "--minutes", "0.05", "--clients", "3", "--interval-s", "1",
-         "--label-set-every", "2", "--threads", "1", "--port", str(free_port())]
+         "--label-set-every", "2", "--keys", "2", "--threads", "1", "--port", str(free_port())]
     )  # fmt: skip
     assert result["unexpected_5xx"] == 0 and result["hung"] == 0
     assert sum(result["totals"].values()) >= 3 and result["rows"]
+    assert not any(status.endswith((" 401", " 403")) for status in result["totals"])  # the keys were taken
     assert {"rss_mib", "fds", "p50_s", "p99_s", "statuses"} <= set(result["rows"][0])
     assert set(result["served_zero_shot"]) == {"overload", "confident", "memory"}
     printed = capsys.readouterr().out
