@@ -52,7 +52,15 @@ def server_memory(pid: int) -> tuple[float, int]:
 
 
 class Soak:
-    def __init__(self, url: str, images: list[str], labels: list[str], methods: list[str], keys: list[str], args: Any):
+    def __init__(
+        self,
+        url: str,
+        images: list[str],
+        labels: list[str],
+        methods: list[str],
+        keys: list[tuple[str, str, str]],
+        args: Any,
+    ):
         self.url, self.images, self.labels, self.methods, self.keys, self.args = (
             url,
             images,
@@ -68,10 +76,12 @@ class Soak:
         self.hung = 0
         self.sets = 0
 
-    def headers(self, rng: random.Random, admin: bool = False) -> dict[str, str]:
+    def headers(self, index: int, admin: bool = False) -> dict[str, str]:
+        """Client ``index`` belongs to team ``index % keys``: its classify key, or its admin key."""
         if not self.keys:
             return {}
-        return {"Authorization": f"Bearer {self.keys[-1] if admin else rng.choice(self.keys[:-1])}"}
+        _, key, admin_key = self.keys[index % len(self.keys)]
+        return {"Authorization": f"Bearer {admin_key if admin else key}"}
 
     def record(self, kind: str, status: int | str, seconds: float | None) -> None:
         key = f"{kind} {status}"
@@ -120,7 +130,7 @@ class Soak:
                 started = time.monotonic()
                 try:
                     timeout = self.args.disconnect_after_s if kind == "disconnect" else HUNG_S
-                    r = await http.post("/v1/classify", json=body, headers=self.headers(rng), timeout=timeout)
+                    r = await http.post("/v1/classify", json=body, headers=self.headers(index), timeout=timeout)
                     self.record(kind, r.status_code, time.monotonic() - started)
                 except httpx.TimeoutException:
                     if kind == "disconnect":
@@ -134,7 +144,7 @@ class Soak:
     async def rotate_label_set(
         self, http: httpx.AsyncClient, rng: random.Random, index: int, old: str | None
     ) -> str | None:
-        headers = self.headers(rng, admin=True)
+        headers = self.headers(index, admin=True)
         if old is not None:
             r = await http.delete(f"/v1/label-sets/{old}", headers=headers)
             self.record("label_set_delete", r.status_code, None)
@@ -188,22 +198,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         images.append(base64.b64encode(buf.getvalue()).decode())
-    keys = [f"soak-key-{i}-{random.Random(i).getrandbits(64):x}" for i in range(args.keys + 1)] if args.keys else []
+    # Team i has a classify key and an admin key of one name: one tenant, whose label sets its requests use.
+    keys = [
+        (
+            f"team{i}",
+            f"soak-{i}-{random.Random(i).getrandbits(64):x}",
+            f"soak-admin-{i}-{random.Random(-i).getrandbits(64):x}",
+        )
+        for i in range(args.keys)
+    ]
     workdir = Path(tempfile.mkdtemp(prefix="tta-soak-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
     env.update({"TTA_MODEL": args.model, "TTA_PORT": str(args.port), "TTA_DATA_DIR": str(workdir / "data"),
                 "TTA_DEVICE": "cpu", "TTA_TORCH_THREADS": str(args.threads), "TTA_REQUEST_TIMEOUT_S": str(DEADLINE_S),
                 "TTA_LOG_LEVEL": "warning"})  # fmt: skip
     if keys:
-        env["TTA_API_KEYS"] = ",".join(f"client{i}:{k}" for i, k in enumerate(keys[:-1]))
-        env["TTA_ADMIN_API_KEYS"] = f"admin:{keys[-1]}"
+        env["TTA_API_KEYS"] = ",".join(f"{name}:{key}" for name, key, _ in keys)
+        env["TTA_ADMIN_API_KEYS"] = ",".join(f"{name}:{admin}" for name, _, admin in keys)
     log = (workdir / "server.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{args.port}"
     try:
-        with Client(url, api_key=keys[0] if keys else None) as client:
+        with Client(url, api_key=keys[0][1] if keys else None) as client:
             if not client.wait_ready(600, alive=lambda: proc.poll() is None):
                 raise SystemExit(f"the server did not start:\n{(workdir / 'server.log').read_text()[-3000:]}")
             methods = [m.name for m in client.methods().methods if m.name != "zero_shot"]
