@@ -156,19 +156,29 @@ class Soak:
         self.record("label_set_create", r.status_code, None)
         return name if r.status_code == 201 else None
 
+    async def text_cache_mib(self) -> float:
+        """``tta_text_cache_bytes`` (what the caches hold, within TTA_TEXT_CACHE_BYTES), in MiB."""
+        headers = {"Authorization": f"Bearer {self.keys[0][1]}"} if self.keys else {}
+        async with httpx.AsyncClient(base_url=self.url, timeout=HUNG_S) as http:
+            text = (await http.get("/metrics", headers=headers)).text
+        match = re.search(r"^tta_text_cache_bytes (\S+)$", text, re.M)
+        return float(match.group(1)) / 2**20 if match else float("nan")
+
     async def watch(self, pid: int, until: float, rows: list[dict[str, Any]]) -> None:
         minute = 0
         while time.monotonic() < until:
             await asyncio.sleep(min(self.args.interval_s, max(0.0, until - time.monotonic())))
             minute += 1
             rss, fds = server_memory(pid)
+            cache_mib = await self.text_cache_mib()
             lat = sorted(self.latencies)
             q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [float("nan")] * 99
-            row = {"interval": minute, "rss_mib": rss, "fds": fds, "p50_s": q[49], "p99_s": q[98],
-                   "answered": len(lat), "statuses": dict(sorted(self.window.items()))}  # fmt: skip
+            row = {"interval": minute, "rss_mib": rss, "fds": fds, "text_cache_mib": cache_mib, "p50_s": q[49],
+                   "p99_s": q[98], "answered": len(lat), "statuses": dict(sorted(self.window.items()))}  # fmt: skip
             rows.append(row)
             print(
-                f"[{minute * self.args.interval_s / 60:5.1f} min] rss {rss:7.1f} MiB  fds {fds:4d}  answered "
+                f"[{minute * self.args.interval_s / 60:5.1f} min] rss {rss:7.1f} MiB  text caches "
+                f"{cache_mib:5.1f} MiB  fds {fds:4d}  answered "
                 f"{len(lat):5d}  p50 {q[49] * 1000:7.0f} ms  p99 {q[98] * 1000:7.0f} ms  "
                 + "  ".join(f"{k}: {v}" for k, v in sorted(self.window.items())),
                 flush=True,
@@ -189,6 +199,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     parser.add_argument("--port", type=int, default=8767)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="NAME=VALUE",
+        help="also set this in the server's environment (e.g. TTA_TEXT_CACHE_BYTES=..., MALLOC_ARENA_MAX=2)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here (JSON)")
     args = parser.parse_args(argv)
 
@@ -212,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env.update({"TTA_MODEL": args.model, "TTA_PORT": str(args.port), "TTA_DATA_DIR": str(workdir / "data"),
                 "TTA_DEVICE": "cpu", "TTA_TORCH_THREADS": str(args.threads), "TTA_REQUEST_TIMEOUT_S": str(DEADLINE_S),
                 "TTA_LOG_LEVEL": "warning"})  # fmt: skip
+    env.update(dict(item.split("=", 1) for item in args.server_env))
     if keys:
         env["TTA_API_KEYS"] = ",".join(f"{name}:{key}" for name, key, _ in keys)
         env["TTA_ADMIN_API_KEYS"] = ",".join(f"{name}:{admin}" for name, _, admin in keys)
@@ -262,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"resident memory {warm:.0f} MiB after the first interval, {last:.0f} MiB at the end: "
           f"{100 * result['rss_growth_after_warm_up']:+.1f}%")  # fmt: skip
     print(f"p99: {1000 * rows[0]['p99_s']:.0f} ms in the first interval, {1000 * rows[-1]['p99_s']:.0f} ms in the last")
+    first_cache, last_cache = rows[0]["text_cache_mib"], rows[-1]["text_cache_mib"]
+    print(f"text caches: {first_cache:.1f} MiB after the first interval, {last_cache:.1f} MiB at the end "
+          f"(budget TTA_TEXT_CACHE_BYTES, default 256 MiB)")  # fmt: skip
     print(f"adaptation requests served zero-shot, by reason: {skipped or 'none'}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
