@@ -26,9 +26,8 @@ LABELS = ("red", "green", "blue")
 STEPS = 10
 
 
-def test_a_client_that_disconnects_stops_its_adaptation(settings, caplog):
-    entered, release = threading.Event(), threading.Event()
-    steps: list[int] = []  # one entry per pass of the request's prompts through the text tower
+def held_at_step_one(entered: threading.Event, release: threading.Event, steps: list[int]):
+    """A loader whose text tower counts the request's passes in ``steps`` and holds the first until ``release``."""
 
     def load(settings_, spec):
         backbone = load_backbone(settings_, spec)
@@ -44,6 +43,14 @@ def test_a_client_that_disconnects_stops_its_adaptation(settings, caplog):
 
         backbone.encode_text_with_contexts = held
         return backbone
+
+    return load
+
+
+def test_a_client_that_disconnects_stops_its_adaptation(settings, caplog):
+    entered, release = threading.Event(), threading.Event()
+    steps: list[int] = []  # one entry per pass of the request's prompts through the text tower
+    load = held_at_step_one(entered, release, steps)
 
     caplog.set_level(logging.INFO)
     body = json.dumps(
@@ -90,21 +97,7 @@ def test_a_client_that_disconnects_stops_its_adaptation(settings, caplog):
 def test_a_request_past_its_deadline_stops_its_adaptation_and_says_why(settings, caplog):
     entered, release = threading.Event(), threading.Event()
     steps: list[int] = []
-
-    def load(settings_, spec):
-        backbone = load_backbone(settings_, spec)
-        encode = backbone.encode_text_with_contexts
-
-        def held(ctx, inputs):
-            if inputs[0].labels == LABELS:
-                steps.append(len(steps) + 1)
-                if len(steps) == 1:
-                    entered.set()
-                    release.wait(PATIENCE_S)
-            return encode(ctx, inputs)
-
-        backbone.encode_text_with_contexts = held
-        return backbone
+    load = held_at_step_one(entered, release, steps)
 
     caplog.set_level(logging.INFO, logger="ttaserve")
     body = {
