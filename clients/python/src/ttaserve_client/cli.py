@@ -106,8 +106,9 @@ class _Writer:
     """Rows of results as JSON lines, CSV or (once all are in) a table."""
 
     def __init__(self, fmt: str, out: TextIO):
-        self.fmt, self.out, self.rows = fmt, out, []  # type: tuple[str, TextIO, list[dict[str, Any]]]
-        self.csv: Any = None
+        self.fmt, self.out = fmt, out
+        self.rows: list[dict[str, Any]] = []  # the table's, printed once all are in
+        self.csv: csv.DictWriter[str] | None = None
 
     def add(self, path: Path, answer: Classification, index: int) -> None:
         result = answer.results[index]
