@@ -8,19 +8,10 @@ from subprocess import Popen
 
 import pytest
 
-from tests.support.apps import PATIENCE_S
-from tests.support.servers import free_port, start, wait_served
+from tests.support.servers import running
 
 
 @pytest.fixture
 def served(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Popen[str]]]:
-    port = free_port()
-    proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(port), "--max-batch-delay-ms", "1"], tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_served(url, proc)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(PATIENCE_S)
+    with running(tiny_model_dir, tmp_path, "--max-batch-delay-ms", "1") as served:
+        yield served

@@ -12,31 +12,14 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from subprocess import Popen
 
 import httpx
 
 from tests.support.apps import PATIENCE_S, metric, wait_until
 from tests.support.images import b64, png_bytes
-from tests.support.servers import free_port, start, wait_served
+from tests.support.servers import running
 
 BODY = {"images": [b64(png_bytes(seed=3))], "labels": ["red", "green", "blue"]}
-
-
-@contextmanager
-def server(tiny_model_dir, tmp_path, *flags: str) -> Iterator[tuple[str, Popen[str]]]:
-    port = free_port()
-    proc = start(["--model", f"local-dir:{tiny_model_dir}", "--port", str(port), *flags], tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_served(url, proc)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(PATIENCE_S)
 
 
 def in_flight(url: str) -> float:
@@ -100,7 +83,7 @@ class Load:
 
 
 def test_sigterm_drains_under_load_then_exits_0(tiny_model_dir, tmp_path):
-    with server(tiny_model_dir, tmp_path, "--drain-timeout-s", str(PATIENCE_S), "--retry-after-s", "2") as (url, proc):
+    with running(tiny_model_dir, tmp_path, "--drain-timeout-s", str(PATIENCE_S), "--retry-after-s", "2") as (url, proc):
         held = HeldUpload(url)
         wait_until(lambda: in_flight(url) == 1, "the held upload to be in flight")
         load = Load(url)
@@ -140,7 +123,7 @@ def test_sigterm_drains_under_load_then_exits_0(tiny_model_dir, tmp_path):
 
 def test_a_drain_ends_after_its_grace_period_even_with_a_request_in_flight(tiny_model_dir, tmp_path):
     grace_s = 1.0
-    with server(tiny_model_dir, tmp_path, "--drain-timeout-s", str(grace_s)) as (url, proc):
+    with running(tiny_model_dir, tmp_path, "--drain-timeout-s", str(grace_s)) as (url, proc):
         held = HeldUpload(url)  # never finished
         wait_until(lambda: in_flight(url) == 1, "the held upload to be in flight")
         signalled = time.monotonic()

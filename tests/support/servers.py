@@ -50,6 +50,22 @@ def start(
     )
 
 
+@contextmanager
+def running(model_dir: Path, tmp_path: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``python -m server`` on ``model_dir`` with ``flags``, ready; yields its URL and process, killed after
+    unless the test ended it."""
+    port = free_port()
+    proc = start(["--model", f"local-dir:{model_dir}", "--port", str(port), *flags], tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_served(url, proc)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(PATIENCE_S)
+
+
 def wait_served(url: str, proc: subprocess.Popen[str]) -> None:
     """Wait until the process at ``url`` is ready; fail with its output if it exits first."""
     with Client(url, timeout_s=PATIENCE_S) as client:
