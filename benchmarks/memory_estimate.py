@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from adapters import get_method
-from benchmarks._lib.peaks import CudaPeak, ProcessPeak
-from benchmarks.adaptation_latency import (
+from benchmarks._lib.latency_inputs import (
     LabelSet,
     add_model_arguments,
     class_names,
@@ -34,6 +33,7 @@ from benchmarks.adaptation_latency import (
     method_options,
     run_ours,
 )
+from benchmarks._lib.peaks import CudaPeak, ProcessPeak
 from server.clip import load_backbone
 from server.clip.probes import ActivationBytes
 from server.engine.admission import MemoryModel
