@@ -79,16 +79,12 @@ class RequestContext:
                 key_name = state.get("key_name")
                 if key_name:
                     key_name_var.set(key_name)
-                access = {
-                    "method": method,
-                    "path": loggable(path),
-                    "status": status,
-                    "duration_ms": round(elapsed_ms, 1),
-                }
+                shown = loggable(path)
+                access = {"method": method, "path": shown, "status": status, "duration_ms": round(elapsed_ms, 1)}
                 if key_name:
                     access["key"] = key_name
                 who = f" key={key_name}" if key_name else ""
-                log.info("%s %s %d %.1f ms%s", method, loggable(path), status, elapsed_ms, who, extra=access | fields)
+                log.info("%s %s %d %.1f ms%s", method, shown, status, elapsed_ms, who, extra=access | fields)
                 self._leave()
             key_name_var.reset(key_token)
             request_fields_var.reset(fields_token)
