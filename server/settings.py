@@ -123,7 +123,15 @@ class Settings(BaseSettings):
         ge=0,
         description="One byte budget for the text caches (class features, prompt inputs), keys included.",
     )
-    decode_threads: int = Field(2, ge=1, description="Threads that decode and preprocess images.")
+    text_budget_s: float = Field(
+        10.0,
+        gt=0,
+        description="Most estimated seconds of class text (label sets not yet cached) the zero-shot lane takes on at "
+        "once; beyond it, requests that need more are refused with 429 text_queue_full. An idle lane takes any.",
+    )
+    decode_threads: int = Field(
+        2, ge=1, description="Threads that decode and preprocess images, and tokenize label sets not yet cached."
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (unset: torch's default).")
 
     # The adaptation lane

@@ -59,7 +59,7 @@ class ClassifyResponse(BaseModel):
     method: str
     results: list[Result]
     timings: dict[str, float] = Field(
-        ..., description="Seconds spent per stage: decode, queue, encode, classify, total."
+        ..., description="Seconds spent per stage: decode, tokenize, queue, encode, classify (or adapt), total."
     )
 
 

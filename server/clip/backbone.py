@@ -6,7 +6,8 @@ embeddings with a learned context spliced in (``prompt_inputs``, ``encode_text_w
 tower's parts in ``server/clip/prompting.py``), and TTL's LoRA splits the vision tower at the first
 adapted block (``lora_targets``, ``vision_prefix``, ``vision_suffix``; ``server/clip/lowrank.py``).
 Both are written against open_clip 3.3.0 and pinned by equivalence tests. The model's weights are
-never modified. Only the engine's lanes call the encoders; ``preprocess`` is safe from any thread.
+never modified. Only the engine's lanes call the encoders; ``preprocess`` and ``tokenize`` are safe from any
+thread.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +73,7 @@ class Backbone:
         self.context_length = int(getattr(model, "context_length", 77))
         self.fingerprint = ""  # a digest of the weights: set by measure_fingerprint on the engine's thread
         self.prompt_cache: ByteLRU[PromptInputs] = ByteLRU(prompt_cache_bytes, lambda p: p.nbytes)
+        self._tokenizer_lock = threading.Lock()  # open_clip's tokenizer keeps a word cache that is not thread-safe
 
     @property
     def visual(self) -> torch.nn.Module:
@@ -91,26 +94,36 @@ class Backbone:
             return torch.nn.functional.normalize(feats.float(), dim=-1)
 
     # -- text -----------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[P] prompts -> [P, D] unit-norm text features (float32, on the device).
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[P] prompts -> [P, context] token ids (CPU). Safe from any thread: the service tokenizes a label
+        set's prompts off the lanes, and the tokenizer's word cache is guarded and bounded here."""
+        with self._tokenizer_lock:
+            tokens: torch.Tensor = self.tokenizer(list(prompts))
+            self._bound_tokenizer_cache()
+        return tokens
 
-        In CLIP's causal text tower each chunk is cut after its longest prompt's EOT (a label set's
-        prompts are a few tokens of the 77: 5-10x less text compute); other towers run whole.
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[p, context] token ids (at most ``TEXT_CHUNK`` rows: one call is the unit the lanes cannot
+        interrupt) -> [p, D] unit-norm text features (float32, on the device).
+
+        In CLIP's causal text tower the call is cut after its longest prompt's EOT (a label set's prompts
+        are a few tokens of the 77: 5-10x less text compute); other towers run whole.
         """
         try:
             encode = text_tower(self.model, self.tokenizer).encode_tokens
         except UnsupportedModel:  # not a causal CLIP text tower: open_clip's own encode_text
             encode = self.model.encode_text  # type: ignore[assignment]
-        out = []
         with torch.inference_mode():
-            for start in range(0, len(prompts), TEXT_CHUNK):
-                tokens = self.tokenizer(prompts[start : start + TEXT_CHUNK]).to(self.device)  # [p, 77]
-                out.append(torch.nn.functional.normalize(encode(tokens).float(), dim=-1))  # [p, D]
-        self._bound_tokenizer_cache()
-        return torch.cat(out)
+            return torch.nn.functional.normalize(encode(tokens.to(self.device)).float(), dim=-1)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[P] prompts -> [P, D] unit-norm text features (float32, on the device), ``TEXT_CHUNK`` at a time."""
+        tokens = self.tokenize(prompts)
+        return torch.cat([self.encode_tokens(chunk) for chunk in torch.split(tokens, TEXT_CHUNK)])
 
     def _bound_tokenizer_cache(self) -> None:
-        """open_clip's BPE tokenizer keeps every word it has seen; past ``TOKENIZER_CACHE_WORDS`` it starts over."""
+        """open_clip's BPE tokenizer keeps every word it has seen; past ``TOKENIZER_CACHE_WORDS`` it starts
+        over. The caller holds the tokenizer's lock."""
         cache = getattr(self.tokenizer, "cache", None)
         if isinstance(cache, dict) and len(cache) > TOKENIZER_CACHE_WORDS:
             decoder = getattr(self.tokenizer, "decoder", {})
@@ -170,8 +183,11 @@ class Backbone:
             return cached
         tower = self._text_tower()
         tok = self.tokenizer
+        with self._tokenizer_lock:
+            init_list = tok.encode(ctx_init)
+            self._bound_tokenizer_cache()
         with torch.inference_mode(False), torch.no_grad():
-            init_ids = torch.tensor(tok.encode(ctx_init), dtype=torch.long, device=self.device)  # [n_ctx]
+            init_ids = torch.tensor(init_list, dtype=torch.long, device=self.device)  # [n_ctx]
             n_ctx = int(init_ids.numel())
             if n_ctx < 1:
                 raise UnsupportedModel(f"ctx_init {ctx_init!r} has no tokens")
@@ -180,7 +196,7 @@ class Backbone:
                     f"ctx_init {ctx_init!r} ({n_ctx} tokens) does not fit the text context "
                     f"of {self.context_length} tokens with a label after it"
                 )
-            ids = tok([f"{ctx_init} {label}." for label in labels]).to(self.device)  # [C, 77]
+            ids = self.tokenize([f"{ctx_init} {label}." for label in labels]).to(self.device)  # [C, 77]
             if not bool((ids[:, 1 : 1 + n_ctx] == init_ids).all()):
                 raise UnsupportedModel(f"ctx_init {ctx_init!r} tokenizes differently when a label follows it")
             eot = tower.pool_positions(ids)  # [C]
@@ -196,7 +212,6 @@ class Backbone:
                 tokens=ids,
             )
         self.prompt_cache.put(key, inputs)
-        self._bound_tokenizer_cache()
         return inputs
 
     def encode_text_with_context(self, ctx: torch.Tensor, inputs: PromptInputs) -> torch.Tensor:

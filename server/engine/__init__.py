@@ -6,7 +6,8 @@
 (views, one encoder pass, stacked steps); ``classes`` builds and caches class text features.
 """
 
+from server.engine.classes import ClassText
 from server.engine.engine import Engine
 from server.engine.work import Demand, ImageReport, JobOutput, Work
 
-__all__ = ["Demand", "Engine", "ImageReport", "JobOutput", "Work"]
+__all__ = ["ClassText", "Demand", "Engine", "ImageReport", "JobOutput", "Work"]

@@ -9,8 +9,10 @@ through ``server.engine.runner.Runner``. Callers submit ``Work`` and await the r
 
 Admission: a full zero-shot queue raises ``Overloaded``. An adaptation request is admitted when its
 estimated cost fits in the lane's budget beside the work already admitted; otherwise it is served
-zero-shot with ``skipped = "overload"``. Deadlines and disconnects are checked before a job runs and
-between adaptation steps.
+zero-shot with ``skipped = "overload"``. Class text not yet cached is tokenized by the service, off the
+lanes, and priced: the zero-shot lane encodes it a chunk per turn between image batches and takes at most
+``text_budget_s`` of it at once (an idle lane takes any); an adaptation request pays for its own.
+Deadlines and disconnects are checked before a job runs, between text chunks and between adaptation steps.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from server.clip.backbone import Backbone
 from server.clip.cache import split_text_budget
 from server.clip.probes import ActivationBytes
 from server.engine.admission import CostModel, MemoryModel, default_memory_budget
-from server.engine.classes import ClassFeatures
+from server.engine.classes import ClassFeatures, ClassText, TextBuild
 from server.engine.lane import Lane
 from server.engine.runner import Runner
 from server.engine.work import Demand, Job, JobOutput, Work
@@ -187,6 +189,29 @@ class Engine:
             retry_after_s=self.settings.retry_after_s,
         )
 
+    def _check_text_capacity(self, text_s: float, n_labels: int) -> None:
+        """Raise Overloaded when the zero-shot lane has more class text to encode than ``TTA_TEXT_BUDGET_S``
+        beside this request's ``text_s`` seconds of it. An idle lane takes any build. The caller holds the lock."""
+        prompts = sum(j.build.remaining for j in self.zero_shot_lane.jobs() if j.build is not None)
+        pending = prompts * self.costs.prompt_s
+        if pending > 0 and pending + text_s > self.settings.text_budget_s:
+            raise Overloaded(
+                f"the server is encoding {pending:.1f} s of other label sets' text; this request's {n_labels} labels "
+                f"need about {text_s:.1f} s more, over the {self.settings.text_budget_s:g} s budget; retry later "
+                "(a label set, once encoded, is cached)",
+                code="text_queue_full",
+                retry_after_s=self.settings.retry_after_s,
+            )
+
+    def text_cached(self, work_text: ClassText) -> bool:
+        """Whether ``work_text``'s class features are cached (then nothing is tokenized for them)."""
+        return self.runner is not None and self.runner.classes.cached(work_text)
+
+    def start_text(self, work_text: ClassText) -> TextBuild:
+        """Tokenize ``work_text``'s prompts (from any thread but a lane's: the service's decode pool)."""
+        assert self.runner is not None
+        return self.runner.classes.start(work_text)
+
     # -- submitting -----------------------------------------------------------------------------
     async def run(self, work: Work, timeout_s: float) -> JobOutput:
         """Queue ``work`` and wait for it; raises Overloaded, NotReady, DeadlineExceeded or ClientClosed.
@@ -197,9 +222,12 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         job = Job(work, loop.create_future(), loop, deadline=time.monotonic() + timeout_s, adapts=work.adapts)
+        if work.text_build is not None and self.runner is not None and not self.runner.classes.cached(work.class_text):
+            job.build = work.text_build
+        text_s = job.build.remaining * self.costs.prompt_s if job.build is not None else 0.0
         with self._cond:
             if job.adapts:
-                job.cost_s = self._estimate_s(work.demand)
+                job.cost_s = self._estimate_s(work.demand) + text_s  # the adaptation lane builds its classes whole
                 if self.ready and self._admits(job.cost_s, timeout_s):
                     self.adaptation_lane.put(job)
                     self.pending_s += job.cost_s
@@ -208,6 +236,8 @@ class Engine:
                     job.adapts, job.skipped, job.cost_s = False, "overload", 0.0
             if not job.adapts:
                 self.check_capacity()
+                if text_s:
+                    self._check_text_capacity(text_s, len(work.labels))
                 self.zero_shot_lane.put(job)
             self._gauge_queue()
         if job.skipped:
@@ -242,11 +272,25 @@ class Engine:
         return live
 
     def _run_zero_shot(self, batch: list[Job]) -> None:
+        """Answer the jobs whose class features are ready; encode one chunk of the first unfinished build and put
+        the jobs still building back in the queue, so a large label set never holds the lane for long."""
         live = self._live(batch)
-        if live:
-            assert self.runner is not None
-            for job, output in zip(live, self.runner.zero_shot(live), strict=True):
+        assert self.runner is not None
+        classes = self.runner.classes
+        building = [j for j in live if j.build is not None and j.build.remaining and not classes.cached(j.build.text)]
+        ready = [j for j in live if j not in building]
+        if ready:
+            for job, output in zip(ready, self.runner.zero_shot(ready), strict=True):
                 job.resolve(output)
+        if not building:
+            return
+        first = building[0].build
+        assert first is not None
+        classes.step(first)
+        with self._cond:
+            for job in building:
+                if not self.zero_shot_lane.requeue(job):
+                    job.fail(NotReady("the server is shutting down"))
 
     def _run_adaptation(self, batch: list[Job]) -> None:
         try:

@@ -42,6 +42,7 @@ class Lane:
         self._fits = fits
         self._on_change = on_change
         self._queue: deque[Job] = deque()
+        self._running: list[Job] = []  # the batch the worker runs now
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name=f"tta-{name}", daemon=True)
 
@@ -55,6 +56,18 @@ class Lane:
         """Queue ``job``; the caller holds the lock."""
         self._queue.append(job)
         self._cond.notify_all()
+
+    def requeue(self, job: Job) -> bool:
+        """Put a job of the running batch back at the end of the queue, unless the lane is stopping
+        (then False). The caller holds the lock."""
+        if self._stopping:
+            return False
+        self.put(job)
+        return True
+
+    def jobs(self) -> list[Job]:
+        """The jobs waiting and the batch running; the caller holds the lock."""
+        return [*self._queue, *self._running]
 
     def stop(self) -> list[Job]:
         """Take no more batches; return the jobs still waiting. The caller holds the lock."""
@@ -76,6 +89,9 @@ class Lane:
                 log.exception("%s batch of %d job(s) failed", self.name, len(batch))
                 for job in batch:
                     job.fail(exc)
+            finally:
+                with self._cond:
+                    self._running = []
 
     def _next(self) -> list[Job] | None:
         """Wait for a job, then gather the jobs that fit it for up to ``delay_s``, within ``limit`` images."""
@@ -101,5 +117,6 @@ class Lane:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            self._running = batch
             self._on_change()
         return batch

@@ -83,9 +83,8 @@ class Runner:
         for job in jobs:
             t0 = time.monotonic()
             work = job.work
-            logits = self._predict(
-                work.method, feats[offset : offset + job.n_images], self.classes.get(work.labels, work.templates), work
-            )  # [N, C]
+            classes = self.classes.features(work.class_text, job.build)  # [C, D]
+            logits = self._predict(work.method, feats[offset : offset + job.n_images], classes, work)  # [N, C]
             offset += job.n_images
             timings = {"queue": started - job.enqueued_at, "encode": encode_s, "classify": time.monotonic() - t0}
             outputs.append(JobOutput(logits, timings, int(images.shape[0]), skipped=job.skipped))
@@ -112,12 +111,7 @@ class Runner:
         method = jobs[0].work.method
         options = jobs[0].work.options
         # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
-        classes = {
-            id(job): self.classes.get(
-                job.work.labels, job.work.templates, job.work.descriptions if method.uses_descriptions else None
-            ).clone()
-            for job in jobs
-        }  # each [C, D]
+        classes = {id(job): self.classes.features(job.work.class_text, job.build).clone() for job in jobs}  # [C, D]
         done: dict[tuple[int, int], Answer] = {}
         needs = {id(job): self.memory.image_bytes(backbone, method, options, job.work.labels) for job in jobs}
         items = [(job, i) for job in jobs for i in range(job.n_images)]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from adapters import Method, MethodOptions
+from server.engine.classes import ClassText, TextBuild
 from server.errors import ClientClosed, DeadlineExceeded
 
 
@@ -44,6 +45,7 @@ class Work:
     descriptions: tuple[tuple[str, ...], ...] | None = None  # per label, from its label set (TPS's prototypes)
     gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
     gate_margin: Callable[[torch.Tensor], float] | None = None  # [C] zero-shot logits -> their calibrated margin
+    text_build: TextBuild | None = None  # the class features' tokens when they were not cached (made off the lanes)
 
     @property
     def n_images(self) -> int:
@@ -52,6 +54,11 @@ class Work:
     @property
     def adapts(self) -> bool:
         return self.originals is not None
+
+    @property
+    def class_text(self) -> ClassText:
+        """What the class features are built from (the label set's descriptions when the method uses them)."""
+        return ClassText.for_method(self.method, self.labels, self.templates, self.descriptions)
 
     @property
     def demand(self) -> Demand:
@@ -98,6 +105,7 @@ class Job:
     deadline: float  # time.monotonic() after which the job is not worth running
     adapts: bool  # runs in the adaptation lane (False: zero-shot, including adaptation refused as overload)
     cost_s: float = 0.0  # estimated adaptation seconds, held against the lane's budget while admitted
+    build: TextBuild | None = None  # class features still to encode, a chunk per zero-shot lane turn
     skipped: str | None = None  # "overload": adaptation was refused and the job runs zero-shot
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # the client went away

@@ -23,7 +23,7 @@ from typing import Any
 from adapters import Method
 from adapters.losses import entropy
 from server.clip.spec import ModelSpec
-from server.engine import Demand, Engine, JobOutput, Work
+from server.engine import ClassText, Demand, Engine, JobOutput, Work
 from server.errors import ClientClosed, ClientError, DeadlineExceeded, InvalidInput, NotReady, Rejected, TTAError
 from server.logs import note
 from server.metrics import Metrics
@@ -185,6 +185,11 @@ class ClassifyService:
             settings.max_aspect_ratio,
         )
         decode_s = time.monotonic() - t0
+        text = ClassText.for_method(method, classes.labels, classes.templates, classes.descriptions)
+        t0, build = time.monotonic(), None
+        if not self.engine.text_cached(text):  # tokenized here, off the engine's lanes, in the bounded decode pool
+            build = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.engine.start_text, text)
+        tokenize_s = time.monotonic() - t0
         work = Work(
             images,
             classes.labels,
@@ -200,10 +205,11 @@ class ClassifyService:
             )
             if adaptive
             else None,
+            text_build=build,
         )
         remaining = timeout_s - (time.monotonic() - started)
         output = await self._run(work, max(remaining, 0.001), disconnected)
-        timings = {"decode": decode_s, **output.timings}
+        timings = {"decode": decode_s, "tokenize": tokenize_s, **output.timings}
         for stage, seconds in timings.items():
             self.metrics.stage_duration.labels(stage=stage).observe(seconds)
         timings["total"] = time.monotonic() - started

@@ -94,4 +94,4 @@ class Classification:
     model: ModelRef
     method: str
     results: list[Result]
-    timings: dict[str, float]  # decode, queue, encode, classify or adapt, total
+    timings: dict[str, float]  # decode, tokenize, queue, encode, classify or adapt, total

@@ -74,7 +74,7 @@ def test_response_shape_top_k_and_timings(client):
     assert body["request_id"] == r.headers["x-request-id"]
     assert len(body["results"]) == 2
     assert all(len(res["predictions"]) == 2 for res in body["results"])
-    assert set(body["timings"]) == {"decode", "queue", "encode", "classify", "total"}
+    assert set(body["timings"]) == {"decode", "tokenize", "queue", "encode", "classify", "total"}
     assert all(v >= 0 for v in body["timings"].values())
 
 
