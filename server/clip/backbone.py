@@ -31,6 +31,8 @@ from server.clip import lowrank
 from server.clip.cache import ByteLRU, split_text_budget
 from server.clip.prompting import TextTower, shared_prefix_block, shares_prefix, text_tower
 from server.clip.spec import HF_HUB, LOCAL_DIR, ModelSpec, resolve_device, resolve_model
+from server.clip.templates import render
+from server.clip.tokens import composable, tokenize_prompts
 from server.errors import ConfigError
 from server.settings import Settings
 
@@ -101,6 +103,17 @@ class Backbone:
             tokens: torch.Tensor = self.tokenizer(list(prompts))
             self._bound_tokenizer_cache()
         return tokens
+
+    def tokenize_rendered(self, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """[L * T, context] token ids of every template rendered with every label (label-major), as ``tokenize``
+        gives them, built from each label's and template's tokens when the tokenizer allows
+        (``server.clip.tokens``)."""
+        if not composable(self.tokenizer):
+            return self.tokenize([render(t, label) for label in labels for t in templates])
+        with self._tokenizer_lock:
+            ids = tokenize_prompts(self.tokenizer, labels, templates, self.tokenizer.context_length)
+            self._bound_tokenizer_cache()
+        return ids
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """[p, context] token ids (at most ``TEXT_CHUNK`` rows: one call is the unit the lanes cannot

@@ -7,7 +7,7 @@ instead: the mean of its template mean and the mean of its description prompts
 keyed by the labels, templates and descriptions; only the engine's lanes build them.
 
 A large label set is built a chunk at a time (``TextBuild``): the service tokenizes its prompts off the
-lanes, and the zero-shot lane encodes one ``TEXT_CHUNK`` between its image batches, so one request's
+lanes, and the zero-shot lane encodes a chunk of about 50 ms between its image batches, so one request's
 1,000 labels x 80 templates never hold everyone else's answers (``server.engine.engine``).
 """
 
@@ -21,7 +21,7 @@ import torch
 from adapters import Method
 from server.clip.backbone import TEXT_CHUNK, Backbone
 from server.clip.cache import ByteLRU, tensor_bytes
-from server.clip.templates import describe, render
+from server.clip.templates import describe
 
 Descriptions = tuple[tuple[str, ...], ...]
 
@@ -45,13 +45,12 @@ class ClassText:
         """A request's class text: its label set's descriptions count when the method uses them (TPS)."""
         return cls.of(labels, templates, descriptions if method.uses_descriptions else None)
 
-    def prompts(self) -> list[str]:
-        """Every template prompt (label-major), then every description sentence (label-major)."""
-        prompts = [render(t, label) for label in self.labels for t in self.templates]
-        if self.descriptions is not None:
-            described = zip(self.labels, self.descriptions, strict=True)
-            prompts += [describe(label, d) for label, ds in described for d in ds]
-        return prompts
+    def sentences(self) -> list[str]:
+        """Every description sentence, label-major (none without descriptions)."""
+        if self.descriptions is None:
+            return []
+        described = zip(self.labels, self.descriptions, strict=True)
+        return [describe(label, d) for label, ds in described for d in ds]
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -64,7 +63,8 @@ class ClassText:
         return len(self.labels) * len(self.templates) + described
 
     def pool(self, encoded: torch.Tensor) -> torch.Tensor:
-        """[n_prompts, D] prompt features, in ``prompts()`` order -> [C, D] unit-norm class features."""
+        """[n_prompts, D] prompt features (every template prompt, label-major, then every description sentence)
+        -> [C, D] unit-norm class features."""
         n_templates = len(self.labels) * len(self.templates)
         means = encoded[:n_templates].view(len(self.labels), len(self.templates), -1).mean(dim=1)  # [C, D]
         if self.descriptions is not None:
@@ -119,11 +119,15 @@ class ClassFeatures:
 
     def start(self, text: ClassText) -> TextBuild:
         """A build of ``text``'s features, its prompts tokenized (safe from any thread)."""
-        return TextBuild(text, self.backbone.tokenize(text.prompts()))
+        tokens = self.backbone.tokenize_rendered(text.labels, text.templates)
+        sentences = text.sentences()
+        if sentences:
+            tokens = torch.cat([tokens, self.backbone.tokenize(sentences)])
+        return TextBuild(text, tokens)
 
-    def step(self, build: TextBuild) -> None:
-        """Encode the next ``TEXT_CHUNK`` prompts of ``build``: the most text one lane turn runs."""
-        chunk = build.tokens[build.done_prompts : build.done_prompts + TEXT_CHUNK]
+    def step(self, build: TextBuild, prompts: int = TEXT_CHUNK) -> None:
+        """Encode the next ``prompts`` prompts of ``build`` (at most ``TEXT_CHUNK``): what one lane turn runs."""
+        chunk = build.tokens[build.done_prompts : build.done_prompts + min(prompts, TEXT_CHUNK)]
         build.encoded.append(self.backbone.encode_tokens(chunk))
         build.done_prompts += int(chunk.shape[0])
 

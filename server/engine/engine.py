@@ -10,7 +10,7 @@ through ``server.engine.runner.Runner``. Callers submit ``Work`` and await the r
 Admission: a full zero-shot queue raises ``Overloaded``. An adaptation request is admitted when its
 estimated cost fits in the lane's budget beside the work already admitted; otherwise it is served
 zero-shot with ``skipped = "overload"``. Class text not yet cached is tokenized by the service, off the
-lanes, and priced: the zero-shot lane encodes it a chunk per turn between image batches and takes at most
+lanes, and priced: the zero-shot lane encodes about ``TEXT_TURN_S`` of it between image batches and takes at most
 ``text_budget_s`` of it at once (an idle lane takes any); an adaptation request pays for its own.
 Deadlines and disconnects are checked before a job runs, between text chunks and between adaptation steps.
 """
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from adapters import Stopped, UnsupportedModel
-from server.clip.backbone import Backbone
+from server.clip.backbone import TEXT_CHUNK, Backbone
 from server.clip.cache import split_text_budget
 from server.clip.probes import ActivationBytes
 from server.engine.admission import CostModel, MemoryModel, default_memory_budget
@@ -41,6 +41,7 @@ from server.settings import Settings
 log = logging.getLogger("ttaserve.engine")
 
 LOADER_THREAD = "tta-load"  # loads, warms up and measures the model before the lanes start
+TEXT_TURN_S = 0.05  # seconds of class text the zero-shot lane encodes between two image batches
 
 
 class Engine:
@@ -189,10 +190,13 @@ class Engine:
             retry_after_s=self.settings.retry_after_s,
         )
 
-    def _check_text_capacity(self, text_s: float, n_labels: int) -> None:
+    def check_text_capacity(self, n_prompts: int, n_labels: int) -> None:
         """Raise Overloaded when the zero-shot lane has more class text to encode than ``TTA_TEXT_BUDGET_S``
-        beside this request's ``text_s`` seconds of it. An idle lane takes any build. The caller holds the lock."""
-        prompts = sum(j.build.remaining for j in self.zero_shot_lane.jobs() if j.build is not None)
+        beside this request's ``n_prompts``. An idle lane takes any build. Checked before the request's
+        prompts are tokenized, and again when it is queued."""
+        text_s = n_prompts * self.costs.prompt_s
+        with self._cond:
+            prompts = sum(j.build.remaining for j in self.zero_shot_lane.jobs() if j.build is not None)
         pending = prompts * self.costs.prompt_s
         if pending > 0 and pending + text_s > self.settings.text_budget_s:
             raise Overloaded(
@@ -236,8 +240,8 @@ class Engine:
                     job.adapts, job.skipped, job.cost_s = False, "overload", 0.0
             if not job.adapts:
                 self.check_capacity()
-                if text_s:
-                    self._check_text_capacity(text_s, len(work.labels))
+                if job.build is not None:
+                    self.check_text_capacity(job.build.remaining, len(work.labels))
                 self.zero_shot_lane.put(job)
             self._gauge_queue()
         if job.skipped:
@@ -286,7 +290,8 @@ class Engine:
             return
         first = building[0].build
         assert first is not None
-        classes.step(first)
+        prompt_s = self.costs.prompt_s
+        classes.step(first, max(16, int(TEXT_TURN_S / prompt_s)) if prompt_s > 0 else TEXT_CHUNK)
         with self._cond:
             for job in building:
                 if not self.zero_shot_lane.requeue(job):

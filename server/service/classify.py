@@ -170,6 +170,10 @@ class ClassifyService:
         # Before decoding: a request that will be refused costs no decode.
         demand = Demand(method, options, len(req.images), len(classes.labels)) if adaptive else None
         self.engine.check_capacity(demand, timeout_s)
+        text = ClassText.for_method(method, classes.labels, classes.templates, classes.descriptions)
+        cached = self.engine.text_cached(text)
+        if not cached:
+            self.engine.check_text_capacity(text.n_prompts, len(text.labels))
         backbone = self.engine.backbone
         if backbone is None:
             raise NotReady("the model is still loading; retry shortly", retry_after_s=1)
@@ -185,9 +189,8 @@ class ClassifyService:
             settings.max_aspect_ratio,
         )
         decode_s = time.monotonic() - t0
-        text = ClassText.for_method(method, classes.labels, classes.templates, classes.descriptions)
         t0, build = time.monotonic(), None
-        if not self.engine.text_cached(text):  # tokenized here, off the engine's lanes, in the bounded decode pool
+        if not cached:  # tokenized here, off the engine's lanes, in the bounded decode pool
             build = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.engine.start_text, text)
         tokenize_s = time.monotonic() - t0
         work = Work(
