@@ -142,26 +142,42 @@ class PostgresStore:
             self._conn = psycopg.connect(**self._params, autocommit=True)
         return self._conn
 
+    def _version(self, conn: psycopg.Connection[Any]) -> int:
+        """The schema version of the database: 0 before the migration table exists."""
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (MIGRATION_TABLE,)).fetchone()
+        if not (row and row[0]):
+            return 0
+        row = conn.execute(f"SELECT coalesce(max(version), 0) FROM {MIGRATION_TABLE}").fetchone()
+        return int(row[0]) if row else 0
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the database {self.where} has schema version {version}, newer than this server's "
+                f"{SCHEMA_VERSION}: run a newer TTAServe, or point TTA_DATABASE_URL elsewhere"
+            )
+
     def _migrate(self, conn: psycopg.Connection[Any]) -> int:
-        while True:
+        """Bring the database to SCHEMA_VERSION. A database already there is only read (a read-only server or
+        role can serve reads); otherwise each migration runs in its own transaction under an advisory lock,
+        so that replicas starting together apply each one once."""
+        version = self._version(conn)
+        self._refuse_newer(version)
+        while version < SCHEMA_VERSION:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {MIGRATION_TABLE} ("
                     "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
                 )
-                row = conn.execute(f"SELECT coalesce(max(version), 0) FROM {MIGRATION_TABLE}").fetchone()
-                version = int(row[0]) if row else 0
-                if version > SCHEMA_VERSION:
-                    raise ConfigError(
-                        f"the database {self.where} has schema version {version}, newer than this server's "
-                        f"{SCHEMA_VERSION}: run a newer TTAServe, or point TTA_DATABASE_URL elsewhere"
-                    )
-                if version == SCHEMA_VERSION:
-                    return version
-                conn.execute(MIGRATIONS[version])
-                conn.execute(f"INSERT INTO {MIGRATION_TABLE} (version) VALUES (%s)", (version + 1,))
-                log.info("migrated the database %s to schema version %d", self.where, version + 1)
+                version = self._version(conn)  # another replica may have migrated while we waited for the lock
+                self._refuse_newer(version)
+                if version < SCHEMA_VERSION:
+                    conn.execute(MIGRATIONS[version])
+                    version += 1
+                    conn.execute(f"INSERT INTO {MIGRATION_TABLE} (version) VALUES (%s)", (version,))
+                    log.info("migrated the database %s to schema version %d", self.where, version)
+        return version
 
     def close(self) -> None:
         with self._lock:
