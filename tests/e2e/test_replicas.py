@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support.apps import PATIENCE_S, wait_until
+from tests.support.apps import PATIENCE_S, metric, wait_until
 from tests.support.images import b64, png_bytes
 from tests.support.postgres import PASSWORD, PostgresServer
 from tests.support.servers import running
@@ -99,6 +99,8 @@ def test_a_label_set_stored_through_one_replica_is_served_by_the_other_and_never
         assert on_a.post("/v1/label-sets", json=again).status_code == 201
         assert on_b.get("/v1/label-sets/pets").json()["templates"] == ["a drawing of a {}."]
         assert labels_answered(on_b, "pets", 3) == {"red", "green", "blue"}
+        # B's accuracy estimate of "pets" starts again with the new set, not mixed with the old one's answers.
+        assert metric(on_b.get("/metrics").text, 'tta_estimated_accuracy_images{label_set="alice/pets"}') == 1
         # ...and B's write is A's read the other way round.
         assert on_b.delete("/v1/label-sets/pets").status_code == 204
         assert on_a.get("/v1/label-sets/pets").status_code == 404
