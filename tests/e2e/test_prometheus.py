@@ -82,7 +82,8 @@ def test_prometheus_sees_the_requests_and_evaluates_every_alert_rule(watched):
     )
     assert seen == SUCCESSES
 
-    names = {rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    names = {rule.get("alert") or rule["record"] for group in groups for rule in group["rules"]}
 
     def evaluated() -> list[dict[str, Any]] | None:
         loaded = [rule for rule in watched.prometheus.rules() if rule["file"] == str(RULES)]
