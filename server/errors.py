@@ -98,6 +98,12 @@ class StorageReadOnly(Rejected):
     code = "storage_read_only"
 
 
+class StorageUnavailable(Rejected):
+    """The shared database (TTA_DATABASE_URL) cannot be reached now: requests that need it fail until it is back."""
+
+    code = "storage_unavailable"
+
+
 class DeadlineExceeded(TTAError):
     """The request did not finish within its deadline."""
 

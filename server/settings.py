@@ -21,6 +21,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+_QUERY_PASSWORD_RE = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (``user:PASSWORD@`` or ``?password=``) replaced by ``***``, fit for a log."""
+    scheme, sep, rest = url.strip().partition("://")
+    if sep:
+        cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        authority, path = rest[:cut], rest[cut:]
+        userinfo, at, hosts = authority.rpartition("@")  # a password may hold an unescaped '@'
+        if at and ":" in userinfo:
+            authority = f"{userinfo.partition(':')[0]}:***@{hosts}"
+        url = f"{scheme}://{authority}{path}"
+    return _QUERY_PASSWORD_RE.sub(r"\1***", url)
 
 
 class Settings(BaseSettings):
@@ -71,6 +85,12 @@ class Settings(BaseSettings):
 
     # Storage
     data_dir: Path = Field(Path("data"), description="Holds the SQLite store of label sets.")
+    database_url: SecretStr | None = Field(
+        None,
+        description="postgresql://USER:PASSWORD@HOST:PORT/DB: keep label sets and calibrations in PostgreSQL, "
+        "shared by many replicas (needs the postgres extra). Unset: SQLite in TTA_DATA_DIR. The password is "
+        "never logged.",
+    )
 
     # Request limits
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest request body; larger gets 413.")
@@ -181,7 +201,7 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("api_keys", "admin_api_keys")
+    @field_validator("api_keys", "admin_api_keys", "database_url")
     @classmethod
     def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None
@@ -217,7 +237,9 @@ class Settings(BaseSettings):
         out: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if isinstance(value, SecretStr):
+            if name == "database_url" and value is not None:
+                value = redact_url(value.get_secret_value())  # where it points is useful; its password is not
+            elif isinstance(value, SecretStr):
                 value = "***" if value.get_secret_value() else ""
             elif isinstance(value, Path):
                 value = str(value)

@@ -16,6 +16,7 @@ from server.api import create_app
 from server.settings import Settings
 from tests.support.apps import wait_ready
 from tests.support.model import write_tiny_model
+from tests.support.postgres import postgres_server  # noqa: F401  (a session fixture: one PostgreSQL for all tests)
 
 # The deadline of requests in tests that are not about deadlines: long enough that no busy machine meets
 # it, since admission also weighs work against it (tests of deadlines and admission set their own).

@@ -32,6 +32,7 @@ from server.errors import (
     RateLimited,
     StorageFull,
     StorageReadOnly,
+    StorageUnavailable,
     TTAError,
     Unauthorized,
     UnsupportedMediaType,
@@ -54,6 +55,7 @@ STATUS: dict[type[TTAError], int] = {
     ClientClosed: 499,  # nginx's "client closed request": logged, never read by anyone
     NotReady: 503,
     StorageReadOnly: 503,
+    StorageUnavailable: 503,
     DeadlineExceeded: 504,
     StorageFull: 507,  # WebDAV's Insufficient Storage: the server cannot store what the request asks it to
 }

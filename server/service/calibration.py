@@ -113,6 +113,12 @@ class FittedCalibrations:
 
     Each belongs to the owner (API key name, '' without keys) that fitted it, and applies to that owner's
     requests only: two owners calibrating one shipped label set keep two calibrations.
+
+    The records are read from the store at each use (one indexed read), never remembered: with replicas
+    sharing a database (TTA_DATABASE_URL), a calibration fitted, replaced or dropped through one replica
+    applies, or stops applying, on every other at its next request. Only the parsed confidence model is
+    kept, under its record's version (when it was fitted, and for which label set and model), so a record
+    replaced elsewhere is parsed afresh.
     """
 
     def __init__(self, store: Store, label_sets: LabelSets, calibration: Calibration, engine: Engine):
@@ -120,11 +126,12 @@ class FittedCalibrations:
         self.label_sets = label_sets
         self.calibration = calibration
         self.engine = engine
-        # (owner, label set) -> method -> record; (owner, label set, method) -> its model
-        self._records: dict[tuple[str, str], dict[str, CalibrationRecord]] = {}
-        for record in store.calibrations():
-            self._records.setdefault((record.owner, record.label_set), {})[record.method] = record
-        self._models: dict[tuple[str, str, str], ConfidenceModel] = {}
+        # (owner, label set, method) -> (its record's version, its parsed model)
+        self._models: dict[tuple[str, str, str], tuple[tuple[float, str, str], ConfidenceModel]] = {}
+
+    def _records(self, owner: str, label_set: str) -> dict[str, CalibrationRecord]:
+        """Method -> what ``owner`` fitted for ``label_set``, as the store holds it now."""
+        return {record.method: record for record in self.store.calibrations(label_set, owner)}
 
     def _applies(self, record: CalibrationRecord, label_set: LabelSet) -> bool:
         backbone = self.engine.backbone
@@ -137,27 +144,29 @@ class FittedCalibrations:
     def model(self, method: str, label_set: LabelSet | None, owner: str = "") -> ConfidenceModel:
         """The confidence model for ``method``'s answers on ``label_set`` (None: labels sent inline), as fitted
         by ``owner`` (each owner fits its own, the model's shipped label sets too)."""
-        records = self._records.get((owner, label_set.name), {}) if label_set is not None else {}
+        if label_set is None:
+            return self.calibration.label_free
+        records = self._records(owner, label_set.name)
         for name in (method, "zero_shot"):
             record = records.get(name)
-            if record is not None and label_set is not None and self._applies(record, label_set):
+            if record is not None and self._applies(record, label_set):
                 key = (owner, label_set.name, name)
-                if key not in self._models:
-                    self._models[key] = ConfidenceModel.from_dict(record.model)
-                return self._models[key]
+                version = (record.created_at, record.label_set_fingerprint, record.model_fingerprint)
+                parsed = self._models.get(key)
+                if parsed is None or parsed[0] != version:
+                    parsed = self._models[key] = (version, ConfidenceModel.from_dict(record.model))
+                return parsed[1]
         return self.calibration.label_free
 
     def keep(self, record: CalibrationRecord) -> None:
         """Store a fitted calibration and apply it from now on."""
         self.store.save_calibration(record)
-        self._records.setdefault((record.owner, record.label_set), {})[record.method] = record
         self._models.pop((record.owner, record.label_set, record.method), None)
 
     def forget(self, label_set: LabelSet, owner: str | None = None) -> None:
-        """Drop what ``owner`` (default: the label set's) fitted for a label set (the store has deleted it, or is
-        told to)."""
+        """Drop the parsed models of what ``owner`` (default: the label set's) fitted for a label set (the store
+        has deleted it, or is told to)."""
         key = (label_set.owner if owner is None else owner, label_set.name)
-        self._records.pop(key, None)
         self._models = {k: v for k, v in self._models.items() if k[:2] != key}
 
     def describe(self, label_set: LabelSet, owner: str = "") -> list[dict[str, Any]]:
@@ -169,7 +178,7 @@ class FittedCalibrations:
                 "fitted_at": record.created_at,
                 **record.report,
             }
-            for method, record in sorted(self._records.get((owner, label_set.name), {}).items())
+            for method, record in sorted(self._records(owner, label_set.name).items())
         ]
 
 

@@ -14,6 +14,7 @@ import threading
 from collections import deque
 
 from server.metrics import Metrics
+from server.service.label_sets import fingerprint
 from server.storage import LabelSet
 
 INLINE = "inline"  # the label value of requests that send their labels instead of naming a label set
@@ -32,14 +33,23 @@ class AccuracyEstimate:
     def __init__(self, metrics: Metrics, window: int):
         self.metrics = metrics
         self.window = window
-        self._windows: dict[str, deque[float]] = {}
+        # series -> (the fingerprint of the label set it was filled for, its window)
+        self._windows: dict[str, tuple[str, deque[float]]] = {}
         self._lock = threading.Lock()
 
     def observe(self, label_set: LabelSet | None, confidences: list[float]) -> float:
-        """Add a request's confidences to its label set's window; returns the window's mean."""
+        """Add a request's confidences to its label set's window; returns the window's mean.
+
+        A label set deleted and created again under its name (through this replica or another sharing the
+        database) is another set: its window starts empty rather than mixing the old set's answers in.
+        """
         key = series(label_set)
+        version = fingerprint(label_set) if label_set is not None else INLINE
         with self._lock:
-            window = self._windows.setdefault(key, deque(maxlen=self.window))
+            kept = self._windows.get(key)
+            if kept is None or kept[0] != version:
+                kept = self._windows[key] = (version, deque(maxlen=self.window))
+            window = kept[1]
             window.extend(confidences)
             mean = sum(window) / len(window)
         self.metrics.estimated_accuracy.labels(label_set=key).set(mean)

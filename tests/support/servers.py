@@ -51,11 +51,13 @@ def start(
 
 
 @contextmanager
-def running(model_dir: Path, tmp_path: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``python -m server`` on ``model_dir`` with ``flags``, ready; yields its URL and process, killed after
-    unless the test ended it."""
+def running(
+    model_dir: Path, tmp_path: Path, *flags: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``python -m server`` on ``model_dir`` with ``flags`` (and ``env``'s TTA_ settings), ready; yields its URL
+    and process, killed after unless the test ended it."""
     port = free_port()
-    proc = start(["--model", f"local-dir:{model_dir}", "--port", str(port), *flags], tmp_path)
+    proc = start(["--model", f"local-dir:{model_dir}", "--port", str(port), *flags], tmp_path, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_served(url, proc)

@@ -39,6 +39,28 @@ def test_secrets_are_masked():
     assert "hf_secret" not in str(masked)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://tta:s3cret@db:5432/tta", "postgresql://tta:***@db:5432/tta"),
+        ("postgresql://tta:p@ss:w0rd@db/tta", "postgresql://tta:***@db/tta"),  # an unescaped '@' or ':' in it
+        ("postgres://tta@db/tta?sslmode=require", "postgres://tta@db/tta?sslmode=require"),  # no password
+        ("postgresql://db/tta?user=tta&password=s3cret", "postgresql://db/tta?user=tta&password=***"),
+        ("postgresql://tta:s3cret@db1:5432,db2:5432/tta", "postgresql://tta:***@db1:5432,db2:5432/tta"),
+    ],
+)
+def test_the_database_url_is_logged_without_its_password(url, shown):
+    settings = settings_from_args(["--database-url", url])
+    assert settings.database_url is not None and settings.database_url.get_secret_value() == url
+    assert settings.masked()["database_url"] == shown
+    assert url not in repr(settings) and "s3cret" not in str(settings.masked())
+
+
+def test_a_blank_database_url_keeps_sqlite(monkeypatch):
+    monkeypatch.setenv("TTA_DATABASE_URL", " ")
+    assert Settings(_env_file=None).database_url is None
+
+
 def test_registry_holds_zero_shot_with_no_options():
     assert "zero_shot" in method_names()
     method = get_method("zero_shot")

@@ -1,14 +1,117 @@
-"""The SQLite store: durable label sets, a schema version, and migrations from older files."""
+"""The stores: the Store protocol's contract, run against SQLite and a real PostgreSQL; SQLite's schema version
+and migrations from older files (PostgreSQL's are in tests/integration/test_postgres.py)."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from server.errors import ConfigError, Conflict, NotFound
-from server.storage import LabelSet, SqliteStore
+from server.storage import CalibrationRecord, LabelSet, PostgresStore, SqliteStore, Store
 from server.storage.sqlite import SCHEMA_VERSION
+
+Opener = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Opener]:
+    """Opens a store on one location (a file, a database), as often as a test likes: each opening is a new
+    process's view of it. Every store opened is closed after the test."""
+    opened: list[Store] = []
+    if request.param == "sqlite":
+        where = tmp_path / "ttaserve.db"
+
+        def opener() -> Store:
+            opened.append(SqliteStore(where))
+            return opened[-1]
+    else:
+        url = request.getfixturevalue("postgres_server").new_database()
+
+        def opener() -> Store:
+            opened.append(PostgresStore(url))
+            return opened[-1]
+
+    yield opener
+    for store in opened:
+        store.close()
+
+
+def calibration(label_set: str, method: str, owner: str = "", created_at: float = 1.0) -> CalibrationRecord:
+    return CalibrationRecord(
+        label_set, method, f"ls-{label_set}", "model-1", {"temperature": 1.5}, {"images": 20}, created_at, owner=owner
+    )
+
+
+def test_a_label_set_reads_back_as_written_from_another_opening(open_store):
+    written = LabelSet(
+        "pets",
+        ("cat", "dog", "Zebra finch", "émeu"),
+        ("a photo of a {}.", "a {}."),
+        {"dog": ["barks", "has a tail"], "cat": ["has whiskers"]},  # not in label order: kept as written
+        created_at=1764331234.123456789,
+        owner="alice",
+    )
+    open_store().create_label_set(written)
+    read = open_store().get_label_set("pets", owner="alice")
+    assert read == written
+    assert list(read.descriptions or {}) == ["dog", "cat"]
+
+
+def test_names_are_unique_per_owner_and_listed_in_order(open_store):
+    store = open_store()
+    for name in ("b", "B", "a", "a-1"):
+        store.create_label_set(LabelSet(name, ("x",)))
+    with pytest.raises(Conflict) as taken:
+        store.create_label_set(LabelSet("a", ("y",)))
+    assert taken.value.code == "label_set_exists"
+    assert store.get_label_set("a").labels == ("x",)  # the refused write changed nothing
+    assert [s.name for s in store.list_label_sets()] == ["B", "a", "a-1", "b"]  # byte order, as SQLite sorts
+    assert store.get_label_set("b").templates is None and store.get_label_set("b").descriptions is None
+
+
+def test_each_owner_sees_its_own_label_sets_only(open_store):
+    store = open_store()
+    store.create_label_set(LabelSet("pets", ("cat",), owner="alice"))
+    store.create_label_set(LabelSet("pets", ("hamster",), owner="bob"))
+    assert store.get_label_set("pets", owner="alice").labels == ("cat",)
+    assert store.get_label_set("pets", owner="bob").labels == ("hamster",)
+    with pytest.raises(NotFound) as missing:
+        store.get_label_set("pets")  # no key: another owner
+    assert missing.value.code == "unknown_label_set"
+    assert [s.owner for s in store.list_label_sets("alice")] == ["alice"]
+    assert store.list_label_sets("carol") == []
+    store.delete_label_set("pets", owner="bob")
+    assert store.get_label_set("pets", owner="alice").labels == ("cat",)
+    with pytest.raises(NotFound):
+        store.delete_label_set("pets", owner="bob")
+
+
+def test_calibrations_are_replaced_per_method_and_go_with_their_label_set(open_store):
+    store = open_store()
+    store.create_label_set(LabelSet("pets", ("cat", "dog"), owner="alice"))
+    store.create_label_set(LabelSet("pets", ("cat", "dog"), owner="bob"))
+    store.save_calibration(calibration("pets", "zero_shot", "alice", created_at=1.0))
+    store.save_calibration(calibration("pets", "tpt", "alice"))
+    store.save_calibration(calibration("pets", "zero_shot", "bob"))
+    replaced = CalibrationRecord("pets", "zero_shot", "ls-2", "model-2", {"t": 2.0}, {"images": 40}, 2.5, "alice")
+    store.save_calibration(replaced)
+
+    again = open_store()
+    assert again.calibrations("pets", owner="alice") == [calibration("pets", "tpt", "alice"), replaced]
+    assert [(r.owner, r.method) for r in again.calibrations()] == [
+        ("alice", "tpt"),
+        ("alice", "zero_shot"),
+        ("bob", "zero_shot"),
+    ]
+    again.delete_calibrations("pets", owner="alice")
+    assert again.calibrations("pets", owner="alice") == []
+    assert len(again.calibrations("pets", owner="bob")) == 1
+    again.save_calibration(calibration("pets", "tpt", "alice"))
+    again.delete_label_set("pets", owner="alice")  # takes its calibrations with it, not bob's
+    assert [(r.owner, r.method) for r in open_store().calibrations()] == [("bob", "zero_shot")]
+
 
 # The table as the store created it before the database had a schema version (user_version 0).
 UNVERSIONED = """
