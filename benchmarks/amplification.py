@@ -1,11 +1,12 @@
 """Zero-shot latency beside hostile requests: the amplification cases of the hardening issue, side by side.
 
 ``python -m server`` runs in its own process on loopback. ``--clients`` zero-shot clients send one-image
-requests against a label set whose text is cached, first alone, then beside two hostile clients sending one
-case in a loop: 16 PNG strips of 1 x 100,000 pixels, a template with one 60,000-letter word, a TPT
-``ctx_init`` of 20,000 letters, and 1,000 new labels x CLIP's 80 templates (80,000 prompts not cached, a new
-label set each time). Per phase it prints: the hostile answers by status, the zero-shot p50 and p99 (and the
-p99 against the phase alone), and the server's peak resident memory.
+requests against a label set whose text is cached, first alone, then beside two more clients sending one
+case in a loop: plain one-image requests (what any two busy clients cost), 16 PNG strips of 1 x 100,000
+pixels, a template with one 60,000-letter word, a TPT ``ctx_init`` of 20,000 letters, and 1,000 new labels x
+CLIP's 80 templates (80,000 prompts not cached, a new label set each time). Per phase it prints: the other
+clients' answers by status, the zero-shot p50 and p99 (and the p99 against the phase alone), and the
+server's peak resident memory.
 
     python -m benchmarks.amplification --model demo --seconds 20
 """
@@ -46,6 +47,7 @@ def hostile_cases(image: str) -> dict[str, Callable[[int], dict[str, Any]]]:
     """Each case's request body, given a counter (so text that must not be cached is new every time)."""
     strips = [strip_png()] * 16
     return {
+        "plain requests (reference)": lambda i: {"images": [image], "labels": ["cat", "dog"]},
         "16 strips 1x100,000 px": lambda i: {"images": strips, "labels": ["cat", "dog"]},
         "template of a 60,000-letter word": lambda i: {
             "images": [image], "labels": ["cat", "dog"], "templates": ["a photo of a {} " + "x" * 60_000]
