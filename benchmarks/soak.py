@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"p99: {1000 * rows[0]['p99_s']:.0f} ms in the first interval, {1000 * rows[-1]['p99_s']:.0f} ms in the last")
     first_cache, last_cache = rows[0]["text_cache_mib"], rows[-1]["text_cache_mib"]
     print(f"text caches: {first_cache:.1f} MiB after the first interval, {last_cache:.1f} MiB at the end "
-          f"(budget TTA_TEXT_CACHE_BYTES, default 256 MiB)")  # fmt: skip
+          f"(budget TTA_TEXT_CACHE_BYTES, default 64 MiB)")  # fmt: skip
     print(f"adaptation requests served zero-shot, by reason: {skipped or 'none'}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -139,7 +139,7 @@ class Settings(BaseSettings):
         "process exits. Unset: TTA_REQUEST_TIMEOUT_S + 5.",
     )
     text_cache_bytes: int = Field(
-        256 * 2**20,
+        64 * 2**20,
         ge=0,
         description="One byte budget for the text caches (class features, prompt inputs), keys included.",
     )
