@@ -13,12 +13,13 @@ lanes, and the zero-shot lane encodes a chunk of about 50 ms between its image b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from adapters import Method
+from adapters import Method, Stopped
 from server.clip.backbone import TEXT_CHUNK, Backbone
 from server.clip.cache import ByteLRU, tensor_bytes
 from server.clip.templates import describe
@@ -101,14 +102,19 @@ class ClassFeatures:
         they are not cached."""
         return self.features(ClassText.of(labels, templates, descriptions))
 
-    def features(self, text: ClassText, build: TextBuild | None = None) -> torch.Tensor:
-        """The features of ``text``: cached, else finished from ``build`` (or built whole) and cached."""
+    def features(
+        self, text: ClassText, build: TextBuild | None = None, stop: Callable[[], bool] = lambda: False
+    ) -> torch.Tensor:
+        """The features of ``text``: cached, else finished from ``build`` (or built whole) and cached. ``stop`` is
+        asked between chunks; when it says so, ``adapters.Stopped`` is raised."""
         cached = self.cache.get(text.key)
         if cached is not None:
             return cached
         if build is None:
             build = self.start(text)
         while build.remaining:
+            if stop():
+                raise Stopped(f"stopped with {build.remaining} of {text.n_prompts} prompts to encode")
             self.step(build)
         classes = text.pool(torch.cat(build.encoded))
         self.cache.put(text.key, classes)

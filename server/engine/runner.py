@@ -13,6 +13,7 @@ answers always come from the method's own ``predict``, the one zero-shot path. T
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from adapters import Method
+from adapters import Method, Stopped
 from server.clip.backbone import Backbone
 from server.engine.adaptation import ImageTask, adapt_images, image_seed
 from server.engine.admission import CostModel, MemoryModel, gpu_peak, stack_within
@@ -111,7 +112,13 @@ class Runner:
         method = jobs[0].work.method
         options = jobs[0].work.options
         # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
-        classes = {id(job): self.classes.features(job.work.class_text, job.build).clone() for job in jobs}  # [C, D]
+        classes: dict[int, torch.Tensor] = {}  # each [C, D]
+        for job in jobs:
+            with contextlib.suppress(Stopped):  # its caller went away while its text was encoded: no output
+                classes[id(job)] = self.classes.features(job.work.class_text, job.build, stop=job.stopped).clone()
+        jobs = [job for job in jobs if id(job) in classes]
+        if not jobs:
+            raise Stopped("stopped while encoding the labels' text")
         done: dict[tuple[int, int], Answer] = {}
         needs = {id(job): self.memory.image_bytes(backbone, method, options, job.work.labels) for job in jobs}
         items = [(job, i) for job in jobs for i in range(job.n_images)]

@@ -111,3 +111,21 @@ def test_text_beyond_the_budget_is_refused_while_the_lane_encodes_other_text(set
         hold.chunk_gate.set()
         assert big.result(timeout=PATIENCE_S).status_code == 200
         assert _post(client, other)().status_code == 200  # the lane is idle again: any build is taken
+
+
+def test_an_adaptation_request_past_its_deadline_stops_encoding_its_labels_text(settings):
+    hold = TextHold(hold_chunk=1)
+    hold.plug_gate.set()
+    adapt = {"method": "zero", "options": {"views": 4}}
+    with TestClient(create_app(settings, load=hold.load)) as client, ThreadPoolExecutor(1) as pool:
+        wait_ready(client)
+        body = {"images": [b64(png_bytes())], **BIG, **adapt}
+        late = pool.submit(client.post, "/v1/classify", json=body, headers={"X-Request-Timeout": "1"})
+        assert hold.chunk_in.wait(PATIENCE_S)  # the adaptation lane encodes BIG's first turn, held there
+        r = late.result(timeout=PATIENCE_S)
+        assert r.status_code == 504, r.text
+        turns = hold.full_chunks
+        hold.chunk_gate.set()
+        ok = client.post("/v1/classify", json={"images": [b64(png_bytes())], **SMALL, **adapt})
+        assert ok.status_code == 200, ok.text  # the lane is free again
+        assert hold.full_chunks == turns  # BIG's remaining text was never encoded: its caller was gone
