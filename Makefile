@@ -36,5 +36,5 @@ bench: $(VENV)/.installed
 # Re-resolve the runtime lock from pyproject.toml's dependencies (Linux x86_64, CPython 3.11: the image's),
 # with every file's hash. Commit the result; the image and `make` install exactly it.
 lock: $(VENV)/.installed
-	$(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(VENV)/bin/uv pip compile -q pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--generate-hashes --no-header --index-url https://pypi.org/simple -o requirements/runtime.lock
