@@ -41,7 +41,10 @@ case "${1:-}" in
     "$PYTHON" "$HERE/lock.py" only "$LOCK" setuptools >"$backend"
     pip install --no-deps --require-hashes -r "$backend"
     rm -f "$backend"
+    # setuptools builds in ./build and never prunes it: a module deleted since would ride along in the wheel.
+    rm -rf build
     pip wheel --no-deps --no-build-isolation --wheel-dir "$2" .
+    rm -rf build
     ;;
   app)
     [ -n "${2:-}" ] || { echo "usage: install.sh app DIR" >&2; exit 2; }
