@@ -91,13 +91,38 @@ def resolve_model(settings: Settings) -> ModelSpec:
     return ModelSpec(model, pretrained, model)
 
 
+# The oldest NVIDIA driver each CUDA major version runs on (CUDA's minor-version compatibility): torch's
+# CUDA 13 wheels (torch 2.14.1 from PyPI is one) need 580 or newer.
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why ``torch.cuda`` cannot be used here, in words for the log; None when it can."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    major = int(torch.version.cuda.split(".")[0])
+    needs = f"torch {torch.__version__} is built for CUDA {torch.version.cuda}"
+    if major in MIN_DRIVER:
+        needs += f", which needs an NVIDIA driver >= {MIN_DRIVER[major]}"
+    try:
+        torch.cuda.init()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    except (RuntimeError, AssertionError) as e:  # no driver, a driver too old, no device: torch says which
+        return f"{str(e).strip().splitlines()[0]} ({needs})"
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return f"torch.cuda.is_available() is false: no CUDA device is visible ({needs})"
+    return None
+
+
 def resolve_device(setting: str) -> torch.device:
     """TTA_DEVICE to a device: ``auto`` picks CUDA when there is one; a CUDA device that is not there fails."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"TTA_DEVICE={setting} but CUDA is not available here; use TTA_DEVICE=cpu or auto.")
+        raise ConfigError(
+            f"TTA_DEVICE={setting} but CUDA is not available here: {cuda_unavailable_reason()}; "
+            "use TTA_DEVICE=cpu or auto."
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"TTA_DEVICE={setting} but only {torch.cuda.device_count()} CUDA device(s) exist.")
     return device

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters import method_names
 from server.clip.backbone import Backbone, load_backbone
-from server.clip.spec import ModelSpec, resolve_device, resolve_model
+from server.clip.spec import ModelSpec, cuda_unavailable_reason, resolve_device, resolve_model
 from server.clip.templates import TEMPLATE_SETS
 from server.engine import Engine
 from server.errors import ConfigError, NotReady
@@ -90,6 +90,12 @@ class Runtime:
         spec = check_settings(settings)
         metrics = metrics or Metrics()
         device = resolve_device(settings.device)
+        if settings.device == "auto" and device.type == "cpu":
+            log.warning(
+                "TTA_DEVICE=auto is running on the CPU, not a GPU: %s. Set TTA_DEVICE=cpu to choose the CPU on "
+                "purpose, or TTA_DEVICE=cuda to refuse to start without a GPU.",
+                cuda_unavailable_reason() or "no CUDA device",
+            )
         log.info("effective configuration: %s", json.dumps(settings.masked(), sort_keys=True))
         if spec.is_demo:
             log.warning(

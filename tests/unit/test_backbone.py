@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from server.clip import load_backbone, resolve_device, resolve_model
 from server.clip import spec as spec_module
 from server.clip.cache import ByteLRU, key_bytes, tensor_bytes
+from server.clip.spec import cuda_unavailable_reason
 from server.engine.classes import ClassFeatures
 from server.errors import ConfigError
 from server.settings import Settings
@@ -67,8 +68,13 @@ def test_offline_download_failure_names_local_dir(monkeypatch):
 def test_cuda_device_without_cuda_is_a_config_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    with pytest.raises(ConfigError, match="CUDA"):
+    with pytest.raises(ConfigError, match="CUDA") as info:
         resolve_device("cuda:0")
+    # The reason, as the log of TTA_DEVICE=auto gives it: no driver, a driver too old (naming the one needed).
+    reason = cuda_unavailable_reason()
+    assert reason is not None and reason in str(info.value)
+    if torch.version.cuda is not None:
+        assert f"built for CUDA {torch.version.cuda}, which needs an NVIDIA driver >=" in reason
     assert resolve_device("auto").type == "cpu"
 
 
