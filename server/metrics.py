@@ -19,6 +19,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 ENTROPY_BUCKETS = (-1.0, -0.5, -0.1, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+RATIO_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 SKIP_REASONS = ("overload", "confident", "memory")
 RATE_LIMIT_REASONS = ("zero_shot", "adaptation")  # what the refused request asked for
@@ -102,6 +103,20 @@ class Metrics:
             "Calibrated confidence of each prediction: a drift signal.",
             ["method"],
             buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.prediction_entropy = Histogram(
+            "tta_prediction_entropy_ratio",
+            "Entropy of each returned prediction over its largest possible value, log(labels): 0 sure, 1 uniform. "
+            "A drift signal comparable across label sets.",
+            ["method"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.abstentions = Counter(
+            "tta_abstentions",
+            "Predictions withheld because their calibrated confidence was under the request's abstain_below.",
+            ["method"],
             registry=r,
         )
         self.adapt_batch_size = Histogram(

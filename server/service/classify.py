@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -304,19 +305,22 @@ class ClassifyService:
                 batch_images=report.batch_images if report else 1,
                 memory_bytes=report.memory_bytes if report else None,
             )
+            calibrated = answer.probabilities.clamp_min(1e-12)
+            answer_entropy = float(-(calibrated * calibrated.log()).sum())
             self._observe(
                 method,
                 answer.confidence,
+                answer_entropy / math.log(len(labels)) if len(labels) > 1 else 0.0,
+                abstained,
                 report.seconds if report and not skipped else None,
                 entropy_before - entropy_after,
                 adaptation.changed,
             )
-            calibrated = answer.probabilities.clamp_min(1e-12)
             results.append(
                 Result(
                     label=None if abstained else preds[0].label,
                     confidence=answer.confidence,
-                    entropy=float(-(calibrated * calibrated.log()).sum()),
+                    entropy=answer_entropy,
                     abstained=abstained,
                     none_of_these=answer.none_of_these,
                     predictions=preds,
@@ -331,10 +335,21 @@ class ClassifyService:
         return results
 
     def _observe(
-        self, method: str, confidence: float, adapt_s: float | None, entropy_drop: float, changed: bool
+        self,
+        method: str,
+        confidence: float,
+        entropy_ratio: float,
+        abstained: bool,
+        adapt_s: float | None,
+        entropy_drop: float,
+        changed: bool,
     ) -> None:
-        """The quality metrics of one image: its confidence, and for an adapted one what adaptation did."""
+        """The quality metrics of one image: its confidence, entropy (over its maximum) and abstention, and for an
+        adapted one what adaptation did."""
         self.metrics.confidence.labels(method=method).observe(confidence)
+        self.metrics.prediction_entropy.labels(method=method).observe(entropy_ratio)
+        if abstained:
+            self.metrics.abstentions.labels(method=method).inc()
         if adapt_s is not None:
             self.metrics.adapt_duration.labels(method=method).observe(adapt_s)
             self.metrics.entropy_reduction.labels(method=method).observe(entropy_drop)

@@ -98,7 +98,8 @@ def test_every_alert_fires_in_its_unit_test_and_stays_quiet_before_its_for_perio
         "TTARateLimited",
         "TTAAdaptationOverloaded",
         "TTAConfidenceDrift",
-        "TTALowConfidenceShareRising",
+        "TTAEntropyDrift",
+        "TTAAbstentionRising",
         "TTAEstimatedAccuracyDrop",
     }
     assert fired == names, f"alerts without a test where they fire: {sorted(names - fired)}"

@@ -241,6 +241,11 @@ def test_adaptation_metrics(client):
     assert 'tta_entropy_reduction_nats_count{method="tpt"} 2.0' in text
     assert 'tta_confidence_count{method="tpt"} 2.0' in text
     assert 'tta_confidence_count{method="zero_shot"} 2.0' in text
+    assert 'tta_prediction_entropy_ratio_count{method="tpt"} 2.0' in text
+    assert "tta_abstentions_total{" not in text  # nothing was withheld
+    classify(client, "zero_shot", abstain_below=1.0)
+    text = client.get("/metrics").text
+    assert 'tta_abstentions_total{method="zero_shot"} 2.0' in text
     assert "tta_prediction_changed_total" in text
     assert 'tta_stage_duration_seconds_count{stage="adapt"} 1.0' in text
 
