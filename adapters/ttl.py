@@ -32,7 +32,7 @@ import torch
 
 from adapters.backbone import Backbone
 from adapters.base import AdaptInput, AdaptResult, Cost, Method, MethodOptions, register
-from adapters.common import MAX_STEPS, MAX_VIEWS, check_range, optimize
+from adapters.common import MAX_STEPS, MAX_VIEWS, Augmentation, check_range, optimize
 from adapters.losses import TTL_MAX_ENTROPY, entropy, ttl_weighted_entropy
 from adapters.lowrank import LoraFactors
 
@@ -46,6 +46,7 @@ class TTLOptions(MethodOptions):
     alpha: float = 32.0
     blocks: int = 3
     tau: float = 0.4
+    augmentation: Augmentation = "crop_flip"
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

@@ -22,6 +22,9 @@ How ours differs:
 - A uint8 image is resized in float and rounded back to the uint8 grid before scaling to [0, 1], as
   torchvision's generic path does for uint8 tensors and as PIL's uint8 output is; a float image in
   [0, 1] is not rounded.
+
+``augmentation="augmix"`` turns TPT's AugMix on: each crop is then mixed with three chains of PIL
+operations (``adapters.augmix``), as the official TPT does on its fine-grained sets.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from collections.abc import Sequence
 
 import torch
 
+from adapters.augmix import TorchDraws, augmix_view, sample_plan
+
+AUGMENTATIONS = ("crop_flip", "augmix")
 SCALE = (0.08, 1.0)  # RandomResizedCrop's default area range
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 FLIP_P = 0.5
@@ -158,6 +164,7 @@ def make_views(
     std: Sequence[float],
     generator: torch.Generator,
     base_view: torch.Tensor,
+    augmentation: str = "crop_flip",
 ) -> torch.Tensor:
     """TPT's views of one image: the base view, then ``n_views - 1`` random resized crops with flips.
 
@@ -168,6 +175,7 @@ def make_views(
         mean, std: the model's normalisation, per channel.
         generator: the request's seeded generator; the only source of randomness.
         base_view: [3, h, w] the server's normal preprocessing of the image, already normalised.
+        augmentation: "crop_flip", or "augmix" to mix each crop with AugMix chains (``adapters.augmix``).
     Returns:
         [n_views, 3, h, w] float32 on ``image.device``; row 0 is ``base_view``.
     """
@@ -179,8 +187,16 @@ def make_views(
     base = base_view.to(device, torch.float32)[None]  # [1, 3, h, w]
     if n_views == 1:
         return base
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}")
     boxes, flips = sample_boxes(int(image.shape[-2]), int(image.shape[-1]), n_views - 1, generator)
     crops = resize_crops(image, boxes, size, flips)  # [n-1, 3, h, w]
+    if augmentation == "augmix":
+        # The PIL operations read uint8 crops, as TPT's crops are uint8 PIL images; they run on the CPU.
+        pixels = crops.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu()  # [n-1, 3, h, w]
+        draws = TorchDraws(generator)
+        mixed = [augmix_view(crop, sample_plan(draws), mean, std) for crop in pixels]
+        return torch.cat([base, torch.stack(mixed).to(device)])  # [n, 3, h, w]
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return torch.cat([base, crops.sub_(m).div_(s)])  # [n, 3, h, w]

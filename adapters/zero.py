@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.base import AdaptInput, AdaptResult, Method, MethodOptions, register
-from adapters.common import MAX_VIEWS, check_range
+from adapters.common import MAX_VIEWS, Augmentation, check_range
 from adapters.losses import entropy
 
 
@@ -54,6 +54,7 @@ def vote(logits: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor
 class ZeroOptions(MethodOptions):
     views: int = 64
     gamma: float = 0.3
+    augmentation: Augmentation = "crop_flip"
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

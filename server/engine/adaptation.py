@@ -62,6 +62,7 @@ def adapt_images(
             cfg.std,
             t.generator,
             base_view=t.base_view,
+            augmentation=options.augmentation,
         )
         for t in tasks
     ]  # each [V, 3, h, w]
