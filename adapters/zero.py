@@ -16,6 +16,8 @@ How ours differs from the official code (FarinaMatteo/zero):
 - ZERO returns only votes. We also return probabilities, from the mean of the kept views' logits,
   so the result can be calibrated and thresholded; the label is the vote winner, listed first,
   and the other predictions follow in order of votes, then probability.
+- Views: ZERO uses random resized crops with flips only (its ``data/augs.py``), our default;
+  ``augmentation: "augmix"`` is offered for comparison.
 """
 
 from __future__ import annotations
