@@ -97,15 +97,15 @@ class Op:
 class Plan:
     """One AugMix view's random choices: mixing weights and the three chains."""
 
-    weights: np.ndarray  # [3] float32
-    mix: np.float32  # m: the share of the un-augmented crop
+    weights: tuple[float, ...]  # [3] float32 values (the official casts the Dirichlet draw to float32)
+    mix: float  # m, a float32 value: the share of the un-augmented crop
     chains: tuple[tuple[Op, ...], ...]
 
 
 def sample_plan(draws: Draws, severity: float = SEVERITY) -> Plan:
     """Draw one view's plan in the official order: w, m, then per chain its depth and each op's draws."""
-    weights = np.float32(draws.dirichlet3())
-    mix = np.float32(draws.beta())
+    weights = tuple(float(w) for w in draws.dirichlet3().astype(np.float32))
+    mix = float(np.float32(draws.beta()))
     chains = []
     for _ in range(CHAINS):
         ops = []
@@ -172,4 +172,5 @@ def augmix_view(crop: torch.Tensor, plan: Plan, mean: Sequence[float], std: Sequ
         for op in chain:
             image = apply_op(image, op)
         mixed += weight * _preprocess(image, m, s)
-    return plan.mix * processed + (1 - plan.mix) * mixed
+    rest = float(np.float32(1) - np.float32(plan.mix))  # 1 - m in float32, as the official computes it
+    return plan.mix * processed + rest * mixed

@@ -144,7 +144,7 @@ def test_refuses_a_context_that_does_not_fit(backbone):
 
 
 def test_ctx_init_is_counted_in_words_as_the_official_tpt_does(backbone):
-    """"itap of a" is 4 BPE tokens; the official TPT learns one vector per word, so 3 ("it", "ap", "of")."""
+    """The official TPT learns one vector per word: "itap" is 2 BPE tokens, "itap of a" learns 3 ("it", "ap", "of")."""
     assert len(backbone.tokenizer.encode("itap of a")) == 4
     inputs = backbone.prompt_inputs(SHORT, ctx_init="itap of a")
     assert inputs.n_ctx == 3
