@@ -249,6 +249,7 @@ class Limits(BaseModel):
     request_timeout_s: float
     max_views: int
     max_steps: int
+    max_frames: int
 
 
 class MethodInfo(BaseModel):
