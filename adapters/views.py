@@ -25,6 +25,10 @@ How ours differs:
 
 ``augmentation="augmix"`` turns TPT's AugMix on: each crop is then mixed with three chains of PIL
 operations (``adapters.augmix``), as the official TPT does on its fine-grained sets.
+
+A video's views (``make_clip_views``) are temporal subsets of its frames under one spatial augmentation
+each, pooled by the mean of their frames' embeddings (``pool_views``): not in any of the papers, which
+classify images; the spatial part is exactly the image's.
 """
 
 from __future__ import annotations
