@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--variants", default=",".join(moving_shapes.VARIANTS))
-    parser.add_argument("--videos", type=int, default=64, help="videos per variant")
+    parser.add_argument("--videos", type=int, default=32, help="videos per variant")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--methods", default=",".join(ADAPTING), help="adapting methods, comma-separated")
     parser.add_argument("--views", type=int, default=32, help="views per video for the adapting methods")
