@@ -89,7 +89,9 @@ def check_video(video: VideoInput, max_frames: int) -> None:
         )
 
 
-def select_frames(video: VideoInput, max_frames: int, max_pixels: int) -> list[ImageInput]:
+def select_frames(
+    video: VideoInput, max_frames: int, max_pixels: int, max_aspect_ratio: float = float("inf")
+) -> list[ImageInput]:
     """The sampled frames: picked from those sent (only they are decoded later), or decoded from the file."""
     num_frames = video.num_frames or DEFAULT_NUM_FRAMES
     if video.frames is not None:
@@ -97,11 +99,16 @@ def select_frames(video: VideoInput, max_frames: int, max_pixels: int) -> list[I
         return [frames[i] for i in sample_indices(len(frames), num_frames, video.sampling)]
     assert video.file is not None
     data = decode_base64(video.file, 0) if isinstance(video.file, str) else video.file
-    return list(decode_video_file(data, num_frames, video.sampling, max_frames, max_pixels))
+    return list(decode_video_file(data, num_frames, video.sampling, max_frames, max_pixels, max_aspect_ratio))
 
 
 def decode_video_file(
-    data: bytes, num_frames: int, sampling: str, max_frames: int, max_pixels: int
+    data: bytes,
+    num_frames: int,
+    sampling: str,
+    max_frames: int,
+    max_pixels: int,
+    max_aspect_ratio: float = float("inf"),
 ) -> list[Image.Image]:
     """The sampled frames of a video file, as RGB images. Needs PyAV (``pip install 'ttaserve[video]'``).
 
@@ -129,6 +136,12 @@ def decode_video_file(
                     f"the video's frames are {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
                     "(TTA_MAX_IMAGE_PIXELS)",
                     code="image_too_large",
+                )
+            if width and height and max(width, height) > max_aspect_ratio * min(width, height):
+                raise InvalidInput(
+                    f"the video's frames are {width}x{height}; the limit is {max_aspect_ratio:g}:1 "
+                    "(TTA_MAX_ASPECT_RATIO)",
+                    code="extreme_aspect_ratio",
                 )
             available = sum(1 for packet in container.demux(stream) if packet.size)
         if available == 0:
@@ -184,7 +197,7 @@ def decode_video(
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """``decode_images`` for a video's sampled frames: their base views [T, 3, h, w] and, to cut views
     from, one [T, 3, H0, W0] tensor of the frames (a clip's view crops all its frames alike)."""
-    frames = select_frames(video, max_frames, max_pixels)
+    frames = select_frames(video, max_frames, max_pixels, max_aspect_ratio)
     images, originals = decode_images(frames, preprocess, input_size, max_pixels, keep_originals, max_aspect_ratio)
     if originals is None:
         return images, None

@@ -227,3 +227,14 @@ def test_ctx_init_underscores_read_as_spaces(client):
     zero_shot = only(classify(client, images=image, templates="simple"))
     tuned = classify(client, images=image, method="tpt", options={"steps": 0, "views": 4, "ctx_init": "a_photo_of_a"})
     assert_same(only(tuned), zero_shot)
+
+
+def test_a_video_file_over_the_pixel_or_aspect_limits_is_refused(settings):
+    strict = settings.model_copy(update={"max_image_pixels": 1200})
+    with TestClient(create_app(strict), raise_server_exceptions=False) as c:
+        wait_ready(c)
+        big = c.post("/v1/classify", json={"labels": LABELS, "video": {"file": b64(video_file([(9, 9, 9)] * 2))}})
+        assert big.status_code == 422 and big.json()["error"]["code"] == "image_too_large", big.text
+        thin = video_file([(9, 9, 9)] * 2, size=(200, 4))  # 800 pixels, 50:1
+        r = c.post("/v1/classify", json={"labels": LABELS, "video": {"file": b64(thin)}})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "extreme_aspect_ratio", r.text
