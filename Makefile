@@ -33,8 +33,8 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.zero_shot_throughput --threads 2
 
-# Re-resolve the runtime lock from pyproject.toml's dependencies and its postgres extra (Linux x86_64, CPython 3.11: the image's),
+# Re-resolve the runtime lock from pyproject.toml's dependencies and its postgres and video extras (Linux x86_64, CPython 3.11: the image's),
 # with every file's hash. Commit the result; the image and `make` install exactly it.
 lock: $(VENV)/.installed
-	$(VENV)/bin/uv pip compile -q pyproject.toml --extra postgres --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(VENV)/bin/uv pip compile -q pyproject.toml --extra postgres --extra video --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--generate-hashes --no-header --index-url https://pypi.org/simple -o requirements/runtime.lock

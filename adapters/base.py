@@ -38,6 +38,11 @@ class MethodOptions:
         return 1
 
     @property
+    def augmentation(self) -> str:
+        """How augmented views are made: "crop_flip" (random resized crops with flips) or "augmix"."""
+        return "crop_flip"
+
+    @property
     def steps(self) -> int:
         """Optimizer steps per image; 0: no gradient step."""
         return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -11,6 +12,8 @@ from adapters.base import MethodOptions, Stopped
 
 MAX_VIEWS = 1024  # a sanity bound; the server's TTA_MAX_VIEWS is the operational one
 MAX_STEPS = 100
+# How augmented views are made (adapters.views): TPT's random resized crops with flips, or those mixed by AugMix.
+Augmentation = Literal["crop_flip", "augmix"]
 
 
 def check_range(name: str, value: float, lo: float, hi: float) -> None:
@@ -26,6 +29,7 @@ class EpisodicOptions(MethodOptions):
     selection: float = 0.1
     steps: int = 1
     lr: float = 5e-3
+    augmentation: Augmentation = "crop_flip"
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

@@ -7,8 +7,10 @@ minimisation brings. lambda is 50 for fine-grained label sets and 20 for natural
 paper's scripts; ours defaults to 50 and takes it as the ``dispersion_weight`` option.
 
 How ours differs from the official code (hee-suk-yoon/C-TPT): everything TPT's file says (views
-encoded once, context cut to the longest prompt); C-TPT's natural-shift scripts also turn AugMix
-on, which we do not.
+encoded once, context cut to the longest prompt, ``ctx_init`` read per word as the official code
+does). Views: C-TPT's fine-grained runs use AugMix as TPT does, and its natural-shift scripts turn it
+on for the ImageNet sets too (``--I_augmix``); ours defaults to ``crop_flip``, and ``augmentation:
+"augmix"`` gives the official pipeline (adapters/augmix.py).
 """
 
 from __future__ import annotations

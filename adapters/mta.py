@@ -8,7 +8,8 @@ inlierness-weighted mean of the views, renormalised. The prediction is the mode 
 
 How ours differs from the official code (MaxZanella/MTA): the model's logit scale is used where the
 code hard-codes 100; class features are the request's template ensemble (MTA uses "a photo of a",
-which is our ``simple`` template); view features are encoded once.
+which is our ``simple`` template); view features are encoded once. Views: MTA uses random resized
+crops with flips (its script turns AugMix on only for TPT's runs), our default ``augmentation``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.base import AdaptInput, AdaptResult, Method, MethodOptions, register
-from adapters.common import MAX_VIEWS, check_range
+from adapters.common import MAX_VIEWS, Augmentation, check_range
 
 TOLERANCE = 1e-6
 
@@ -73,6 +74,7 @@ class MTAOptions(MethodOptions):
     lambda_y: float = 0.2
     lambda_q: float = 4.0
     iterations: int = 5
+    augmentation: Augmentation = "crop_flip"
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

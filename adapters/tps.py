@@ -18,6 +18,8 @@ How ours differs from the official code (elaine-sui/TPS):
 - The model's own logit scale, not a hard-coded 100; fp32 throughout on CPU.
 - Images of concurrent requests are adapted together (``adapt_batch``), each with its own shift and
   loss; the summed loss gives each shift exactly its own gradient.
+- Views: TPS's scripts use AugMix on the fine-grained sets and crops with flips on the ImageNet family
+  (``augmix=len(set_id) > 1``, as TPT); ``augmentation`` chooses, default ``crop_flip``.
 """
 
 from __future__ import annotations

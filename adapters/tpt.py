@@ -19,6 +19,14 @@ How ours differs from the official code (azshue/TPT):
   each context exactly its own gradient.
 - Views are cropped from a tensor without PIL's antialiasing (see adapters/views.py); no AMP grad
   scaler (CPU fp32; on GPU the context and optimizer stay fp32).
+- Views: the paper uses AugMix on the fine-grained (cross-dataset) sets and plain random resized
+  crops with flips on ImageNet and its shifts (``augmix=len(set_id) > 1``); ``augmentation`` chooses,
+  default ``crop_flip`` (adapters/augmix.py follows the official AugMix pipeline).
+- ``ctx_init``: as the official code, underscores become spaces and the learned context is one vector
+  per word (``n_ctx = len(ctx_init.split(" "))``): "itap of a" learns 3 vectors (the tokens "it",
+  "ap", "of"; "a" stays frozen in the prompt), "a photo of a" 4. Class names are not changed: the
+  official code turns their underscores into spaces, ours uses the label as sent, the same text its
+  zero-shot classifier reads, so zero steps equal zero-shot (send "golden retriever", not "golden_retriever").
 """
 
 from __future__ import annotations

@@ -20,6 +20,15 @@ How ours differs from the official code (Razaimam45/TTL-Test-Time-Low-Rank-Adapt
   the zero-shot features come from the adapted blocks with B = 0. Images of concurrent requests
   are adapted together, each with its own factors and loss (``adapt_batch``).
 - No LoRA dropout: TTL's 0.05 is inactive anyway, since its model is in eval mode.
+- Steps: ``steps=N`` takes N AdamW steps. The official code takes N squared: its DeYO loop
+  (``deyo.DeYO(..., steps=args.tta_steps)``, which steps ``tta_steps`` times) sits inside
+  ``test_time_tuning``'s own ``for j in range(args.tta_steps)``. We keep N; the official
+  ``tta_steps=3`` equals our ``steps=9`` (its default ``tta_steps=1`` equals our default ``steps=1``).
+- Precision: the official code runs each step under ``torch.cuda.amp.autocast()`` (fp16) with a
+  ``GradScaler(init_scale=1000)``. Ours uses neither: the tower runs in the model's precision
+  (``TTA_PRECISION``) and the LoRA factors and AdamW state stay fp32, so no loss scaling is needed.
+- Views: the official script turns AugMix on for the fine-grained sets (``augmix=len(set_id) > 1``)
+  and off for the ImageNet family; ``augmentation`` chooses (default ``crop_flip``; see adapters/augmix.py).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import torch
 
 from adapters.backbone import Backbone
 from adapters.base import AdaptInput, AdaptResult, Cost, Method, MethodOptions, register
-from adapters.common import MAX_STEPS, MAX_VIEWS, check_range, optimize
+from adapters.common import MAX_STEPS, MAX_VIEWS, Augmentation, check_range, optimize
 from adapters.losses import TTL_MAX_ENTROPY, entropy, ttl_weighted_entropy
 from adapters.lowrank import LoraFactors
 
@@ -46,6 +55,7 @@ class TTLOptions(MethodOptions):
     alpha: float = 32.0
     blocks: int = 3
     tau: float = 0.4
+    augmentation: Augmentation = "crop_flip"
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

@@ -22,6 +22,13 @@ How ours differs:
 - A uint8 image is resized in float and rounded back to the uint8 grid before scaling to [0, 1], as
   torchvision's generic path does for uint8 tensors and as PIL's uint8 output is; a float image in
   [0, 1] is not rounded.
+
+``augmentation="augmix"`` turns TPT's AugMix on: each crop is then mixed with three chains of PIL
+operations (``adapters.augmix``), as the official TPT does on its fine-grained sets.
+
+A video's views (``make_clip_views``) are temporal subsets of its frames under one spatial augmentation
+each, pooled by the mean of their frames' embeddings (``pool_views``): not in any of the papers, which
+classify images; the spatial part is exactly the image's.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from collections.abc import Sequence
 
 import torch
 
+from adapters.augmix import Plan, TorchDraws, augmix_view, sample_plan
+
+AUGMENTATIONS = ("crop_flip", "augmix")
 SCALE = (0.08, 1.0)  # RandomResizedCrop's default area range
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 FLIP_P = 0.5
@@ -158,6 +168,7 @@ def make_views(
     std: Sequence[float],
     generator: torch.Generator,
     base_view: torch.Tensor,
+    augmentation: str = "crop_flip",
 ) -> torch.Tensor:
     """TPT's views of one image: the base view, then ``n_views - 1`` random resized crops with flips.
 
@@ -168,6 +179,7 @@ def make_views(
         mean, std: the model's normalisation, per channel.
         generator: the request's seeded generator; the only source of randomness.
         base_view: [3, h, w] the server's normal preprocessing of the image, already normalised.
+        augmentation: "crop_flip", or "augmix" to mix each crop with AugMix chains (``adapters.augmix``).
     Returns:
         [n_views, 3, h, w] float32 on ``image.device``; row 0 is ``base_view``.
     """
@@ -179,8 +191,100 @@ def make_views(
     base = base_view.to(device, torch.float32)[None]  # [1, 3, h, w]
     if n_views == 1:
         return base
+    _check_augmentation(augmentation)
     boxes, flips = sample_boxes(int(image.shape[-2]), int(image.shape[-1]), n_views - 1, generator)
+    plans = _plans(n_views - 1, generator) if augmentation == "augmix" else None
     crops = resize_crops(image, boxes, size, flips)  # [n-1, 3, h, w]
+    return torch.cat([base, _finish(crops, plans, mean, std)])  # [n, 3, h, w]
+
+
+def _check_augmentation(augmentation: str) -> None:
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}")
+
+
+def _plans(n: int, generator: torch.Generator) -> list[Plan]:
+    draws = TorchDraws(generator)
+    return [sample_plan(draws) for _ in range(n)]
+
+
+def _finish(
+    crops: torch.Tensor, plans: Sequence[Plan] | None, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """[n, 3, h, w] crops in [0, 1] -> normalised views, each mixed by its AugMix plan when ``plans``."""
+    device = crops.device
+    if plans is not None:
+        # The PIL operations read uint8 crops, as TPT's crops are uint8 PIL images; they run on the CPU.
+        pixels = crops.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu()  # [n, 3, h, w]
+        mixed = [augmix_view(crop, plan, mean, std) for crop, plan in zip(pixels, plans, strict=True)]
+        return torch.stack(mixed).to(device)
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return torch.cat([base, crops.sub_(m).div_(s)])  # [n, 3, h, w]
+    return crops.sub_(m).div_(s)
+
+
+def clip_view_frames(n_frames: int) -> int:
+    """Frames in each augmented view of a clip of ``n_frames``: a random half, rounded up."""
+    return (n_frames + 1) // 2
+
+
+def make_clip_views(
+    frames: torch.Tensor,
+    n_views: int,
+    size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator,
+    base_views: torch.Tensor,
+    augmentation: str = "crop_flip",
+) -> tuple[torch.Tensor, list[slice]]:
+    """Views of a clip: the base views of every frame, then ``n_views - 1`` spatio-temporal views.
+
+    Each augmented view is a random temporal subset of ``clip_view_frames(T)`` frames (in time order)
+    under one spatial augmentation, the same crop, flip and AugMix chains for all its frames, as a
+    clip is augmented in video recognition. A view's feature is the mean of its frames' (``pool_views``).
+    The crops and AugMix plans are drawn first, in the order ``make_views`` draws them for one image,
+    then the subsets: T identical frames give the single image's views.
+
+    Args:
+        frames: [T, 3, H, W] the decoded frames at their original resolution, uint8 or float in [0, 1].
+        base_views: [T, 3, h, w] each frame's normal preprocessing, already normalised.
+    Returns:
+        pixels [T + (n_views - 1) * k, 3, h, w] float32 on ``frames.device``, and per view the rows of
+        ``pixels`` it pools (view 0: the T base views).
+    """
+    if n_views < 1:
+        raise ValueError(f"n_views must be at least 1, got {n_views}")
+    _check_augmentation(augmentation)
+    n_frames, height, width = int(frames.shape[0]), int(frames.shape[-2]), int(frames.shape[-1])
+    k = clip_view_frames(n_frames)
+    device = frames.device
+    n_aug = n_views - 1
+    boxes, flips = sample_boxes(height, width, n_aug, generator)
+    plans = _plans(n_aug, generator) if augmentation == "augmix" else None
+    subsets = [
+        torch.randperm(n_frames, generator=generator, device=generator.device)[:k].sort().values.tolist()
+        for _ in range(n_aug)
+    ]
+    base = base_views.to(device, torch.float32)  # [T, 3, h, w]
+    if n_aug == 0:
+        return base, [slice(0, n_frames)]
+    # Crop each frame with the boxes of the views that hold it, one batched gather per frame.
+    crops = torch.empty(n_aug, k, 3, *size, device=device)  # [V-1, k, 3, h, w]
+    for t in range(n_frames):
+        where = [(v, subset.index(t)) for v, subset in enumerate(subsets) if t in subset]
+        if where:
+            views = torch.tensor([v for v, _ in where])
+            slots = torch.tensor([j for _, j in where])
+            crops[views, slots] = resize_crops(frames[t], boxes[views], size, flips[views])
+    flat_plans = [plan for plan in plans for _ in range(k)] if plans is not None else None
+    augmented = _finish(crops.view(n_aug * k, 3, *size), flat_plans, mean, std)  # [(V-1) k, 3, h, w]
+    pixels = torch.cat([base, augmented])  # [T + (V-1) k, 3, h, w]
+    groups = [slice(0, n_frames)] + [slice(n_frames + v * k, n_frames + (v + 1) * k) for v in range(n_aug)]
+    return pixels, groups
+
+
+def pool_views(features: torch.Tensor, groups: Sequence[slice]) -> torch.Tensor:
+    """[F, D] unit-norm frame features -> [len(groups), D]: each group's mean embedding, renormalised."""
+    pooled = torch.stack([features[g].mean(0) for g in groups])  # [V, D]
+    return torch.nn.functional.normalize(pooled, dim=-1)

@@ -16,6 +16,8 @@ How ours differs from the official code (FarinaMatteo/zero):
 - ZERO returns only votes. We also return probabilities, from the mean of the kept views' logits,
   so the result can be calibrated and thresholded; the label is the vote winner, listed first,
   and the other predictions follow in order of votes, then probability.
+- Views: ZERO uses random resized crops with flips only (its ``data/augs.py``), our default;
+  ``augmentation: "augmix"`` is offered for comparison.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.base import AdaptInput, AdaptResult, Method, MethodOptions, register
-from adapters.common import MAX_VIEWS, check_range
+from adapters.common import MAX_VIEWS, Augmentation, check_range
 from adapters.losses import entropy
 
 
@@ -54,6 +56,7 @@ def vote(logits: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor
 class ZeroOptions(MethodOptions):
     views: int = 64
     gamma: float = 0.3
+    augmentation: Augmentation = "crop_flip"
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     )
     max_top_k: int = Field(1000, ge=1, description="Largest top_k a request may ask for.")
     max_views: int = Field(128, ge=1, description="Most augmented views (image included) a method may use per image.")
+    max_frames: int = Field(
+        32, ge=1, description="Most frames in one video request: frames sent, or sampled from a video file."
+    )
     max_steps: int = Field(10, ge=0, description="Most adaptation steps a request may ask for.")
     max_calibration_images: int = Field(
         2000, ge=20, description="Most labelled images in one calibration of a label set."

@@ -116,6 +116,10 @@ class DirectRunner(Runner):
             options=options or None,
             seed=seed,
         )
+        return self.send(request)
+
+    def send(self, request: ClassifyRequest) -> list[dict[str, Any]]:
+        """Any classify request (a video, for one) through the service; its results as the API's JSON."""
         answer = self._loop.run_until_complete(self.runtime.classifier.classify(request))
         return [result.model_dump() for result in answer.results]
 

@@ -5,6 +5,7 @@ turned into the service's ``ClassifyRequest``. Each problem raises a typed error
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -12,17 +13,19 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api.schemas import CalibrationIn
+from server.api.schemas import CalibrationIn, VideoIn
 from server.api.schemas import ClassifyRequest as ClassifyBody
 from server.clip.templates import PLACEHOLDER
 from server.errors import BadRequest, InvalidInput, UnsupportedMediaType
 from server.service.classify import ClassifyRequest
 from server.service.decoding import ImageInput
+from server.service.video import VideoInput
 from server.settings import Settings
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 Body = TypeVar("Body", bound=BaseModel)
-_FORM_FIELDS = {
+_VIDEO_FORM_FIELDS = {"frame", "video", "num_frames", "sampling", "pooling"}
+_FORM_FIELDS = _VIDEO_FORM_FIELDS | {
     "image",
     "labels",
     "label_set",
@@ -60,17 +63,19 @@ async def read_classify(request: Request, settings: Settings) -> ClassifyRequest
     """The request's body (JSON with base64 images, or multipart with image files) and deadline header."""
     ctype = _content_type(request)
     if ctype == "multipart/form-data":
-        form = await _form(request, settings, settings.max_images_per_request)
+        form = await _form(request, settings, max(settings.max_images_per_request, settings.max_frames))
         try:
-            images, body = await parse_form(form)
+            images, body, video = await parse_form(form)
         finally:
             await form.close()
     elif ctype in ("application/json", ""):
         images, body = parse_json_body(await request.body())
+        video = _video(body.video.frames, body.video.file, body) if body.video is not None else None
     else:
         raise _unsupported(ctype)
     return ClassifyRequest(
         images=images,
+        video=video,
         labels=body.labels,
         label_set=body.label_set,
         templates=body.templates,
@@ -111,16 +116,20 @@ async def read_calibration(
     return list(body.images), body.labels, body.methods
 
 
-async def _uploads(form: FormData) -> list[ImageInput]:
-    images: list[ImageInput] = []
-    for item in form.getlist("image"):
+async def _uploads(form: FormData, field: str = "image") -> list[ImageInput]:
+    return [*await _upload_bytes(form, field)]
+
+
+async def _upload_bytes(form: FormData, field: str) -> list[bytes]:
+    images: list[bytes] = []
+    for item in form.getlist(field):
         if not isinstance(item, UploadFile):
             raise InvalidInput(
-                "form field 'image' must be a file upload (curl -F image=@photo.jpg)", code="invalid_form"
+                f"form field {field!r} must be a file upload (curl -F {field}=@file)", code="invalid_form"
             )
         images.append(await item.read())
     if not images:
-        raise InvalidInput("no images: add one or more 'image' file fields", code="no_images")
+        raise InvalidInput(f"no images: add one or more {field!r} file fields", code="no_images")
     return images
 
 
@@ -147,14 +156,29 @@ def _loads(raw: bytes | str, what: str = "the body") -> Any:
         raise BadRequest(f"{what} is nested too deeply to parse", code="invalid_json") from exc
 
 
+def _video(frames: Sequence[ImageInput] | None, file: bytes | str | None, body: ClassifyBody) -> VideoInput:
+    """The service's video from its frames or file and the body's sampling settings (defaults without ``video``)."""
+    settings = body.video or VideoIn()
+    return VideoInput(
+        frames=frames,
+        file=file,
+        num_frames=settings.num_frames,
+        sampling=settings.sampling,
+        pooling=settings.pooling,
+    )
+
+
 def parse_json_body(body: bytes) -> tuple[list[ImageInput], ClassifyBody]:
     data = _loads(body)
     if not isinstance(data, dict):
         raise BadRequest("the JSON body must be an object", code="invalid_json")
     if isinstance(data.get("images"), list) and not data["images"]:
         raise InvalidInput("no images: send at least one", code="no_images")
+    video = data.get("video")
+    if isinstance(video, dict) and isinstance(video.get("frames"), list) and not video["frames"]:
+        raise InvalidInput("video.frames is empty: send at least one frame", code="no_images")
     request = _validated(ClassifyBody, data)
-    return list(request.images), request
+    return list(request.images or []), request
 
 
 def _json_list_or_values(values: list[str], field: str) -> list[str]:
@@ -170,23 +194,49 @@ def _json_list_or_values(values: list[str], field: str) -> list[str]:
     return values
 
 
-async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody]:
+async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody, VideoInput | None]:
+    """Images (``image`` files), or one video: ``frame`` files or a ``video`` file, with its form fields."""
     unknown = sorted({k for k in form if k not in _FORM_FIELDS})
     if unknown:
         raise InvalidInput(
             f"unknown form field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(_FORM_FIELDS))}",
             code="invalid_form",
         )
-    images = await _uploads(form)
+    is_video = any(k in form for k in ("frame", "video"))
+    images = [] if is_video and "image" not in form else await _uploads(form)
+    frames = await _uploads(form, "frame") if "frame" in form else None
+    video_files = await _upload_bytes(form, "video") if "video" in form else []
+    if len(video_files) > 1:
+        raise InvalidInput(f"form field 'video' given {len(video_files)} times; send one video", code="invalid_form")
     data: dict[str, Any] = {"images": ["<multipart>"]}
-    texts = {k: [v for v in form.getlist(k) if isinstance(v, str)] for k in _FORM_FIELDS - {"image"}}
+    files = {"image", "frame", "video"}
+    texts = {k: [v for v in form.getlist(k) if isinstance(v, str)] for k in _FORM_FIELDS - files}
     if texts["labels"]:
         data["labels"] = _json_list_or_values(texts["labels"], "labels")
-    for single in ("label_set", "method", "top_k", "seed", "compare", "abstain_below", "confidence_gate"):
+    video: dict[str, Any] = {}
+    for single in (
+        "label_set",
+        "method",
+        "top_k",
+        "seed",
+        "compare",
+        "abstain_below",
+        "confidence_gate",
+        "num_frames",
+        "sampling",
+        "pooling",
+    ):
         if len(texts[single]) > 1:
             raise InvalidInput(f"form field {single!r} given {len(texts[single])} times", code="invalid_form")
         if texts[single]:
-            data[single] = texts[single][0]
+            (video if single in _VIDEO_FORM_FIELDS else data)[single] = texts[single][0]
+    if video and not is_video:
+        raise InvalidInput(
+            f"form field(s) {', '.join(sorted(video))} describe a video: add 'frame' files or a 'video' file",
+            code="invalid_form",
+        )
+    if is_video:
+        data["video"] = video
     if texts["templates"]:
         values = texts["templates"]
         is_named = len(values) == 1 and not values[0].lstrip().startswith("[") and PLACEHOLDER not in values[0]
@@ -196,7 +246,10 @@ async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody]:
             data["options"] = json.loads(texts["options"][0])
         except (ValueError, RecursionError) as exc:
             raise BadRequest(f"form field 'options' must be a JSON object: {exc}", code="invalid_form") from exc
-    return images, _validated(ClassifyBody, data)
+    body = _validated(ClassifyBody, data)
+    if not is_video:
+        return images, body, None
+    return images, body, _video(frames, video_files[0] if video_files else None, body)
 
 
 def _validated(schema: type[Body], data: Any) -> Body:

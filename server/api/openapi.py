@@ -74,13 +74,22 @@ TIMEOUT_PARAMETER = {
 
 MULTIPART_CLASSIFY = {
     "type": "object",
-    "required": ["image"],
+    "description": "Images (image), or one video: its frames (frame) or a video file (video).",
     "properties": {
         "image": {
             "type": "array",
             "items": {"type": "string", "format": "binary"},
             "description": "One or more image files (repeat the field).",
         },
+        "frame": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "A video's frames as image files, in time order (repeat the field); one result.",
+        },
+        "video": {"type": "string", "format": "binary", "description": "A video file (needs PyAV on the server)."},
+        "num_frames": {"type": "integer", "minimum": 1, "description": "Frames to sample from the video (default 8)."},
+        "sampling": {"type": "string", "enum": ["segment", "uniform", "all"], "description": "How frames are sampled."},
+        "pooling": {"type": "string", "enum": ["mean", "max"], "description": "How the frames are pooled."},
         "labels": {"type": "array", "items": {"type": "string"}, "description": "Repeat the field, or one JSON list."},
         "label_set": {"type": "string", "description": "Name of a registered label set, instead of labels."},
         "templates": {"type": "string", "description": "A named set, or a JSON list of templates with {}."},
@@ -129,6 +138,13 @@ CLASSIFY_OPENAPI = {
                         "summary": "Labels inline (docs/examples/red_star.png)",
                         "value": {"images": [RED_STAR_PNG], "labels": EXAMPLE_LABELS, "top_k": 2},
                     },
+                    "video": {
+                        "summary": "A video as its frames, their embeddings mean-pooled into one result",
+                        "value": {
+                            "video": {"frames": [RED_STAR_PNG, RED_STAR_PNG], "sampling": "all", "pooling": "mean"},
+                            "labels": EXAMPLE_LABELS,
+                        },
+                    },
                     "label_set": {
                         "summary": "A label set of the demo model, adapted with TPS",
                         "value": {
@@ -142,7 +158,11 @@ CLASSIFY_OPENAPI = {
             },
             "multipart/form-data": {
                 "schema": MULTIPART_CLASSIFY,
-                "encoding": {"image": {"contentType": "image/*"}},
+                "encoding": {
+                    "image": {"contentType": "image/*"},
+                    "frame": {"contentType": "image/*"},
+                    "video": {"contentType": "video/*"},
+                },
             },
         },
     },
@@ -210,7 +230,9 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             one_error_shape(schema)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for body in (ClassifyRequest, CalibrationIn):
-                components[body.__name__] = body.model_json_schema(ref_template="#/components/schemas/{model}")
+                generated = body.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(generated.pop("$defs", {}))  # nested bodies (VideoIn) as components of their own
+                components[body.__name__] = generated
             bound_by_settings(schema, settings)
             document_headers(schema)
             app.openapi_schema = schema
@@ -244,7 +266,10 @@ def bound_by_settings(schema: dict[str, Any], settings: Settings) -> None:
     """Write the server's limits into the request schemas: what the schema allows, the server accepts."""
     components = schema["components"]["schemas"]
     classify = components["ClassifyRequest"]["properties"]
-    classify["images"]["maxItems"] = settings.max_images_per_request
+    _branch(classify["images"], "array")["maxItems"] = settings.max_images_per_request
+    video = components["VideoIn"]["properties"]
+    _branch(video["frames"], "array")["maxItems"] = settings.max_frames
+    _branch(video["num_frames"], "integer")["maximum"] = settings.max_frames
     _labels(classify["labels"], settings)
     _templates(classify["templates"], settings)
     _branch(classify["top_k"], "integer")["maximum"] = settings.max_top_k
@@ -252,6 +277,8 @@ def bound_by_settings(schema: dict[str, Any], settings: Settings) -> None:
     form = schema["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     form = form["properties"]
     form["image"].update(minItems=1, maxItems=settings.max_images_per_request)
+    form["frame"].update(minItems=1, maxItems=settings.max_frames)
+    form["num_frames"]["maximum"] = settings.max_frames
     _labels(form["labels"], settings)
     form["top_k"]["maximum"] = settings.max_top_k
 

@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.service.results import ModelRef, Result
 from server.storage import LabelSet
+
+
+class VideoIn(BaseModel):
+    """One video, classified as one answer: its frames (or a video file), sampled and pooled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frames: list[str] | None = Field(
+        None, min_length=1, description="The frames in time order: base64 strings or data: URIs (or give file)."
+    )
+    file: str | None = Field(
+        None, description="A video file (MP4, WebM, ...) as base64 or a data: URI; needs PyAV on the server."
+    )
+    num_frames: int | None = Field(
+        None, ge=1, description="Frames to sample (default 8, at most TTA_MAX_FRAMES); sampling 'all' ignores it."
+    )
+    sampling: Literal["segment", "uniform", "all"] = Field(
+        "segment",
+        description="segment: the centre frame of num_frames equal segments; uniform: evenly spaced from the first "
+        "frame to the last; all: every frame.",
+    )
+    pooling: Literal["mean", "max"] = Field(
+        "mean",
+        description="mean: of the frames' embeddings; max: over the frames' logits, class by class (zero_shot only).",
+    )
+
+    @field_validator("num_frames", mode="before")
+    @classmethod
+    def _a_number_not_a_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 class ClassifyRequest(BaseModel):
@@ -16,7 +48,10 @@ class ClassifyRequest(BaseModel):
     # Its examples are the request body's, in server/api/openapi.py: real images, so they work as they are.
     model_config = ConfigDict(extra="forbid")
 
-    images: list[str] = Field(..., min_length=1, description="Base64 strings or data: URIs, one per image.")
+    images: list[str] | None = Field(
+        None, min_length=1, description="Base64 strings or data: URIs, one per image; or send video."
+    )
+    video: VideoIn | None = Field(None, description="One video instead of images: one result, its frames pooled.")
     labels: list[str] | None = Field(None, description="Class names; or use label_set.")
     label_set: str | None = Field(None, description="Name of a registered label set, instead of labels.")
     templates: list[str] | str | None = Field(
@@ -214,6 +249,7 @@ class Limits(BaseModel):
     request_timeout_s: float
     max_views: int
     max_steps: int
+    max_frames: int
 
 
 class MethodInfo(BaseModel):

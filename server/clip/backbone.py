@@ -185,8 +185,10 @@ class Backbone:
     def prompt_inputs(self, labels: tuple[str, ...], ctx_init: str = TPT_CTX_INIT) -> PromptInputs:
         """The frozen token embeddings of ``"{ctx_init} {label}."`` for each label, cached per label set.
 
-        The context is the tokens of ``ctx_init`` (TPT: "a photo of a", 4 tokens); the rest is cut to
-        the longest prompt of the set. Built under ``no_grad`` (never inference mode, whose tensors
+        As in the official TPT, underscores in ``ctx_init`` become spaces and the learned context is
+        one vector per word, the first tokens of ``ctx_init`` ("a photo of a": 4; "itap of a": 3, the
+        tokens "it", "ap", "of", with "a" left frozen in the prompt); the rest is cut to the longest
+        prompt of the set. Built under ``no_grad`` (never inference mode, whose tensors
         autograd refuses) so adaptation graphs can use them. Raises UnsupportedModel when the model's
         text tower or tokenizer cannot take a learned context, or ``ctx_init`` does not fit.
         """
@@ -195,22 +197,23 @@ class Backbone:
         if cached is not None:
             return cached
         tower = self._text_tower()
-        tok = self.tokenizer
+        text = ctx_init.replace("_", " ")
         with self._tokenizer_lock:
-            init_list = tok.encode(ctx_init)
+            init_list = self.tokenizer.encode(text)
             self._bound_tokenizer_cache()
         with torch.inference_mode(False), torch.no_grad():
-            init_ids = torch.tensor(init_list, dtype=torch.long, device=self.device)  # [n_ctx]
-            n_ctx = int(init_ids.numel())
-            if n_ctx < 1:
+            init_ids = torch.tensor(init_list, dtype=torch.long, device=self.device)  # [tokens]
+            n_tokens = int(init_ids.numel())
+            if n_tokens < 1:
                 raise UnsupportedModel(f"ctx_init {ctx_init!r} has no tokens")
-            if n_ctx + 3 > self.context_length:  # SOT, the context, one label token, EOT
+            n_ctx = min(len(text.split(" ")), n_tokens)  # the official n_ctx counts words
+            if n_tokens + 3 > self.context_length:  # SOT, the context, one label token, EOT
                 raise UnsupportedModel(
-                    f"ctx_init {ctx_init!r} ({n_ctx} tokens) does not fit the text context "
+                    f"ctx_init {ctx_init!r} ({n_tokens} tokens) does not fit the text context "
                     f"of {self.context_length} tokens with a label after it"
                 )
-            ids = self.tokenize([f"{ctx_init} {label}." for label in labels]).to(self.device)  # [C, 77]
-            if not bool((ids[:, 1 : 1 + n_ctx] == init_ids).all()):
+            ids = self.tokenize([f"{text} {label}." for label in labels]).to(self.device)  # [C, 77]
+            if not bool((ids[:, 1 : 1 + n_tokens] == init_ids).all()):
                 raise UnsupportedModel(f"ctx_init {ctx_init!r} tokenizes differently when a label follows it")
             eot = tower.pool_positions(ids)  # [C]
             length = int(eot.max()) + 1  # causal: nothing after the last EOT reaches any pooled token

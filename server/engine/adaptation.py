@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from adapters import AdaptInput, Method, MethodOptions
-from adapters.views import make_views
+from adapters.views import make_clip_views, make_views, pool_views
 from server.clip.backbone import Backbone
 from server.engine.work import ImageReport
 
@@ -30,12 +30,16 @@ def image_seed(seed: int, index: int) -> int:
 class ImageTask:
     """One image to adapt: its decoded tensor, base view, classes and seeded generator."""
 
-    original: torch.Tensor  # [3, H0, W0] uint8
-    base_view: torch.Tensor  # [3, h, w]
+    original: torch.Tensor  # [3, H0, W0] uint8; a clip: [T, 3, H0, W0], its frames
+    base_view: torch.Tensor  # [3, h, w]; a clip: [T, 3, h, w]
     classes: torch.Tensor  # [C, D] a normal (not inference-mode) tensor
     labels: tuple[str, ...]
     generator: torch.Generator
     stop: Callable[[], bool] = lambda: False
+
+    @property
+    def is_clip(self) -> bool:
+        return self.original.dim() == 4
 
 
 def adapt_images(
@@ -53,22 +57,52 @@ def adapt_images(
     started = time.monotonic()
     n_views = options.views
     cfg = backbone.preprocess_cfg
-    views = [
-        make_views(
-            t.original.to(backbone.device),
-            n_views,
-            backbone.image_size,
-            cfg.mean,
-            cfg.std,
-            t.generator,
-            base_view=t.base_view,
+    views: list[torch.Tensor] = []  # per task: [V, 3, h, w] an image's views, or a clip's frames of every view
+    groups: list[list[slice] | None] = []  # per clip: the rows each of its views pools
+    for t in tasks:
+        if t.is_clip:
+            pixels, rows = make_clip_views(
+                t.original.to(backbone.device),
+                n_views,
+                backbone.image_size,
+                cfg.mean,
+                cfg.std,
+                t.generator,
+                base_views=t.base_view,
+                augmentation=options.augmentation,
+            )
+            views.append(pixels)
+            groups.append(rows)
+            continue
+        views.append(
+            make_views(
+                t.original.to(backbone.device),
+                n_views,
+                backbone.image_size,
+                cfg.mean,
+                cfg.std,
+                t.generator,
+                base_view=t.base_view,
+                augmentation=options.augmentation,
+            )
         )
-        for t in tasks
-    ]  # each [V, 3, h, w]
+        groups.append(None)
     encoded = method.encode_views(backbone, views)
+    # A clip's view is the mean embedding of its frames; only methods that adapt on view features (not
+    # ones that re-run the tower on the views' pixels) are given clips (server.service.video).
     inputs = [
-        AdaptInput(feats, t.classes, backbone.logit_scale, t.labels, t.generator, backbone, v, cache, t.stop)
-        for t, v, (feats, cache) in zip(tasks, views, encoded, strict=True)
+        AdaptInput(
+            feats if rows is None else pool_views(feats, rows),
+            t.classes,
+            backbone.logit_scale,
+            t.labels,
+            t.generator,
+            backbone,
+            v if rows is None else None,
+            cache if rows is None else {},
+            t.stop,
+        )
+        for t, v, rows, (feats, cache) in zip(tasks, views, groups, encoded, strict=True)
     ]
     zero_shot = [inp.zero_shot_logits()[0].detach() for inp in inputs]  # each [C]
     results = method.adapt_batch(inputs, options)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from adapters import Method, Stopped
+from adapters.views import pool_views
 from server.clip.backbone import Backbone
 from server.engine.adaptation import ImageTask, adapt_images, image_seed
 from server.engine.admission import CostModel, MemoryModel, gpu_peak, stack_within
@@ -85,7 +86,7 @@ class Runner:
             t0 = time.monotonic()
             work = job.work
             classes = self.classes.features(work.class_text, job.build)  # [C, D]
-            logits = self._predict(work.method, feats[offset : offset + job.n_images], classes, work)  # [N, C]
+            logits = self._pooled(work.method, feats[offset : offset + job.n_images], classes, work)  # [N or 1, C]
             offset += job.n_images
             timings = {"queue": started - job.enqueued_at, "encode": encode_s, "classify": time.monotonic() - t0}
             outputs.append(JobOutput(logits, timings, int(images.shape[0]), skipped=job.skipped))
@@ -94,6 +95,14 @@ class Runner:
 
     def _gauge_text_cache(self) -> None:
         self.metrics.text_cache_bytes.set(self.classes.bytes + self.classes.backbone.prompt_cache.bytes)
+
+    def _pooled(self, method: Method[Any], feats: torch.Tensor, classes: torch.Tensor, work: Work) -> torch.Tensor:
+        """``_predict``, with a video's frames [T, D] pooled into one answer [1, C]."""
+        if work.pooling == "max":  # the max over the frames' logits, class by class
+            return self._predict(method, feats, classes, work).max(0, keepdim=True).values
+        if work.pooling == "mean":  # the mean of the frames' embeddings, renormalised
+            return self._predict(method, pool_views(feats, [slice(None)]), classes, work)
+        return self._predict(method, feats, classes, work)
 
     def _predict(self, method: Method[Any], feats: torch.Tensor, classes: torch.Tensor, work: Work) -> torch.Tensor:
         """[N, D] image features against [C, D] classes: the method's zero-shot logits [N, C], float32 on the CPU."""
@@ -121,7 +130,7 @@ class Runner:
             raise Stopped("stopped while encoding the labels' text")
         done: dict[tuple[int, int], Answer] = {}
         needs = {id(job): self.memory.image_bytes(backbone, method, options, job.work.labels) for job in jobs}
-        items = [(job, i) for job in jobs for i in range(job.n_images)]
+        items = [(job, i) for job in jobs for i in range(job.work.n_answers)]
         chunks, too_big = stack_within(
             items, [needs[id(job)] for job, _ in items], self.memory.budget_bytes, self.adapt_max_batch
         )
@@ -148,9 +157,9 @@ class Runner:
             self.costs.learn(method.name, sum(job.cost_s for job in jobs), elapsed)
         outputs = {}
         for job in jobs:
-            if any((id(job), i) not in done for i in range(job.n_images)):
+            if any((id(job), i) not in done for i in range(job.work.n_answers)):
                 continue  # stopped part-way: its caller is gone
-            logits, reports = zip(*(done[(id(job), i)] for i in range(job.n_images)), strict=True)
+            logits, reports = zip(*(done[(id(job), i)] for i in range(job.work.n_answers)), strict=True)
             for report in reports:
                 report.memory_bytes = int(needs[id(job)])
             timings = {"queue": started - job.enqueued_at, "adapt": elapsed}
@@ -202,7 +211,9 @@ class Runner:
         originals = job.work.originals
         assert originals is not None, "the adaptation lane runs only work with decoded originals"
         generator = torch.Generator().manual_seed(image_seed(job.work.seed, i))
-        return ImageTask(originals[i], job.work.images[i], classes, job.work.labels, generator, job.stopped)
+        # A video's task is its clip: the frames [T, 3, H0, W0] and their base views [T, 3, h, w].
+        base = job.work.images if job.work.pooling else job.work.images[i]
+        return ImageTask(originals[i], base, classes, job.work.labels, generator, job.stopped)
 
     def _gate(
         self, chunk: list[Image], classes: dict[int, torch.Tensor], done: dict[tuple[int, int], Answer]
@@ -229,7 +240,16 @@ class Runner:
     ) -> set[tuple[int, int]]:
         """Answer ``items`` (those ``when`` picks from their zero-shot logits) zero-shot, skipped for ``reason``."""
         t0 = time.monotonic()
-        feats = self.backbone.encode_images(torch.stack([job.work.images[i] for job, i in items]))  # [N, D]
+        # A video's frames are pooled by the mean of their embeddings, as its adapted views are.
+        frames = [job.work.images if job.work.pooling else job.work.images[i : i + 1] for job, i in items]
+        encoded = self.backbone.encode_images(torch.cat(frames))  # [sum T, D]
+        offsets = torch.tensor([0] + [f.shape[0] for f in frames]).cumsum(0).tolist()
+        feats = torch.cat(
+            [
+                pool_views(encoded, [slice(a, b)]) if job.work.pooling else encoded[a:b]
+                for (job, _), a, b in zip(items, offsets[:-1], offsets[1:], strict=True)
+            ]
+        )  # [N, D]
         answered = set()
         for row, (job, i) in enumerate(items):
             logits = self._predict(job.work.method, feats[row : row + 1], classes[id(job)], job.work)[0]  # [C]

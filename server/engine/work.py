@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from adapters import Method, MethodOptions
+from adapters.views import clip_view_frames
 from server.engine.classes import ClassText, TextBuild
 from server.errors import ClientClosed, DeadlineExceeded
 
@@ -46,10 +47,18 @@ class Work:
     gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
     gate_margin: Callable[[torch.Tensor], float] | None = None  # [C] zero-shot logits -> their calibrated margin
     text_build: TextBuild | None = None  # the class features' tokens when they were not cached (made off the lanes)
+    # A video: ``images`` are the frames of one clip, answered once, pooled by "mean" (embeddings) or "max"
+    # (logits); ``originals`` then holds one [T, 3, H0, W0] tensor, the frames views are cut from.
+    pooling: str | None = None
 
     @property
     def n_images(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def n_answers(self) -> int:
+        """Answers the work gives: one per image, or one for a video."""
+        return 1 if self.pooling else self.n_images
 
     @property
     def adapts(self) -> bool:
@@ -62,7 +71,9 @@ class Work:
 
     @property
     def demand(self) -> Demand:
-        return Demand(self.method, self.options, self.n_images, len(self.labels))
+        # A video is adapted once, on views of clip_view_frames(T) frames each: as many images' views.
+        n = clip_view_frames(self.n_images) if self.pooling else self.n_images
+        return Demand(self.method, self.options, n, len(self.labels))
 
 
 @dataclass

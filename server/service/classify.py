@@ -23,6 +23,7 @@ from typing import Any
 
 from adapters import Method
 from adapters.losses import entropy
+from adapters.views import clip_view_frames
 from server.clip.spec import ModelSpec
 from server.engine import ClassText, Demand, Engine, JobOutput, Work
 from server.errors import ClientClosed, ClientError, DeadlineExceeded, InvalidInput, NotReady, Rejected, TTAError
@@ -42,6 +43,7 @@ from server.service.validation import (
     resolve_top_k,
     validate_labels,
 )
+from server.service.video import VideoInput, check_video_method, clip_length, decode_video
 from server.settings import Settings
 from server.storage import LabelSet
 
@@ -60,7 +62,7 @@ class ClassifyRequest:
     Types are checked by the caller (the API's schemas); the service checks values against the limits.
     """
 
-    images: Sequence[ImageInput]
+    images: Sequence[ImageInput]  # empty for a video request
     labels: Sequence[str] | None = None
     label_set: str | None = None
     templates: Sequence[str] | str | None = None  # a named set or templates with {} (default: the set's, the server's)
@@ -74,6 +76,7 @@ class ClassifyRequest:
     timeout_s: float | None = None  # a deadline shorter than TTA_REQUEST_TIMEOUT_S
     monitor: bool = True  # counted in its label set's accuracy estimate (not a calibration's labelled images)
     owner: str = ""  # whose label sets ``label_set`` names: the caller's API key name ('' without keys)
+    video: VideoInput | None = None  # one video, answered once (then ``images`` is empty)
 
 
 @dataclass(frozen=True)
@@ -156,10 +159,21 @@ class ClassifyService:
     ) -> Classification:
         settings = self.settings
         options = parse_options(method, req.options)
-        check_image_count(len(req.images), settings)
+        adaptive = method.name != "zero_shot"
+        video = req.video
+        if video is None:
+            check_image_count(len(req.images), settings)
+            n_inputs = len(req.images)  # what the request costs, in images
+        else:
+            if req.images:
+                raise InvalidInput("give images or video, not both", code="images_and_video")
+            n_frames = clip_length(video, settings.max_frames)
+            if adaptive:
+                check_video_method(method, video)
+            # Zero-shot encodes each frame once; adapting encodes each view's clip_view_frames(T) frames.
+            n_inputs = clip_view_frames(n_frames) if adaptive else n_frames
         classes = self._resolve_classes(req)
         top_k = resolve_top_k(req.top_k, len(classes.labels), settings)
-        adaptive = method.name != "zero_shot"
         if adaptive:
             check_limits(options, settings)
         timeout_s = min(req.timeout_s, settings.request_timeout_s) if req.timeout_s else settings.request_timeout_s
@@ -167,9 +181,9 @@ class ClassifyService:
         gate = req.confidence_gate if req.confidence_gate is not None else settings.confidence_gate
         if admit is not None:
             weight = self.engine.costs.in_images(method, options, len(classes.labels)) if adaptive else 1.0
-            admit(len(req.images) * weight, adaptive)
+            admit(n_inputs * weight, adaptive)
         # Before decoding: a request that will be refused costs no decode.
-        demand = Demand(method, options, len(req.images), len(classes.labels)) if adaptive else None
+        demand = Demand(method, options, n_inputs, len(classes.labels)) if adaptive else None
         self.engine.check_capacity(demand, timeout_s)
         text = ClassText.for_method(method, classes.labels, classes.templates, classes.descriptions)
         cached = self.engine.text_cached(text)
@@ -179,10 +193,14 @@ class ClassifyService:
         if backbone is None:
             raise NotReady("the model is still loading; retry shortly", retry_after_s=1)
         t0 = time.monotonic()
+        decode = (
+            functools.partial(decode_images, list(req.images))
+            if video is None
+            else functools.partial(decode_video, video, settings.max_frames)
+        )
         images, originals = await asyncio.get_running_loop().run_in_executor(
             self.decode_pool,
-            decode_images,
-            list(req.images),
+            decode,
             backbone.preprocess,
             backbone.image_size,
             settings.max_image_pixels,
@@ -204,6 +222,7 @@ class ClassifyService:
             seed=seed,
             descriptions=classes.descriptions,
             gate=gate if adaptive else None,
+            pooling=video.pooling if video is not None else None,
             gate_margin=functools.partial(
                 Calibration.margin, self.calibrations.model("zero_shot", classes.label_set, req.owner)
             )

@@ -49,6 +49,7 @@ def methods_info(settings: Settings) -> dict[str, Any]:
         "request_timeout_s": s.request_timeout_s,
         "max_views": s.max_views,
         "max_steps": s.max_steps,
+        "max_frames": s.max_frames,
     }
     methods = [
         {

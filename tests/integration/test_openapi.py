@@ -48,7 +48,7 @@ def demo_client(tmp_path) -> Iterator[TestClient]:
 def test_the_documented_examples_work_as_they_are(demo_client):
     spec = demo_client.get("/openapi.json").json()
     examples = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["application/json"]["examples"]
-    assert set(examples) == {"labels", "label_set"}
+    assert set(examples) == {"labels", "label_set", "video"}
     for name, example in examples.items():
         answer = demo_client.post("/v1/classify", json=example["value"])
         assert answer.status_code == 200, (name, answer.text)
@@ -56,6 +56,8 @@ def test_the_documented_examples_work_as_they_are(demo_client):
     assert answer["results"][0]["label"] == "red star"
     assert [p["label"] for p in answer["results"][0]["predictions"]][:1] == ["red star"]
     assert answer["results"][0]["predictions"][0]["probability"] > 0.5
+    video = demo_client.post("/v1/classify", json=examples["video"]["value"]).json()
+    assert [r["label"] for r in video["results"]] == ["red star"]  # a video is one answer
 
     label_set = spec["components"]["schemas"]["LabelSetIn"]["examples"][0]
     assert demo_client.post("/v1/label-sets", json=label_set).status_code == 201
@@ -103,11 +105,16 @@ def test_the_multipart_schema_lists_every_field_the_server_accepts(client, spec)
         "abstain_below": "0.0",
         "confidence_gate": "0.5",
     }
-    assert documented == {"image", "label_set", *fields}
+    video = {"num_frames": "2", "sampling": "uniform", "pooling": "max"}
+    assert documented == {"image", "label_set", "frame", "video", *fields, *video}
     answer = client.post("/v1/classify", files={"image": png_bytes()}, data=fields)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["results"][0]["predictions"]) == 2
     assert answer.json()["results"][0]["zero_shot"]["predictions"]  # compare=true
+    frames = [("frame", png_bytes(seed=i)) for i in range(3)]
+    answer = client.post("/v1/classify", files=frames, data={**fields, **video})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["results"]) == 1  # one video, one answer
 
 
 def test_every_success_answer_has_a_schema_and_metrics_is_text(client, spec):
@@ -190,7 +197,12 @@ def test_the_schema_bounds_requests_by_the_servers_limits(settings):
         assert (top_k["minimum"], top_k["maximum"]) == (1, 7)
         labels = next(b for b in body["labels"]["anyOf"] if b["type"] == "array")
         assert (labels["minItems"], labels["maxItems"]) == (1, 4)
-        assert body["images"]["maxItems"] == 3
+        images = next(b for b in body["images"]["anyOf"] if b["type"] == "array")
+        assert images["maxItems"] == 3
+        video = spec["components"]["schemas"]["VideoIn"]["properties"]
+        frames = next(b for b in video["frames"]["anyOf"] if b["type"] == "array")
+        num_frames = next(b for b in video["num_frames"]["anyOf"] if b["type"] == "integer")
+        assert frames["maxItems"] == num_frames["maximum"] == settings.max_frames
         form = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert form["properties"]["top_k"]["maximum"] == 7
         label_set = spec["components"]["schemas"]["LabelSetIn"]["properties"]["labels"]

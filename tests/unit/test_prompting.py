@@ -141,3 +141,23 @@ def test_refuses_a_context_that_does_not_fit(backbone):
     with pytest.raises(ValueError, match="ctx has shape"):
         backbone.encode_text_with_context(torch.zeros(3, 64), inputs)
     assert backbone.prompt_learning_error is None
+
+
+def test_ctx_init_is_counted_in_words_as_the_official_tpt_does(backbone):
+    """The official TPT learns one vector per word: "itap" is 2 BPE tokens, "itap of a" learns 3 ("it", "ap", "of")."""
+    assert len(backbone.tokenizer.encode("itap of a")) == 4
+    inputs = backbone.prompt_inputs(SHORT, ctx_init="itap of a")
+    assert inputs.n_ctx == 3
+    ids = backbone.tokenizer.encode("itap of a")
+    assert torch.equal(inputs.ctx_init, backbone.model.token_embedding.weight[ids[:3]])
+    # The fourth token stays in the frozen suffix: the initial prompt is still the whole text.
+    feats = backbone.encode_text_with_context(inputs.ctx_init, inputs)
+    torch.testing.assert_close(feats, reference(backbone, SHORT, "itap of a"), atol=ATOL, rtol=0)
+
+
+def test_underscores_in_ctx_init_become_spaces_as_the_official_tpt_does(backbone):
+    underscored = backbone.prompt_inputs(SHORT, ctx_init="a_photo_of_a")
+    spaced = backbone.prompt_inputs(SHORT, ctx_init="a photo of a")
+    assert underscored.n_ctx == 4
+    assert torch.equal(underscored.tokens, spaced.tokens)
+    assert torch.equal(underscored.ctx_init, spaced.ctx_init)

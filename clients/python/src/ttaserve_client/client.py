@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from ttaserve_client.errors import ApiError, ConnectionFailed
-from ttaserve_client.images import ImageLike, image_bytes, image_name
+from ttaserve_client.images import ImageLike, VideoLike, image_bytes, image_name, video_parts
 from ttaserve_client.models import Calibration, Classification, LabelSet, Methods, ModelInfo
 from ttaserve_client.retry import RETRY_STATUSES, RetryPolicy
 
@@ -42,11 +42,16 @@ class Call(Generic[T]):
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def _form(images: Sequence[ImageLike], fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Multipart parts: one ``image`` file per image, and each field that is set (lists as JSON)."""
-    files = [
-        ("image", (image_name(img, i), image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)
-    ]
+def _form(
+    images: Sequence[ImageLike], fields: Mapping[str, Any], files: list[tuple[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Multipart parts: one ``image`` file per image (or the given ``files``), and each field that is set
+    (lists as JSON)."""
+    if files is None:
+        files = [
+            ("image", (image_name(img, i), image_bytes(img), "application/octet-stream"))
+            for i, img in enumerate(images)
+        ]
     data: dict[str, str] = {}
     for name, value in fields.items():
         if value is None or value is False:
@@ -80,6 +85,16 @@ def _nothing(response: httpx.Response) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class _Video:
+    """A video to classify and how: sent as ``frame`` files or one ``video`` file."""
+
+    video: VideoLike
+    num_frames: int | None
+    sampling: str | None
+    pooling: str | None
+
+
 class _Calls:
     """What each method sends; shared by both clients."""
 
@@ -97,12 +112,13 @@ class _Calls:
         abstain_below: float | None,
         confidence_gate: float | None,
         timeout_s: float | None,
+        video: _Video | None = None,
     ) -> Call[Classification]:
-        if not images:
+        if not images and video is None:
             raise ValueError("classify needs at least one image")
         if (labels is None) == (label_set is None):
             raise ValueError("pass labels or label_set (one of them)")
-        fields = {
+        fields: dict[str, Any] = {
             "labels": list(labels) if labels is not None else None,
             "label_set": label_set,
             "templates": templates if isinstance(templates, str) or templates is None else list(templates),
@@ -114,7 +130,9 @@ class _Calls:
             "abstain_below": abstain_below,
             "confidence_gate": confidence_gate,
         }
-        kwargs = _form(images, fields)
+        if video is not None:
+            fields.update(num_frames=video.num_frames, sampling=video.sampling, pooling=video.pooling)
+        kwargs = _form(images, fields, video_parts(video.video) if video is not None else None)
         if timeout_s is not None:
             kwargs["headers"] = {"X-Request-Timeout": f"{timeout_s:g}"}
         return Call("POST", "/v1/classify", _model(Classification), kwargs=kwargs)
@@ -225,6 +243,35 @@ class Client(_Base):
         """
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
         return self.send(_Calls.classify(images, *args, timeout_s))
+
+    def classify_video(
+        self,
+        video: VideoLike,
+        labels: Sequence[str] | None = None,
+        *,
+        num_frames: int | None = None,
+        sampling: str | None = None,
+        pooling: str | None = None,
+        label_set: str | None = None,
+        templates: Sequence[str] | str | None = None,
+        top_k: int | None = None,
+        method: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        compare: bool = False,
+        abstain_below: float | None = None,
+        confidence_gate: float | None = None,
+        timeout_s: float | None = None,
+    ) -> Classification:
+        """Classify one video: a folder of frames, a video file (path or bytes), or its frames in time order.
+
+        The answer has one result. ``sampling`` ("segment", "uniform" or "all") picks ``num_frames``
+        frames (the server's default 8); ``pooling`` ("mean" or "max") pools them. A video file needs
+        PyAV on the server.
+        """
+        args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
+        clip = _Video(video, num_frames, sampling, pooling)
+        return self.send(_Calls.classify((), *args, timeout_s, clip))
 
     def label_sets(self) -> list[LabelSet]:
         return self.send(Call("GET", "/v1/label-sets", _label_sets))
@@ -356,6 +403,30 @@ class AsyncClient(_Base):
         """See ``Client.classify``."""
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
         return await self.send(_Calls.classify(images, *args, timeout_s))
+
+    async def classify_video(
+        self,
+        video: VideoLike,
+        labels: Sequence[str] | None = None,
+        *,
+        num_frames: int | None = None,
+        sampling: str | None = None,
+        pooling: str | None = None,
+        label_set: str | None = None,
+        templates: Sequence[str] | str | None = None,
+        top_k: int | None = None,
+        method: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        compare: bool = False,
+        abstain_below: float | None = None,
+        confidence_gate: float | None = None,
+        timeout_s: float | None = None,
+    ) -> Classification:
+        """See ``Client.classify_video``."""
+        args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
+        clip = _Video(video, num_frames, sampling, pooling)
+        return await self.send(_Calls.classify((), *args, timeout_s, clip))
 
     async def label_sets(self) -> list[LabelSet]:
         return await self.send(Call("GET", "/v1/label-sets", _label_sets))

@@ -8,13 +8,16 @@ library's zlib.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 ImageLike = Union[str, Path, bytes, Any]  # noqa: UP007 (`str | Any` fails at run time on Python 3.10); Any: PIL, arrays
+# A video: a folder of frames or a video file (a path), a video file's bytes, or its frames in time order.
+VideoLike = Union[str, Path, bytes, Sequence[ImageLike]]  # noqa: UP007 (as ImageLike)
 
 # What a folder walk picks up; anything else in the folder is left alone.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -70,3 +73,29 @@ def walk(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield path
         else:
             raise FileNotFoundError(f"no such file or folder: {path}")
+
+
+def _natural(path: Path) -> list[Any]:
+    """Sort key reading digit runs as numbers: frame2.png before frame10.png."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
+
+
+def video_parts(video: VideoLike) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart files for one video: ``frame`` files (a folder of frames, in natural name order, or a
+    sequence of frames) or one ``video`` file (a path or bytes)."""
+    if isinstance(video, (str, Path)):
+        path = Path(video)
+        if path.is_dir():
+            frames = sorted(walk([path]), key=_natural)
+            if not frames:
+                raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder {path}")
+            return [("frame", (p.name, p.read_bytes(), "application/octet-stream")) for p in frames]
+        if path.is_file():
+            return [("video", (path.name, path.read_bytes(), "application/octet-stream"))]
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        return [("video", ("video", bytes(video), "application/octet-stream"))]
+    frames_ = list(video)
+    if not frames_:
+        raise ValueError("a video needs at least one frame")
+    return [("frame", (image_name(f, i), image_bytes(f), "application/octet-stream")) for i, f in enumerate(frames_)]

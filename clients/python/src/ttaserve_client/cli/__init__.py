@@ -1,6 +1,7 @@
 """``tta``: TTAServe from the command line.
 
     tta classify photos/ --labels cat,dog,bird --method tpt --concurrency 4 --format csv > out.csv
+    tta classify-video clip.mp4 frames/ --labels cat,dog,bird --num-frames 8   # a video file, a folder of frames
     tta label-sets create animals --labels cat,dog,bird
     tta calibrate animals labelled/            # one sub-folder per label
     tta bench --requests 200 --concurrency 8
@@ -23,6 +24,7 @@ from ttaserve_client.cli.bench import bench
 from ttaserve_client.cli.classify import classify
 from ttaserve_client.cli.info import methods_command, models_command, serve
 from ttaserve_client.cli.label_sets import calibrate, label_sets
+from ttaserve_client.cli.video import classify_video
 from ttaserve_client.client import DEFAULT_URL
 
 
@@ -39,7 +41,7 @@ def main(ctx: click.Context, server: str, timeout_s: float, retries: int, api_ke
     ctx.obj = {"server": server, "timeout_s": timeout_s, "retries": retries, "api_key": api_key or None}
 
 
-for command in (classify, label_sets, calibrate, bench, methods_command, models_command, serve):
+for command in (classify, classify_video, label_sets, calibrate, bench, methods_command, models_command, serve):
     main.add_command(command)
 
 __all__ = ["main"]
