@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from adapters.base import MethodOptions, Stopped
+from adapters.ensemble import NO_ENSEMBLE, EnsembleOptions
+from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions
 
 MAX_VIEWS = 1024  # a sanity bound; the server's TTA_MAX_VIEWS is the operational one
 MAX_STEPS = 100
@@ -26,6 +28,8 @@ class EpisodicOptions(MethodOptions):
     selection: float = 0.1
     steps: int = 1
     lr: float = 5e-3
+    ensemble: EnsembleOptions = NO_ENSEMBLE
+    regularizers: RegularizerOptions = NO_REGULARIZERS
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from adapters.base import AdaptInput, AdaptResult, Method, MethodOptions, register
 from adapters.common import MAX_VIEWS, check_range
+from adapters.ensemble import NO_ENSEMBLE, EnsembleOptions
 
 TOLERANCE = 1e-6
 
@@ -73,6 +74,7 @@ class MTAOptions(MethodOptions):
     lambda_y: float = 0.2
     lambda_q: float = 4.0
     iterations: int = 5
+    ensemble: EnsembleOptions = NO_ENSEMBLE
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 
 from adapters import Method
+from adapters.descriptions import DescriptionFeatures
 from server.clip.backbone import Backbone
+from server.clip.templates import describe
 from server.engine.adaptation import ImageTask, adapt_images, image_seed
 from server.engine.admission import CostModel, MemoryModel, gpu_peak, stack_within
-from server.engine.classes import ClassFeatures
+from server.engine.classes import ClassFeatures, described
 from server.engine.work import ImageReport, Job, JobOutput, Work
 from server.metrics import Metrics
 
@@ -84,7 +86,7 @@ class Runner:
             t0 = time.monotonic()
             work = job.work
             logits = self._predict(
-                work.method, feats[offset : offset + job.n_images], self.classes.get(work.labels, work.templates), work
+                work.method, feats[offset : offset + job.n_images], self._classes(work), work
             )  # [N, C]
             offset += job.n_images
             timings = {"queue": started - job.enqueued_at, "encode": encode_s, "classify": time.monotonic() - t0}
@@ -94,6 +96,25 @@ class Runner:
 
     def _gauge_text_cache(self) -> None:
         self.metrics.text_cache_bytes.set(self.classes.bytes + self.classes.backbone.prompt_cache.bytes)
+
+    def _classes(self, work: Work) -> torch.Tensor:
+        """[C, D] the work's class features: its templates, through the description head its options ask for."""
+        head = work.options.descriptions
+        return self.classes.get(work.labels, work.templates, work.descriptions if head.mix else None, head.mix)
+
+    def _extras(self, work: Work) -> tuple[DescriptionFeatures | None, torch.Tensor | None]:
+        """What adapting the work's images may need besides its classes: its label set's description
+        features (the description head, MSTA's consistency) and the anchor texts (``anchor_kl``)."""
+        given = described(work.descriptions) if work.options.descriptions.wanted else None
+        descriptions = None
+        if given:  # a clone outside inference mode, as for the classes: the consistency term differentiates with it
+            cached = self.classes.descriptions(work.labels, given)
+            descriptions = DescriptionFeatures(cached.means.clone(), cached.present.clone())
+        anchors = None
+        if work.options.regularizers.anchor_kl:
+            extra = tuple(describe(label, d) for label, ds in zip(work.labels, given or (), strict=False) for d in ds)
+            anchors = self.classes.anchors(extra).clone()
+        return descriptions, anchors
 
     def _predict(self, method: Method[Any], feats: torch.Tensor, classes: torch.Tensor, work: Work) -> torch.Tensor:
         """[N, D] image features against [C, D] classes: the method's zero-shot logits [N, C], float32 on the CPU."""
@@ -112,12 +133,7 @@ class Runner:
         method = jobs[0].work.method
         options = jobs[0].work.options
         # A clone outside inference mode: the cached features are inference tensors, which autograd refuses.
-        classes = {
-            id(job): self.classes.get(
-                job.work.labels, job.work.templates, job.work.descriptions if method.uses_descriptions else None
-            ).clone()
-            for job in jobs
-        }  # each [C, D]
+        classes = {id(job): self._classes(job.work).clone() for job in jobs}  # each [C, D]
         done: dict[tuple[int, int], Answer] = {}
         needs = {id(job): self.memory.image_bytes(backbone, method, options, job.work.labels) for job in jobs}
         items = [(job, i) for job in jobs for i in range(job.n_images)]
@@ -170,7 +186,8 @@ class Runner:
         each image is tried alone; one that runs out alone is answered zero-shot (``skipped = "memory"``)."""
         backbone = self.backbone
         method, options = chunk[0][0].work.method, chunk[0][0].work.options
-        tasks = [self._task(job, i, classes[id(job)]) for job, i in chunk]
+        extras = {id(job): self._extras(job.work) for job, _ in chunk}
+        tasks = [self._task(job, i, classes[id(job)], *extras[id(job)]) for job, i in chunk]
         try:
             with gpu_peak(backbone.device) as peak:
                 outs = adapt_images(backbone, method, options, tasks)
@@ -196,12 +213,20 @@ class Runner:
         self.metrics.adapt_batch_size.observe(len(chunk))
 
     @staticmethod
-    def _task(job: Job, i: int, classes: torch.Tensor) -> ImageTask:
+    def _task(
+        job: Job,
+        i: int,
+        classes: torch.Tensor,
+        descriptions: DescriptionFeatures | None = None,
+        anchors: torch.Tensor | None = None,
+    ) -> ImageTask:
         """Image ``i`` of an adapting job, with its own generator seeded from the request's seed."""
         originals = job.work.originals
         assert originals is not None, "the adaptation lane runs only work with decoded originals"
         generator = torch.Generator().manual_seed(image_seed(job.work.seed, i))
-        return ImageTask(originals[i], job.work.images[i], classes, job.work.labels, generator, job.stopped)
+        return ImageTask(
+            originals[i], job.work.images[i], classes, job.work.labels, generator, job.stopped, descriptions, anchors
+        )
 
     def _gate(
         self, chunk: list[Image], classes: dict[int, torch.Tensor], done: dict[tuple[int, int], Answer]

@@ -31,7 +31,7 @@ from server.service.calibration import Calibration, FittedCalibrations
 from server.service.decoding import ImageInput, decode_images
 from server.service.label_sets import LabelSets
 from server.service.monitoring import AccuracyEstimate
-from server.service.results import Adaptation, Classification, ModelRef, Result, ZeroShotView
+from server.service.results import Adaptation, Classification, Ensemble, ModelRef, Result, ZeroShotView
 from server.service.validation import (
     check_image_count,
     check_limits,
@@ -157,6 +157,12 @@ class ClassifyService:
         options = parse_options(method, req.options)
         check_image_count(len(req.images), settings)
         classes = self._resolve_classes(req)
+        if options.descriptions.consistency and not (classes.descriptions and any(classes.descriptions)):
+            raise InvalidInput(
+                "options.descriptions.consistency keeps each class near its descriptions: name a label_set "
+                "with descriptions",
+                code="invalid_options",
+            )
         top_k = resolve_top_k(req.top_k, len(classes.labels), settings)
         adaptive = method.name != "zero_shot"
         if adaptive:
@@ -294,6 +300,10 @@ class ClassifyService:
                 skipped=skipped,
                 batch_images=report.batch_images if report else 1,
                 memory_bytes=report.memory_bytes if report else None,
+                drift=report.extra.get("drift") if report else None,
+                ensemble=Ensemble(mode=work.options.ensemble.mode, **report.extra["ensemble"])
+                if report and "ensemble" in report.extra
+                else None,
             )
             self._observe(
                 method,
