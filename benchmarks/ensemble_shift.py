@@ -29,6 +29,7 @@ on the synthetic shift suite of ``benchmarks/calibration_shift.py``:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import time
@@ -167,7 +168,8 @@ def fit(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
     zs_d, ad_d, _ = pooled(default, None, 1.0)
     zs_x, ad_x, _ = pooled(adversarial, None, 1.0)
     print(
-        f"\nvalidation pooled: default zero-shot {zs_d:.1f} adapted {ad_d:.1f}; x100 zero-shot {zs_x:.1f} adapted {ad_x:.1f}"
+        f"\nvalidation pooled: default zero-shot {zs_d:.1f} adapted {ad_d:.1f}; "
+        f"x100 zero-shot {zs_x:.1f} adapted {ad_x:.1f}"
     )
     grid = []
     for a in A_GRID:
@@ -182,7 +184,8 @@ def fit(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
         print(f"{g['a']:5.2f} {g['b']:5.2f} {g['default']:8.2f} {g['x100']:8.2f} {g['margin']:7.2f}")
     best = grid[0]
     print(
-        f"\nchosen on validation: a = {best['a']:g}, b = {best['b']:g} (shipped defaults: a = {DEFAULT_A:g}, b = {DEFAULT_B:g})"
+        f"\nchosen on validation: a = {best['a']:g}, b = {best['b']:g} "
+        f"(shipped defaults: a = {DEFAULT_A:g}, b = {DEFAULT_B:g})"
     )
     return {"grid": grid, "best": best, "reference": {"default": [zs_d, ad_d], "x100": [zs_x, ad_x]}}
 
@@ -219,7 +222,8 @@ def ensemble(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
         mean = {k: sum(r[k] for r in shifted) / len(shifted) for k in rows[0] if k != "set"}
         rows.append({"set": "mean (shifts)", **mean})
         print(
-            f"\n{args.method} {label}, seed {args.seed}, {args.max_samples} images per set ({time.perf_counter() - started:.0f} s)"
+            f"\n{args.method} {label}, seed {args.seed}, {args.max_samples} images per set "
+            f"({time.perf_counter() - started:.0f} s)"
         )
         print(
             f"{'set':16s} {'zero-shot':>9s} {'adapted':>8s} {'ensemble':>8s} | "
@@ -238,11 +242,15 @@ def ensemble(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
     m = default[-1]
     floor = max(m["zero_shot"], m["adapted"]) - 0.5
     lines = [
-        f"x100: ensemble - zero-shot worst {worst[0]:+.1f} ({worst[1]}): "
-        f"{'met' if worst[0] >= -1.0 else 'missed'} (within 1 point on every shift); adapted below the ensemble on "
-        f"{len(drops)}/{len(adversarial) - 2} shifts",
-        f"default: ensemble mean {m['ensemble']:.1f} vs max(zero-shot {m['zero_shot']:.1f}, adapted {m['adapted']:.1f}) "
-        f"- 0.5 = {floor:.1f}: {'met' if m['ensemble'] >= floor else 'missed'}",
+        (
+            f"x100: ensemble - zero-shot worst {worst[0]:+.1f} ({worst[1]}): "
+            f"{'met' if worst[0] >= -1.0 else 'missed'} (within 1 point on every shift); adapted below the "
+            f"ensemble on {len(drops)}/{len(adversarial) - 2} shifts"
+        ),
+        (
+            f"default: ensemble mean {m['ensemble']:.1f} vs max(zero-shot {m['zero_shot']:.1f}, "
+            f"adapted {m['adapted']:.1f}) - 0.5 = {floor:.1f}: {'met' if m['ensemble'] >= floor else 'missed'}"
+        ),
     ]
     print("\ntargets:\n" + "\n".join(lines))
     out["targets"] = lines
@@ -255,19 +263,26 @@ def anchors(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
     base = {"steps": args.steps, "lr": args.lr}
     out: dict[str, Any] = {}
     print(
-        f"\n{args.method}, {args.steps} steps at lr {args.lr:g}, {', '.join(s.title for s in sets)}, {args.max_samples} images each"
+        f"\n{args.method}, {args.steps} steps at lr {args.lr:g}, {', '.join(s.title for s in sets)}, "
+        f"{args.max_samples} images each"
     )
     print(f"{'regularizer':12s} {'weight':>8s} {'drift':>9s} {'top-1':>6s}")
+    labels = torch.cat([s.labels for s in sets])
+
+    def row(options: dict[str, Any]) -> dict[str, float]:
+        runs = [answers(runner, s, args.method, options) for s in sets]
+        zs = accuracy(torch.cat([r.zs_logits.argmax(-1) for r in runs]), labels)
+        top1 = accuracy(torch.cat([r.pred for r in runs]), labels)
+        return {"drift": float(torch.cat([r.drift for r in runs]).mean()), "top1": top1, "zero_shot": zs}
+
+    free = {"weight": 0.0, **row(base)}  # shared by every kind
+    print(f"{'none':12s} {0:8g} {free['drift']:9.5f} {free['top1']:6.1f}  (zero-shot {free['zero_shot']:.1f})")
     for kind in method.regularizer_kinds:
-        rows = []
-        for weight in [0.0, *args.weights]:
-            options = base | ({"regularizers": {kind: weight}} if weight else {})
-            runs = [(answers(runner, s, args.method, options), s.labels) for s in sets]
-            drift = float(torch.cat([r.drift for r, _ in runs]).mean())
-            top1 = accuracy(torch.cat([r.pred for r, _ in runs]), torch.cat([y for _, y in runs]))
-            rows.append({"weight": weight, "drift": drift, "top1": top1})
-            print(f"{kind:12s} {weight:8g} {drift:9.5f} {top1:6.1f}", flush=True)
-        monotone = all(b["drift"] <= a["drift"] for a, b in zip(rows, rows[1:], strict=False))
+        rows = [free]
+        for weight in args.weights:
+            rows.append({"weight": weight, **row(base | {"regularizers": {kind: weight}})})
+            print(f"{kind:12s} {weight:8g} {rows[-1]['drift']:9.5f} {rows[-1]['top1']:6.1f}", flush=True)
+        monotone = all(b["drift"] <= a["drift"] for a, b in itertools.pairwise(rows))
         print(f"{kind:12s} drift falls monotonically as the weight grows: {'yes' if monotone else 'NO'}")
         out[kind] = {"rows": rows, "monotone": monotone}
     return out
@@ -296,7 +311,8 @@ def descriptions(runner: DirectRunner, args: argparse.Namespace) -> dict[str, An
     shifted = [t for t in table if t != "clean"]
     table["mean (shifts)"] = {c[0]: sum(table[t][c[0]] for t in shifted) / len(shifted) for c in columns}
     print(
-        f"\nzero-shot top-1 (%), {args.max_samples} images per set, seed {args.seed}; descriptions from {DESCRIPTIONS.name}"
+        f"\nzero-shot top-1 (%), {args.max_samples} images per set, seed {args.seed}; "
+        f"descriptions from {DESCRIPTIONS.name}"
     )
     print(f"{'set':16s} " + " ".join(f"{c[0]:>14s}" for c in columns))
     for name, row in table.items():

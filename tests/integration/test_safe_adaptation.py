@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 
 import pytest
@@ -110,7 +111,7 @@ def test_adaptive_weight_follows_the_zero_shot_difficulty(client):
         assert logits(got) == pytest.approx({k: w * ad[k] + (1 - w) * zs[k] for k in LABELS}, abs=1e-4)
         seen.append((d, w))
     seen.sort()
-    assert all(w1 <= w2 for (_, w1), (_, w2) in zip(seen, seen[1:], strict=False))  # harder: more adapted
+    assert all(w1 <= w2 for (_, w1), (_, w2) in itertools.pairwise(seen))  # harder: more adapted
 
 
 def test_class_distance_needs_an_adapter_and_zero_has_no_ensemble(client):
