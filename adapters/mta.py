@@ -8,7 +8,8 @@ inlierness-weighted mean of the views, renormalised. The prediction is the mode 
 
 How ours differs from the official code (MaxZanella/MTA): the model's logit scale is used where the
 code hard-codes 100; class features are the request's template ensemble (MTA uses "a photo of a",
-which is our ``simple`` template); view features are encoded once.
+which is our ``simple`` template); view features are encoded once. An addition of ours, off by
+default: the ensemble with zero-shot (adapters/ensemble.py).
 """
 
 from __future__ import annotations

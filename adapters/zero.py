@@ -16,6 +16,7 @@ How ours differs from the official code (FarinaMatteo/zero):
 - ZERO returns only votes. We also return probabilities, from the mean of the kept views' logits,
   so the result can be calibrated and thresholded; the label is the vote winner, listed first,
   and the other predictions follow in order of votes, then probability.
+- No ``ensemble`` option: the answer is a vote, not logits to blend with zero-shot's.
 """
 
 from __future__ import annotations

@@ -46,11 +46,14 @@ from benchmarks._lib.data import Subset, synthetic_subsets
 from benchmarks._lib.runners import DirectRunner
 from benchmarks._lib.scoring import ece_from
 from server.service import ClassifyRequest
+from server.service.confidence import temper
 
 DESCRIPTIONS = Path(__file__).parent / "assets" / "demo_descriptions.json"
 DESIGN = ("noise", "weather", "style")  # the families the shipped confidence model was fitted on
-A_GRID = tuple(round(0.05 * i, 2) for i in range(1, 19))
-B_GRID = (0.02, 0.05, 0.1, 0.2)
+# The difficulty of the confident views is small on the demo model (their entropy is low by selection):
+# the grid reaches down to it.
+A_GRID = (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
+B_GRID = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 LR_FACTOR = 100.0
 
 
@@ -66,13 +69,16 @@ class Answers:
     difficulty: torch.Tensor  # [N] (nan without an ensemble)
     weight: torch.Tensor  # [N] (nan without an ensemble)
     drift: torch.Tensor  # [N] (nan without one)
+    scores: torch.Tensor  # [N, C] each label's calibrated score (read off the zero-shot logits)
 
 
 def answers(runner: DirectRunner, subset: Subset, method: str, options: dict[str, Any]) -> Answers:
     """Run ``method`` on ``subset`` in requests of ``runner.batch_size`` images, zero-shot compared alongside."""
     index = {name: j for j, name in enumerate(subset.class_names)}
     n_classes = len(index)
-    rows: dict[str, list[Any]] = {k: [] for k in ("logits", "conf", "pred", "zs", "zs_conf", "d", "w", "drift")}
+    rows: dict[str, list[Any]] = {
+        k: [] for k in ("logits", "conf", "pred", "zs", "zs_conf", "d", "w", "drift", "scores")
+    }
     for start in range(0, len(subset.images), runner.batch_size):
         request = ClassifyRequest(
             images=subset.images[start : start + runner.batch_size],
@@ -87,9 +93,10 @@ def answers(runner: DirectRunner, subset: Subset, method: str, options: dict[str
         )
         answer = runner._loop.run_until_complete(runner.runtime.classifier.classify(request))
         for result in answer.results:
-            logits, zs = torch.zeros(n_classes), torch.zeros(n_classes)
+            logits, zs, scores = torch.zeros(n_classes), torch.zeros(n_classes), torch.zeros(n_classes)
             for p in result.predictions:
                 logits[index[p.label]] = p.logit
+                scores[index[p.label]] = p.score
             assert result.zero_shot is not None
             for p in result.zero_shot.predictions:
                 zs[index[p.label]] = p.logit
@@ -106,6 +113,7 @@ def answers(runner: DirectRunner, subset: Subset, method: str, options: dict[str
             )
             rows["w"].append(report.ensemble.weight if report.ensemble else float("nan"))
             rows["drift"].append(report.drift if report.drift is not None else float("nan"))
+            rows["scores"].append(scores)
     return Answers(
         torch.stack(rows["logits"]),
         torch.tensor(rows["conf"]),
@@ -115,6 +123,7 @@ def answers(runner: DirectRunner, subset: Subset, method: str, options: dict[str
         torch.tensor(rows["d"]),
         torch.tensor(rows["w"]),
         torch.tensor(rows["drift"]),
+        torch.stack(rows["scores"]),
     )
 
 
@@ -141,11 +150,16 @@ def settings(method: str, lr: float | None) -> dict[str, dict[str, Any]]:
     }
 
 
-def fit(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
-    names = [name for family in DESIGN for name in shifts.FAMILIES[family]]
-    sets = synthetic_subsets(["clean"], [], args.max_samples, args.seed, split="val") + synthetic_subsets(
-        names, [2, 3], args.max_samples, args.seed, split="val"
-    )
+def fixed_runs(
+    runner: DirectRunner | None, sets: list[Subset], args: argparse.Namespace
+) -> dict[str, list[tuple[Answers, torch.Tensor]]]:
+    """Per setting, each set run once with ``ensemble: fixed, weight 1``: the adapted answer, bit for bit, with
+    the zero-shot one and the difficulty. Saved to (or, with ``--from``, read from) a file, so that any a and b
+    can be scored again without running the method."""
+    if args.from_file is not None:
+        saved = torch.load(args.from_file, weights_only=False)
+        return {k: [(Answers(**a), y) for a, y in v] for k, v in saved.items()}
+    assert runner is not None
     runs: dict[str, list[tuple[Answers, torch.Tensor]]] = {}
     for label, options in settings(args.method, args.lr).items():
         started = time.perf_counter()
@@ -153,7 +167,20 @@ def fit(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
             (answers(runner, s, args.method, options | {"ensemble": {"mode": "fixed", "weight": 1.0}}), s.labels)
             for s in sets
         ]
-        print(f"{label}: {len(sets)} validation sets in {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"{label}: {len(sets)} sets in {time.perf_counter() - started:.0f} s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.command}-{args.model}-{args.method}-seed{args.seed}-runs.pt"
+    torch.save({k: [(vars(a), y) for a, y in v] for k, v in runs.items()}, path)
+    print(f"saved the runs to {path}", flush=True)
+    return runs
+
+
+def fit(runner: DirectRunner | None, args: argparse.Namespace) -> dict[str, Any]:
+    names = [name for family in DESIGN for name in shifts.FAMILIES[family]]
+    sets = synthetic_subsets(["clean"], [], args.max_samples, args.seed, split="val") + synthetic_subsets(
+        names, [2, 3], args.max_samples, args.seed, split="val"
+    )
+    runs = fixed_runs(runner, sets, args)
     (default, adversarial) = runs.values()
 
     def pooled(run: list[tuple[Answers, torch.Tensor]], a: float | None, b: float) -> tuple[float, float, float]:
@@ -190,40 +217,65 @@ def fit(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
     return {"grid": grid, "best": best, "reference": {"default": [zs_d, ad_d], "x100": [zs_x, ad_x]}}
 
 
-def ensemble(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
+def offline_answer(run: Answers, a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adaptive ensemble's labels and calibrated confidences, from a ``fixed, weight 1`` run, as the server
+    computes them: the blend, then the answer's score (read off the zero-shot logits) as its probability."""
+    blended = offline_blend(run.logits, run.zs_logits, run.difficulty, a, b)  # [N, C]
+    pred = blended.argmax(-1)
+    score = run.scores.gather(1, pred[:, None]).squeeze(1)  # [N]
+    confidence = temper(blended, score, pred).gather(1, pred[:, None]).squeeze(1)
+    return pred, confidence
+
+
+def ensemble(runner: DirectRunner | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Zero-shot, adapted and the adaptive ensemble per held-out shift, at the default lr and x100.
+
+    Each set runs once with ``ensemble: fixed, weight 1`` (the adapted answer, bit for bit, with the
+    zero-shot one and the difficulty); the ensemble is blended from it as the server does, and
+    checked against the server's own ``adaptive`` mode on the first shifted set of each setting.
+    """
     report = [f for f in shifts.FAMILIES if f not in DESIGN]
     names = [name for family in report for name in shifts.FAMILIES[family]]
     sets = synthetic_subsets(["clean", "heldout"], [], args.max_samples, args.seed) + synthetic_subsets(
         names, [3], args.max_samples, args.seed
     )
-    adaptive = {"mode": "adaptive", "a": args.a, "b": args.b}
     out: dict[str, Any] = {}
+    runs = fixed_runs(runner, sets, args)
     for label, options in settings(args.method, args.lr).items():
-        started = time.perf_counter()
         rows = []
-        for s in sets:
-            plain = answers(runner, s, args.method, options)
-            mixed = answers(runner, s, args.method, options | {"ensemble": adaptive})
+        for k, (s, (plain, _)) in enumerate(zip(sets, runs[label], strict=True)):
+            pred, confidence = offline_answer(plain, args.a, args.b)
+            if k == 1 and runner is not None:
+                adaptive = {"mode": "adaptive", "a": args.a, "b": args.b}
+                server = answers(runner, s, args.method, options | {"ensemble": adaptive})
+                print(
+                    f"check on {s.title}: the server's adaptive mode and the offline blend agree on "
+                    f"{int((server.pred == pred).sum())}/{len(pred)} labels, confidence within "
+                    f"{float((server.confidence - confidence).abs().max()):.1e}",
+                    flush=True,
+                )
             y = s.labels
+            zs_pred = plain.zs_logits.argmax(-1)
+            weight = torch.sigmoid((plain.difficulty.double() - args.a) / args.b)
             rows.append(
                 {
                     "set": s.title,
-                    "zero_shot": accuracy(plain.zs_logits.argmax(-1), y),
+                    "zero_shot": accuracy(zs_pred, y),
                     "adapted": accuracy(plain.pred, y),
-                    "ensemble": accuracy(mixed.pred, y),
-                    "ece_zero_shot": ece(plain.zs_confidence, plain.zs_logits.argmax(-1), y),
+                    "ensemble": accuracy(pred, y),
+                    "ece_zero_shot": ece(plain.zs_confidence, zs_pred, y),
                     "ece_adapted": ece(plain.confidence, plain.pred, y),
-                    "ece_ensemble": ece(mixed.confidence, mixed.pred, y),
-                    "weight": float(mixed.weight.mean()),
-                    "difficulty": float(mixed.difficulty.mean()),
+                    "ece_ensemble": ece(confidence, pred, y),
+                    "weight": float(weight.mean()),
+                    "difficulty": float(plain.difficulty.mean()),
                 }
             )
         shifted = [r for r in rows if r["set"] != "clean"]
         mean = {k: sum(r[k] for r in shifted) / len(shifted) for k in rows[0] if k != "set"}
         rows.append({"set": "mean (shifts)", **mean})
         print(
-            f"\n{args.method} {label}, seed {args.seed}, {args.max_samples} images per set "
-            f"({time.perf_counter() - started:.0f} s)"
+            f"\n{args.method} {label}, seed {args.seed}, {args.max_samples} images per set, "
+            f"a = {args.a:g}, b = {args.b:g}"
         )
         print(
             f"{'set':16s} {'zero-shot':>9s} {'adapted':>8s} {'ensemble':>8s} | "
@@ -344,6 +396,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-samples", type=int, default=100, help="images per set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--from", dest="from_file", type=Path, default=None, help="fit/ensemble: score the runs saved by an earlier run"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/ensemble_shift"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -351,14 +406,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.weights = [float(w) for w in args.weights.split(",")]
         if args.lr is None:
             args.lr = 0.5
-    runner = DirectRunner(args.model, None, "cpu", 16, args.seed)
+    runner = DirectRunner(args.model, None, "cpu", 16, args.seed) if args.from_file is None else None
     started = time.perf_counter()
     try:
-        print(f"model {runner.description}", flush=True)
+        print(f"model {runner.description if runner else args.from_file}", flush=True)
         command = {"fit": fit, "ensemble": ensemble, "anchors": anchors, "descriptions": descriptions}[args.command]
         output = {"config": {k: str(v) for k, v in vars(args).items()}, "result": command(runner, args)}
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
     print(f"\n{time.perf_counter() - started:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{args.command}-{args.model}-{args.method}-seed{args.seed}")

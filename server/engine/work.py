@@ -41,7 +41,7 @@ class Work:
     options: MethodOptions
     originals: list[torch.Tensor] | None = None  # [3, H0, W0] uint8 per image, for methods that adapt; None: zero-shot
     seed: int = 0
-    descriptions: tuple[tuple[str, ...], ...] | None = None  # per label, from its label set (TPS's prototypes)
+    descriptions: tuple[tuple[str, ...], ...] | None = None  # per label, from its label set (options.descriptions)
     gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
     gate_margin: Callable[[torch.Tensor], float] | None = None  # [C] zero-shot logits -> their calibrated margin
 
