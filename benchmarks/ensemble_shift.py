@@ -208,7 +208,7 @@ def fit(runner: DirectRunner | None, args: argparse.Namespace) -> dict[str, Any]
     grid.sort(key=lambda g: (-g["margin"], -(g["default"] + g["x100"])))
     print(f"\n{'a':>5s} {'b':>5s} {'default':>8s} {'x100':>8s} {'margin':>7s}   (best 10 of {len(grid)})")
     for g in grid[:10]:
-        print(f"{g['a']:5.2f} {g['b']:5.2f} {g['default']:8.2f} {g['x100']:8.2f} {g['margin']:7.2f}")
+        print(f"{g['a']:5g} {g['b']:5g} {g['default']:8.2f} {g['x100']:8.2f} {g['margin']:7.2f}")
     best = grid[0]
     print(
         f"\nchosen on validation: a = {best['a']:g}, b = {best['b']:g} "
