@@ -5,7 +5,10 @@ features, builds whatever state that request needs (prompt context, LoRA factors
 shifts, optimizer), adapts it, and returns logits; the state dies with the request and the
 backbone is never modified. Options are a frozen dataclass deriving from ``MethodOptions``, with
 the paper's defaults, validated in ``__post_init__``, listed by ``/v1/methods`` and settable per
-request under ``options``; ``Method`` is generic in its options type.
+request under ``options``; ``Method`` is generic in its options type. Three option groups are shared:
+``descriptions`` (every method: the description head, and MSTA's consistency term for text-side
+methods), ``ensemble`` (methods that adapt: APEX's blend with zero-shot, applied by the engine) and
+``regularizers`` (gradient methods: anchor regularizers; ``regularizer_kinds`` says which apply).
 
 A method sees the model only through the ``adapters.backbone.Backbone`` protocol.
 """
@@ -23,6 +26,9 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from adapters.backbone import Backbone
+from adapters.descriptions import TEMPLATES_ONLY, DescriptionFeatures, DescriptionOptions
+from adapters.ensemble import NO_ENSEMBLE, EnsembleOptions
+from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -31,6 +37,8 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 class MethodOptions:
     """Base of every method's options: what the server asks of any method's options, with the values of a
     method that has no such field. A method's options override them with fields of the same name."""
+
+    descriptions: DescriptionOptions = TEMPLATES_ONLY
 
     @property
     def views(self) -> int:
@@ -52,6 +60,16 @@ class MethodOptions:
         """The text a learned prompt context starts from (prompt tuning); None: the method learns none."""
         return None
 
+    @property
+    def ensemble(self) -> EnsembleOptions:
+        """The blend of adapted and zero-shot answers; off for a method without the option."""
+        return NO_ENSEMBLE
+
+    @property
+    def regularizers(self) -> RegularizerOptions:
+        """Anchor regularizer weights; all 0 for a method without the option."""
+        return NO_REGULARIZERS
+
 
 OptionsT = TypeVar("OptionsT", bound=MethodOptions)
 
@@ -69,6 +87,8 @@ class AdaptInput:
     views: torch.Tensor | None = None  # [V, 3, h, w] preprocessed pixels, for methods that re-encode them
     cache: dict[str, Any] = field(default_factory=dict)  # what the method's ``encode_views`` kept (TTL: prefix)
     stop: Callable[[], bool] = lambda: False  # True once nobody waits for this image (deadline, disconnect)
+    descriptions: DescriptionFeatures | None = None  # the label set's, when the options use them
+    anchors: torch.Tensor | None = None  # [M, D] unit-norm anchor texts, when options.regularizers.anchor_kl > 0
 
     def zero_shot_logits(self) -> torch.Tensor:
         """[V, C] the frozen model's logits for every view."""
@@ -117,7 +137,10 @@ class Method(ABC, Generic[OptionsT]):
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: type[OptionsT]  # a frozen MethodOptions dataclass with defaults for every field
-    uses_descriptions: ClassVar[bool] = False  # class features include the label set's descriptions (TPS)
+    # What each anchor regularizer acts on in this method; a kind not listed is refused (422).
+    regularizer_kinds: ClassVar[dict[str, str]] = {}
+    # Whether adaptation changes the class text embeddings (TPT, C-TPT): MSTA's consistency term needs it.
+    adapts_text: ClassVar[bool] = False
 
     def parse_options(self, raw: dict[str, Any] | None) -> OptionsT:
         """Validate a request's ``options`` into this method's Options; unknown keys are errors."""
@@ -131,14 +154,39 @@ class Method(ABC, Generic[OptionsT]):
         for key, value in raw.items():
             if isinstance(value, bool) and "bool" not in types[key]:  # a lax validator reads true as 1
                 raise OptionsError(f"options.{key} must be a number, not {str(value).lower()}")
+        for key in ("descriptions", "ensemble", "regularizers"):
+            group = raw.get(key)
+            if isinstance(group, dict):
+                for name, value in group.items():
+                    if isinstance(value, bool) and name != "consistency":
+                        raise OptionsError(f"options.{key}.{name} must be a number or a name, not {str(value).lower()}")
         try:
-            return TypeAdapter(self.Options).validate_python(raw)
+            options = TypeAdapter(self.Options).validate_python(raw)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            raise OptionsError(f"options.{where}: {first.get('msg')}" if where else str(first.get("msg"))) from exc
+            msg = str(first.get("msg")).removeprefix("Value error, ")
+            raise OptionsError(f"options.{where}: {msg}" if where else msg) from exc
         except (TypeError, ValueError) as exc:  # raised by the dataclass's own __post_init__ checks
             raise OptionsError(str(exc)) from exc
+        self.check_groups(options)
+        return options
+
+    def check_groups(self, options: OptionsT) -> None:
+        """Refuse a shared option group this method cannot act on, saying why."""
+        for kind in options.regularizers.asked():
+            if kind not in self.regularizer_kinds:
+                has = ", ".join(f"{k} ({v})" for k, v in self.regularizer_kinds.items())
+                raise OptionsError(
+                    f"options.regularizers.{kind} does not apply to {self.name!r}"
+                    + (f": it regularizes {has}" if has else ": it trains no parameters")
+                )
+        if options.descriptions.consistency and not self.adapts_text:
+            raise OptionsError(
+                f"options.descriptions.consistency keeps adapted class text embeddings near their descriptions, "
+                f"but {self.name!r} never changes the text embeddings (it adapts the image side or nothing); "
+                "use it with tpt or ctpt"
+            )
 
     def options_schema(self) -> dict[str, Any]:
         return TypeAdapter(self.Options).json_schema()

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 
 from adapters.base import MethodOptions, Stopped
+from adapters.ensemble import NO_ENSEMBLE, EnsembleOptions
+from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions
 
 MAX_VIEWS = 1024  # a sanity bound; the server's TTA_MAX_VIEWS is the operational one
 MAX_STEPS = 100
@@ -30,6 +32,8 @@ class EpisodicOptions(MethodOptions):
     steps: int = 1
     lr: float = 5e-3
     augmentation: Augmentation = "crop_flip"
+    ensemble: EnsembleOptions = NO_ENSEMBLE
+    regularizers: RegularizerOptions = NO_REGULARIZERS
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

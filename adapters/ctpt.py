@@ -6,6 +6,9 @@ features to their centroid. Spreading the classes apart counters the over-confid
 minimisation brings. lambda is 50 for fine-grained label sets and 20 for natural shifts in the
 paper's scripts; ours defaults to 50 and takes it as the ``dispersion_weight`` option.
 
+TPT's additions of ours (off by default) apply as they are: the description head and MSTA's
+consistency term, the ``feature`` and ``l2sp`` regularizers, the ensemble with zero-shot.
+
 How ours differs from the official code (hee-suk-yoon/C-TPT): everything TPT's file says (views
 encoded once, context cut to the longest prompt, ``ctx_init`` read per word as the official code
 does). Views: C-TPT's fine-grained runs use AugMix as TPT does, and its natural-shift scripts turn it

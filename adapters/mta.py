@@ -10,6 +10,7 @@ How ours differs from the official code (MaxZanella/MTA): the model's logit scal
 code hard-codes 100; class features are the request's template ensemble (MTA uses "a photo of a",
 which is our ``simple`` template); view features are encoded once. Views: MTA uses random resized
 crops with flips (its script turns AugMix on only for TPT's runs), our default ``augmentation``.
+An addition of ours, off by default: the ensemble with zero-shot (adapters/ensemble.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from adapters.base import AdaptInput, AdaptResult, Method, MethodOptions, register
 from adapters.common import MAX_VIEWS, Augmentation, check_range
+from adapters.ensemble import NO_ENSEMBLE, EnsembleOptions
 
 TOLERANCE = 1e-6
 
@@ -75,6 +77,7 @@ class MTAOptions(MethodOptions):
     lambda_q: float = 4.0
     iterations: int = 5
     augmentation: Augmentation = "crop_flip"
+    ensemble: EnsembleOptions = NO_ENSEMBLE
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)

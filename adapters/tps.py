@@ -10,8 +10,9 @@ How ours differs from the official code (elaine-sui/TPS):
 - Prototypes are the request's class features: the renormalised mean over its templates, so the
   zero-step prediction equals zero-shot. When the request names a label set with descriptions, a
   described label's prototype is TPS's "micro" pooling, (template mean + description mean) / 2,
-  renormalised, with description prompts "{label}, which is/has {description}" (the engine builds
-  them; ``uses_descriptions``). TPS averages 80 templates and GPT-4 descriptors without
+  renormalised, with description prompts "{label}, which is/has {description}": the description
+  head every method shares (adapters/descriptions.py, built by the engine), at TPS's default
+  ``descriptions.mix`` of 0.5. TPS averages 80 templates and GPT-4 descriptors without
   renormalising; we use the request's templates and the label set's own descriptions.
 - The view features are encoded once and reused by every step (TPS re-encodes them each step,
   which changes nothing but the cost); views are re-selected every step, as TPS does.
@@ -20,32 +21,41 @@ How ours differs from the official code (elaine-sui/TPS):
   loss; the summed loss gives each shift exactly its own gradient.
 - Views: TPS's scripts use AugMix on the fine-grained sets and crops with flips on the ImageNet family
   (``augmix=len(set_id) > 1``, as TPT); ``augmentation`` chooses, default ``crop_flip``.
+- Additions of ours, off by default: the anchor regularizers ``feature`` (on the prototypes) and
+  ``l2sp`` (on the shifts), which act from the second step (adapters/regularizers.py), and the
+  ensemble with zero-shot (adapters/ensemble.py). The report's ``drift`` is the mean 1 - cos between
+  the shifted and the initial prototypes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from adapters.base import AdaptInput, AdaptResult, Method, register
 from adapters.common import EpisodicOptions, optimize
+from adapters.descriptions import MICRO_PROTOTYPES, DescriptionOptions
 from adapters.losses import marginal_entropy, select_confident
+from adapters.regularizers import feature_drift, l2sp
 
 
 @dataclass(frozen=True)
 class TPSOptions(EpisodicOptions):
-    """TPT's episodic options (views, selection, steps, lr)."""
+    """TPT's episodic options (views, selection, steps, lr); described prototypes by default (mix 0.5)."""
+
+    descriptions: DescriptionOptions = MICRO_PROTOTYPES
 
 
 @register
 class TPS(Method[TPSOptions]):
     name = "tps"
     summary = "Shift each class prototype in embedding space by entropy minimisation over confident views."
-    uses_descriptions = True
     Options = TPSOptions
+    regularizer_kinds: ClassVar[dict[str, str]] = {"feature": "the class prototypes", "l2sp": "the prototype shifts"}
 
     def adapt(self, inp: AdaptInput, options: TPSOptions) -> AdaptResult:
         return self.adapt_batch([inp], options)[0]
@@ -55,6 +65,7 @@ class TPS(Method[TPSOptions]):
         protos = [F.normalize(inp.class_features, dim=-1) for inp in inputs]  # each [C_r, D]
         shifts = [torch.zeros_like(p, requires_grad=True) for p in protos]  # each [C_r, D], the image's parameter
         selected = [1] * len(inputs)
+        reg = options.regularizers
 
         def logits(r: int, rows: slice | int = slice(None)) -> torch.Tensor:
             inp = inputs[r]
@@ -66,7 +77,18 @@ class TPS(Method[TPSOptions]):
                 view_logits = logits(r)  # [V, C_r]
                 idx = select_confident(view_logits.detach(), options.selection)
                 selected[r] = len(idx)
-                out.append(marginal_entropy(view_logits[idx]))
+                value = marginal_entropy(view_logits[idx])
+                # The anchor regularizers (adapters/regularizers.py) are 0 with a zero gradient at the first step
+                # (the adapted model is the frozen one), so they are left out of it: computed, rounding would
+                # leave a ~1e-8 gradient that Adam's first step, lr * sign(gradient), turns into a full step.
+                if step:
+                    if reg.feature:
+                        value = value + reg.feature * feature_drift(
+                            F.normalize(protos[r] + shifts[r], dim=-1), protos[r]
+                        )
+                    if reg.l2sp:
+                        value = value + reg.l2sp * l2sp([shifts[r]], [torch.zeros_like(shifts[r])])
+                out.append(value)
             return out
 
         steps = optimize(
@@ -78,6 +100,7 @@ class TPS(Method[TPSOptions]):
                     logits(r, 0),
                     steps=steps[r],
                     selected_views=selected[r] if steps[r] else 1,
+                    extra={"drift": float(feature_drift(F.normalize(protos[r] + shifts[r], dim=-1), protos[r]))},
                     state={"shift": shifts[r].detach()},
                 )
                 for r in range(len(inputs))

@@ -27,20 +27,30 @@ How ours differs from the official code (azshue/TPT):
   "ap", "of"; "a" stays frozen in the prompt), "a photo of a" 4. Class names are not changed: the
   official code turns their underscores into spaces, ours uses the label as sent, the same text its
   zero-shot classifier reads, so zero steps equal zero-shot (send "golden retriever", not "golden_retriever").
+- Additions of ours, off by default: with a label set's descriptions, the class embeddings the loss
+  and the prediction use go through the description head (``descriptions.mix``) and MSTA's
+  consistency term keeps each tuned class embedding near its frozen description embedding
+  (``descriptions.consistency``; adapters/descriptions.py); the anchor regularizers ``feature`` (on
+  the class text features) and ``l2sp`` (on the context), which act from the second step
+  (adapters/regularizers.py); the ensemble with zero-shot (adapters/ensemble.py). The report's
+  ``drift`` is the mean 1 - cos between the tuned and the initial class text features.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 
 from adapters.backbone import TPT_CTX_INIT, UnsupportedModel
 from adapters.base import AdaptInput, AdaptResult, Cost, Method, register
 from adapters.common import EpisodicOptions, optimize
+from adapters.descriptions import consistency
+from adapters.descriptions import head as description_head
 from adapters.losses import dispersion, marginal_entropy, select_confident
+from adapters.regularizers import feature_drift, l2sp
 
 # A prompt context is a few words ("a photo of a"); it and the label share CLIP's 77 tokens.
 MAX_CTX_INIT_CHARS = 200
@@ -64,8 +74,18 @@ PromptOptionsT = TypeVar("PromptOptionsT", bound=PromptOptions)
 class PromptTuning(Method[PromptOptionsT]):
     """TPT's loop; ``dispersion_weight`` adds C-TPT's calibration term."""
 
+    regularizer_kinds: ClassVar[dict[str, str]] = {"feature": "the class text features", "l2sp": "the prompt context"}
+    adapts_text = True
+
     def dispersion_weight(self, options: PromptOptionsT) -> float:
         return 0.0
+
+    @staticmethod
+    def head(texts: torch.Tensor, inp: AdaptInput, options: PromptOptionsT) -> torch.Tensor:
+        """[C, D] tuned class features through the description head; unchanged (bit for bit) without one."""
+        if inp.descriptions is None or not options.descriptions.mix:
+            return texts
+        return description_head(texts, inp.descriptions, options.descriptions.mix)
 
     def cost(self, options: PromptOptionsT, n_classes: int) -> Cost:
         # Views once; the text tower forward and backward per step, and forward once more to predict.
@@ -88,18 +108,36 @@ class PromptTuning(Method[PromptOptionsT]):
             raise UnsupportedModel(f"{self.name}: {exc}") from exc
         ctxs = [p.ctx_init.clone().requires_grad_(True) for p in prompts]  # each [n_ctx, W], the image's parameter
         weight = self.dispersion_weight(options)
+        reg, described = options.regularizers, options.descriptions
         chosen: list[torch.Tensor | None] = [None] * len(inputs)
+        frozen: list[torch.Tensor | None] = [None] * len(inputs)  # each [C_r, D], the prompts with ctx_init
 
         def loss(step: int) -> list[torch.Tensor | None]:
             texts = backbone.encode_text_with_contexts(torch.stack(ctxs), prompts)  # R x [C_r, D]
             out: list[torch.Tensor | None] = []
             for r, inp in enumerate(inputs):
-                logits = inp.logit_scale * inp.view_features @ texts[r].T  # [V, C_r]
+                start = frozen[r]
+                if start is None:  # the first step's texts are the frozen ones: the context has not moved
+                    start = frozen[r] = texts[r].detach()
+                head = self.head(texts[r], inp, options)  # [C_r, D]
+                logits = inp.logit_scale * inp.view_features @ head.T  # [V, C_r]
                 picked = chosen[r]
                 if picked is None:  # TPT selects on the first step and keeps the selection
                     picked = chosen[r] = select_confident(logits.detach(), options.selection)
                 value = marginal_entropy(logits[picked])
-                out.append(value - weight * dispersion(texts[r]) if weight else value)
+                if weight:
+                    value = value - weight * dispersion(texts[r])
+                if described.consistency and inp.descriptions is not None:
+                    value = value + described.consistency_weight * consistency(texts[r], inp.descriptions)
+                # The anchor regularizers (adapters/regularizers.py) are 0 with a zero gradient at the first step
+                # (the adapted model is the frozen one), so they are left out of it: computed, rounding would
+                # leave a ~1e-8 gradient that Adam's first step, lr * sign(gradient), turns into a full step.
+                if step:
+                    if reg.feature:
+                        value = value + reg.feature * feature_drift(texts[r], start)
+                    if reg.l2sp:
+                        value = value + reg.l2sp * l2sp([ctxs[r]], [prompts[r].ctx_init])
+                out.append(value)
             return out
 
         steps = optimize(
@@ -107,15 +145,21 @@ class PromptTuning(Method[PromptOptionsT]):
         )
         with torch.no_grad():
             texts = backbone.encode_text_with_contexts(torch.stack(ctxs), prompts)
-            return [
-                AdaptResult(
-                    inp.logit_scale * inp.view_features[0] @ texts[r].T,
-                    steps=steps[r],
-                    selected_views=len(picked) if (picked := chosen[r]) is not None else 1,
-                    state={"ctx": ctxs[r].detach()},
+            results = []
+            for r, inp in enumerate(inputs):
+                start = frozen[r]
+                drift = float(feature_drift(texts[r], start)) if start is not None else 0.0
+                head = self.head(texts[r], inp, options)
+                results.append(
+                    AdaptResult(
+                        inp.logit_scale * inp.view_features[0] @ head.T,
+                        steps=steps[r],
+                        selected_views=len(picked) if (picked := chosen[r]) is not None else 1,
+                        extra={"drift": drift},
+                        state={"ctx": ctxs[r].detach()},
+                    )
                 )
-                for r, inp in enumerate(inputs)
-            ]
+            return results
 
 
 @register

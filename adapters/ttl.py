@@ -29,21 +29,27 @@ How ours differs from the official code (Razaimam45/TTL-Test-Time-Low-Rank-Adapt
   (``TTA_PRECISION``) and the LoRA factors and AdamW state stay fp32, so no loss scaling is needed.
 - Views: the official script turns AugMix on for the fine-grained sets (``augmix=len(set_id) > 1``)
   and off for the ImageNet family; ``augmentation`` chooses (default ``crop_flip``; see adapters/augmix.py).
+- Additions of ours, off by default: the anchor regularizers (adapters/regularizers.py: ``feature`` on
+  the views' image features, ``anchor_kl``, ``l2sp`` on the factors; they act from the second step),
+  and the ensemble with zero-shot (adapters/ensemble.py). The report's ``drift`` is 1 - cos between
+  the base view's adapted and frozen features.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from adapters.backbone import Backbone
 from adapters.base import AdaptInput, AdaptResult, Cost, Method, MethodOptions, register
 from adapters.common import MAX_STEPS, MAX_VIEWS, Augmentation, check_range, optimize
+from adapters.ensemble import NO_ENSEMBLE, EnsembleOptions
 from adapters.losses import TTL_MAX_ENTROPY, entropy, ttl_weighted_entropy
 from adapters.lowrank import LoraFactors
+from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions, anchor_kl, feature_drift, l2sp
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class TTLOptions(MethodOptions):
     blocks: int = 3
     tau: float = 0.4
     augmentation: Augmentation = "crop_flip"
+    ensemble: EnsembleOptions = NO_ENSEMBLE
+    regularizers: RegularizerOptions = NO_REGULARIZERS
 
     def __post_init__(self) -> None:
         check_range("views", self.views, 1, MAX_VIEWS)
@@ -72,6 +80,11 @@ class TTL(Method[TTLOptions]):
     name = "ttl"
     summary = "Train per-request LoRA on the last vision blocks' q/v by confidence-weighted entropy over views."
     Options = TTLOptions
+    regularizer_kinds: ClassVar[dict[str, str]] = {
+        "feature": "the views' image features",
+        "anchor_kl": "the views' distributions over the anchor texts",
+        "l2sp": "the LoRA factors",
+    }
 
     def cost(self, options: TTLOptions, n_classes: int) -> Cost:
         # One pass of the views; per step the adapted blocks forward and backward (at most the tower).
@@ -121,6 +134,8 @@ class TTL(Method[TTLOptions]):
         ]
         stacked = [LoraFactors.stack(loras)]  # rebuilt from the leaves at every step
         kept = [inp.view_features.shape[0] for inp in inputs]
+        reg = options.regularizers
+        starts = [[p.detach().clone() for p in lora.parameters()] for lora in loras] if reg.l2sp else []
 
         def loss(step: int) -> list[torch.Tensor | None]:
             stacked[0] = LoraFactors.stack(loras)
@@ -130,7 +145,23 @@ class TTL(Method[TTLOptions]):
                 logits = inp.logit_scale * feats[r] @ inp.class_features.T  # [V, C_r]
                 kept[r] = int((entropy(logits.detach()) <= TTL_MAX_ENTROPY).sum())
                 # TTL skips the step when no view passes; AdamW's weight decay would still move A.
-                out.append(ttl_weighted_entropy(logits, options.tau) if kept[r] else None)
+                if not kept[r]:
+                    out.append(None)
+                    continue
+                value = ttl_weighted_entropy(logits, options.tau)
+                # The anchor regularizers (adapters/regularizers.py) are 0 with a zero gradient at the first step
+                # (the adapted model is the frozen one), so they are left out of it: computed, rounding would
+                # leave a ~1e-8 gradient that Adam's first step, lr * sign(gradient), turns into a full step.
+                if step:
+                    if reg.feature:
+                        value = value + reg.feature * feature_drift(feats[r], inp.view_features)
+                    if reg.anchor_kl and inp.anchors is not None:
+                        value = value + reg.anchor_kl * anchor_kl(
+                            feats[r], inp.view_features, inp.anchors, inp.logit_scale
+                        )
+                    if reg.l2sp:
+                        value = value + reg.l2sp * l2sp(loras[r].parameters(), starts[r])
+                out.append(value)
             return out
 
         steps = optimize(
@@ -151,6 +182,7 @@ class TTL(Method[TTLOptions]):
                         inp.logit_scale * feats[r] @ inp.class_features.T,
                         steps=steps[r],
                         selected_views=kept[r],
+                        extra={"drift": float(feature_drift(feats[r : r + 1], inp.view_features[:1]))},
                         state=state,
                     )
                 )

@@ -18,6 +18,7 @@ How ours differs from the official code (FarinaMatteo/zero):
   and the other predictions follow in order of votes, then probability.
 - Views: ZERO uses random resized crops with flips only (its ``data/augs.py``), our default;
   ``augmentation: "augmix"`` is offered for comparison.
+- No ``ensemble`` option: the answer is a vote, not logits to blend with zero-shot's.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The reference every other method is measured and tested against: cosine similarity between the
 image embedding and each class embedding (the renormalised mean over prompt templates), scaled by
-the model's learned logit scale. Nothing is adapted.
+the model's learned logit scale. Nothing is adapted. With a label set's descriptions, the
+``descriptions.mix`` option mixes them into the class embeddings (adapters/descriptions.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from adapters.base import Method, MethodOptions, register
 
 @dataclass(frozen=True)
 class ZeroShotOptions(MethodOptions):
-    """Zero-shot takes no options."""
+    """Zero-shot takes only the shared ``descriptions`` group (the description head)."""
 
 
 @register

@@ -117,7 +117,10 @@ class LabelSetIn(BaseModel):
     labels: list[str]
     templates: list[str] | str | None = Field(None, description="Templates to use by default with this set.")
     descriptions: dict[str, list[str]] | None = Field(
-        None, description="Per-label descriptive phrases; TPS averages them into the label's prototype."
+        None,
+        description="Per-label descriptive phrases. Each method can mix them into its class embeddings "
+        "(options.descriptions.mix; TPS does by default) and TPT and C-TPT can keep their tuned classes near "
+        "them (options.descriptions.consistency).",
     )
 
 

@@ -2,8 +2,9 @@
 
 Per image: views made on the device from the decoded tensor with the image's own seeded generator,
 all images' views encoded in one pass (``Method.encode_views``), the method's ``adapt_batch`` over
-every image's own parameters, and a report of what it did. Benchmarks call ``adapt_image`` and
-``adapt_images`` directly, exactly as the engine does.
+every image's own parameters, the blend with the zero-shot answer its options ask for
+(``adapters.ensemble``; calibration comes after, in the service), and a report of what it did.
+Benchmarks call ``adapt_image`` and ``adapt_images`` directly, exactly as the engine does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from adapters import AdaptInput, Method, MethodOptions
+from adapters.descriptions import DescriptionFeatures
+from adapters.ensemble import blend
 from adapters.views import make_clip_views, make_views, pool_views
 from server.clip.backbone import Backbone
 from server.engine.work import ImageReport
@@ -36,6 +39,8 @@ class ImageTask:
     labels: tuple[str, ...]
     generator: torch.Generator
     stop: Callable[[], bool] = lambda: False
+    descriptions: DescriptionFeatures | None = None  # the label set's, when the options use them
+    anchors: torch.Tensor | None = None  # [M, D] anchor texts, for the anchor_kl regularizer
 
     @property
     def is_clip(self) -> bool:
@@ -101,21 +106,31 @@ def adapt_images(
             v if rows is None else None,
             cache if rows is None else {},
             t.stop,
+            t.descriptions,
+            t.anchors,
         )
         for t, v, rows, (feats, cache) in zip(tasks, views, groups, encoded, strict=True)
     ]
-    zero_shot = [inp.zero_shot_logits()[0].detach() for inp in inputs]  # each [C]
+    zero_shot = [inp.zero_shot_logits().detach() for inp in inputs]  # each [V, C]
     results = method.adapt_batch(inputs, options)
+    out = []
+    for r, zs in zip(results, zero_shot, strict=True):
+        logits, extra = r.logits.detach(), r.extra
+        if options.ensemble.mode != "off":  # APEX's blend with the zero-shot answer, before calibration
+            mixed = blend(zs, logits, options.ensemble)
+            logits = mixed.logits
+            extra = extra | {"ensemble": {"difficulty": mixed.difficulty, "weight": mixed.weight}}
+        out.append((logits, zs[0], r, extra))
     backbone.sync()
     seconds = time.monotonic() - started
     return [
         (
-            r.logits.detach().float().cpu(),
+            logits.float().cpu(),
             ImageReport(
-                zs.float().cpu(), r.steps, n_views, r.selected_views, seconds, r.order, r.extra, batch_images=len(tasks)
+                zs.float().cpu(), r.steps, n_views, r.selected_views, seconds, r.order, extra, batch_images=len(tasks)
             ),
         )
-        for r, zs in zip(results, zero_shot, strict=True)
+        for logits, zs, r, extra in out
     ]
 
 

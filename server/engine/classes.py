@@ -1,10 +1,12 @@
 """Class text features: each label's prompts through the text tower, pooled into one classifier, cached.
 
 A class is the renormalised mean of its unit-norm template features (CLIP's prompt ensembling). With
-descriptions (one tuple per label, from its label set), a described label gets TPS's "micro" prototype
-instead: the mean of its template mean and the mean of its description prompts
-(``server.clip.templates.describe``), renormalised. Features are cached in an LRU bounded in bytes,
-keyed by the labels, templates and descriptions; only the engine's lanes build them.
+descriptions (one tuple per label, from its label set) and a description mix above 0, a described
+label goes through the description head every method shares (``adapters.descriptions.head``): the
+mix of its template mean and the mean of its description prompts (``server.clip.templates.describe``),
+renormalised; TPS's "micro" prototype is the mix 0.5. The anchor texts of the ``anchor_kl``
+regularizer are encoded here too. Features are cached in an LRU bounded in bytes, keyed by what
+they are built from; only the engine's lanes build them.
 
 A large label set is built a chunk at a time (``TextBuild``): the service tokenizes its prompts off the
 lanes, and the zero-shot lane encodes a chunk of about 50 ms between its image batches, so one request's
@@ -15,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from adapters import Method, Stopped
+from adapters import Stopped
+from adapters.descriptions import DescriptionFeatures, head
+from adapters.regularizers import anchor_texts
 from server.clip.backbone import TEXT_CHUNK, Backbone
 from server.clip.cache import ByteLRU, tensor_bytes
 from server.clip.templates import describe
@@ -27,36 +30,49 @@ from server.clip.templates import describe
 Descriptions = tuple[tuple[str, ...], ...]
 
 
+def described(descriptions: Descriptions | None) -> Descriptions | None:
+    """The descriptions if any label has one, else None."""
+    return descriptions if descriptions and any(descriptions) else None
+
+
+def _sentences(labels: tuple[str, ...], descriptions: Descriptions) -> list[str]:
+    """Every description sentence, label-major."""
+    return [describe(label, d) for label, ds in zip(labels, descriptions, strict=True) for d in ds]
+
+
+def _description_means(encoded: torch.Tensor, descriptions: Descriptions) -> DescriptionFeatures:
+    """[sum n_c, D] description features (label-major) -> each label's mean (zero where it has none)."""
+    pooled = torch.split(encoded, [len(ds) for ds in descriptions])  # C x [n_c, D]
+    means = torch.stack([p.mean(0) if len(p) else torch.zeros_like(encoded[0]) for p in pooled])  # [C, D]
+    present = torch.tensor([len(ds) > 0 for ds in descriptions], device=means.device)
+    return DescriptionFeatures(means, present)
+
+
 @dataclass(frozen=True)
 class ClassText:
-    """What a set of class features is built from: labels, templates and, when used, each label's descriptions."""
+    """What a set of class features is built from: labels, templates and, when the description head mixes them
+    in, each label's descriptions and the mix."""
 
     labels: tuple[str, ...]
     templates: tuple[str, ...]
-    descriptions: Descriptions | None = None  # None: no label is described (or the method does not use them)
+    descriptions: Descriptions | None = None  # None: no label is described, or the mix is 0
+    mix: float = 0.0  # the descriptions' weight in the head (0 without descriptions)
 
     @classmethod
-    def of(cls, labels: tuple[str, ...], templates: tuple[str, ...], descriptions: Descriptions | None) -> ClassText:
-        return cls(labels, templates, descriptions if descriptions and any(descriptions) else None)
-
-    @classmethod
-    def for_method(
-        cls, method: Method[Any], labels: tuple[str, ...], templates: tuple[str, ...], descriptions: Descriptions | None
+    def of(
+        cls, labels: tuple[str, ...], templates: tuple[str, ...], descriptions: Descriptions | None, mix: float
     ) -> ClassText:
-        """A request's class text: its label set's descriptions count when the method uses them (TPS)."""
-        return cls.of(labels, templates, descriptions if method.uses_descriptions else None)
-
-    def sentences(self) -> list[str]:
-        """Every description sentence, label-major (none without descriptions)."""
-        if self.descriptions is None:
-            return []
-        described = zip(self.labels, self.descriptions, strict=True)
-        return [describe(label, d) for label, ds in described for d in ds]
+        given = described(descriptions) if mix > 0 else None
+        return cls(labels, templates, given, mix if given else 0.0)
 
     @property
     def key(self) -> tuple[object, ...]:
         """The cache key: plain tuples, so the cache counts the bytes of every label and template it keeps."""
-        return (self.labels, self.templates, self.descriptions)
+        return ("classes", self.labels, self.templates, self.descriptions, self.mix)
+
+    def sentences(self) -> list[str]:
+        """Every description sentence, label-major (none without descriptions)."""
+        return _sentences(self.labels, self.descriptions) if self.descriptions is not None else []
 
     @property
     def n_prompts(self) -> int:
@@ -65,13 +81,12 @@ class ClassText:
 
     def pool(self, encoded: torch.Tensor) -> torch.Tensor:
         """[n_prompts, D] prompt features (every template prompt, label-major, then every description sentence)
-        -> [C, D] unit-norm class features."""
+        -> [C, D] unit-norm class features, through the description head."""
         n_templates = len(self.labels) * len(self.templates)
         means = encoded[:n_templates].view(len(self.labels), len(self.templates), -1).mean(dim=1)  # [C, D]
-        if self.descriptions is not None:
-            pooled = torch.split(encoded[n_templates:], [len(ds) for ds in self.descriptions])  # C x [n_c, D]
-            means = torch.stack([(m + d.mean(0)) / 2 if len(d) else m for m, d in zip(means, pooled, strict=True)])
-        return torch.nn.functional.normalize(means, dim=-1)
+        if self.descriptions is None:
+            return head(means, None, 0.0)
+        return head(means, _description_means(encoded[n_templates:], self.descriptions), self.mix)
 
 
 @dataclass(eq=False)
@@ -96,11 +111,15 @@ class ClassFeatures:
         self.cache: ByteLRU[torch.Tensor] = ByteLRU(max_bytes, tensor_bytes)
 
     def get(
-        self, labels: tuple[str, ...], templates: tuple[str, ...], descriptions: Descriptions | None = None
+        self,
+        labels: tuple[str, ...],
+        templates: tuple[str, ...],
+        descriptions: Descriptions | None = None,
+        mix: float = 0.5,
     ) -> torch.Tensor:
         """The unit-norm class features [C, D] (float32, on the device, an inference tensor), built whole if
         they are not cached."""
-        return self.features(ClassText.of(labels, templates, descriptions))
+        return self.features(ClassText.of(labels, templates, descriptions, mix))
 
     def features(
         self, text: ClassText, build: TextBuild | None = None, stop: Callable[[], bool] = lambda: False
@@ -136,6 +155,28 @@ class ClassFeatures:
         chunk = build.tokens[build.done_prompts : build.done_prompts + min(prompts, TEXT_CHUNK)]
         build.encoded.append(self.backbone.encode_tokens(chunk))
         build.done_prompts += int(chunk.shape[0])
+
+    def descriptions(self, labels: tuple[str, ...], descriptions: Descriptions) -> DescriptionFeatures:
+        """Each label's description prompts through the text tower: their mean [C, D] and which labels have any."""
+        key = ("descriptions", labels, descriptions)
+        means = self.cache.get(key)
+        if means is None:
+            means = _description_means(
+                self.backbone.encode_prompts(_sentences(labels, descriptions)), descriptions
+            ).means
+            self.cache.put(key, means)
+        present = torch.tensor([len(ds) > 0 for ds in descriptions], device=means.device)
+        return DescriptionFeatures(means, present)
+
+    def anchors(self, extra: tuple[str, ...] = ()) -> torch.Tensor:
+        """[M, D] unit-norm features of the anchor texts: the shipped bank and ``extra``."""
+        texts = anchor_texts(extra)
+        key = ("anchors", texts)
+        cached = self.cache.get(key)
+        if cached is None:
+            cached = self.backbone.encode_prompts(list(texts))
+            self.cache.put(key, cached)
+        return cached
 
     @property
     def bytes(self) -> int:

@@ -22,11 +22,13 @@ from typing import Any
 import torch
 
 from adapters import Method, Stopped
+from adapters.descriptions import DescriptionFeatures
 from adapters.views import pool_views
 from server.clip.backbone import Backbone
+from server.clip.templates import describe
 from server.engine.adaptation import ImageTask, adapt_images, image_seed
 from server.engine.admission import CostModel, MemoryModel, gpu_peak, stack_within
-from server.engine.classes import ClassFeatures
+from server.engine.classes import ClassFeatures, described
 from server.engine.work import ImageReport, Job, JobOutput, Work
 from server.metrics import Metrics
 
@@ -104,6 +106,20 @@ class Runner:
             return self._predict(method, pool_views(feats, [slice(None)]), classes, work)
         return self._predict(method, feats, classes, work)
 
+    def _extras(self, work: Work) -> tuple[DescriptionFeatures | None, torch.Tensor | None]:
+        """What adapting the work's images may need besides its classes: its label set's description
+        features (the description head, MSTA's consistency) and the anchor texts (``anchor_kl``)."""
+        given = described(work.descriptions) if work.options.descriptions.wanted else None
+        descriptions = None
+        if given:  # a clone outside inference mode, as for the classes: the consistency term differentiates with it
+            cached = self.classes.descriptions(work.labels, given)
+            descriptions = DescriptionFeatures(cached.means.clone(), cached.present.clone())
+        anchors = None
+        if work.options.regularizers.anchor_kl:
+            extra = tuple(describe(label, d) for label, ds in zip(work.labels, given or (), strict=False) for d in ds)
+            anchors = self.classes.anchors(extra).clone()
+        return descriptions, anchors
+
     def _predict(self, method: Method[Any], feats: torch.Tensor, classes: torch.Tensor, work: Work) -> torch.Tensor:
         """[N, D] image features against [C, D] classes: the method's zero-shot logits [N, C], float32 on the CPU."""
         with torch.inference_mode():
@@ -180,7 +196,8 @@ class Runner:
         each image is tried alone; one that runs out alone is answered zero-shot (``skipped = "memory"``)."""
         backbone = self.backbone
         method, options = chunk[0][0].work.method, chunk[0][0].work.options
-        tasks = [self._task(job, i, classes[id(job)]) for job, i in chunk]
+        extras = {id(job): self._extras(job.work) for job, _ in chunk}
+        tasks = [self._task(job, i, classes[id(job)], *extras[id(job)]) for job, i in chunk]
         try:
             with gpu_peak(backbone.device) as peak:
                 outs = adapt_images(backbone, method, options, tasks)
@@ -206,14 +223,20 @@ class Runner:
         self.metrics.adapt_batch_size.observe(len(chunk))
 
     @staticmethod
-    def _task(job: Job, i: int, classes: torch.Tensor) -> ImageTask:
+    def _task(
+        job: Job,
+        i: int,
+        classes: torch.Tensor,
+        descriptions: DescriptionFeatures | None = None,
+        anchors: torch.Tensor | None = None,
+    ) -> ImageTask:
         """Image ``i`` of an adapting job, with its own generator seeded from the request's seed."""
         originals = job.work.originals
         assert originals is not None, "the adaptation lane runs only work with decoded originals"
         generator = torch.Generator().manual_seed(image_seed(job.work.seed, i))
         # A video's task is its clip: the frames [T, 3, H0, W0] and their base views [T, 3, h, w].
         base = job.work.images if job.work.pooling else job.work.images[i]
-        return ImageTask(originals[i], base, classes, job.work.labels, generator, job.stopped)
+        return ImageTask(originals[i], base, classes, job.work.labels, generator, job.stopped, descriptions, anchors)
 
     def _gate(
         self, chunk: list[Image], classes: dict[int, torch.Tensor], done: dict[tuple[int, int], Answer]

@@ -43,7 +43,7 @@ class Work:
     options: MethodOptions
     originals: list[torch.Tensor] | None = None  # [3, H0, W0] uint8 per image, for methods that adapt; None: zero-shot
     seed: int = 0
-    descriptions: tuple[tuple[str, ...], ...] | None = None  # per label, from its label set (TPS's prototypes)
+    descriptions: tuple[tuple[str, ...], ...] | None = None  # per label, from its label set (options.descriptions)
     gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
     gate_margin: Callable[[torch.Tensor], float] | None = None  # [C] zero-shot logits -> their calibrated margin
     text_build: TextBuild | None = None  # the class features' tokens when they were not cached (made off the lanes)
@@ -66,8 +66,8 @@ class Work:
 
     @property
     def class_text(self) -> ClassText:
-        """What the class features are built from (the label set's descriptions when the method uses them)."""
-        return ClassText.for_method(self.method, self.labels, self.templates, self.descriptions)
+        """What the class features are built from (the label set's descriptions when the options mix them in)."""
+        return ClassText.of(self.labels, self.templates, self.descriptions, self.options.descriptions.mix)
 
     @property
     def demand(self) -> Demand:

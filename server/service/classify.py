@@ -33,7 +33,7 @@ from server.service.calibration import Calibration, FittedCalibrations
 from server.service.decoding import ImageInput, decode_images
 from server.service.label_sets import LabelSets
 from server.service.monitoring import AccuracyEstimate
-from server.service.results import Adaptation, Classification, ModelRef, Result, ZeroShotView
+from server.service.results import Adaptation, Classification, Ensemble, ModelRef, Result, ZeroShotView
 from server.service.validation import (
     check_image_count,
     check_limits,
@@ -173,6 +173,12 @@ class ClassifyService:
             # Zero-shot encodes each frame once; adapting encodes each view's clip_view_frames(T) frames.
             n_inputs = clip_view_frames(n_frames) if adaptive else n_frames
         classes = self._resolve_classes(req)
+        if options.descriptions.consistency and not (classes.descriptions and any(classes.descriptions)):
+            raise InvalidInput(
+                "options.descriptions.consistency keeps each class near its descriptions: name a label_set "
+                "with descriptions",
+                code="invalid_options",
+            )
         top_k = resolve_top_k(req.top_k, len(classes.labels), settings)
         if adaptive:
             check_limits(options, settings)
@@ -185,7 +191,7 @@ class ClassifyService:
         # Before decoding: a request that will be refused costs no decode.
         demand = Demand(method, options, n_inputs, len(classes.labels)) if adaptive else None
         self.engine.check_capacity(demand, timeout_s)
-        text = ClassText.for_method(method, classes.labels, classes.templates, classes.descriptions)
+        text = ClassText.of(classes.labels, classes.templates, classes.descriptions, options.descriptions.mix)
         cached = self.engine.text_cached(text)
         if not cached:
             self.engine.check_text_capacity(text.n_prompts, len(text.labels))
@@ -323,6 +329,10 @@ class ClassifyService:
                 skipped=skipped,
                 batch_images=report.batch_images if report else 1,
                 memory_bytes=report.memory_bytes if report else None,
+                drift=report.extra.get("drift") if report else None,
+                ensemble=Ensemble(mode=work.options.ensemble.mode, **report.extra["ensemble"])
+                if report and "ensemble" in report.extra
+                else None,
             )
             calibrated = answer.probabilities.clamp_min(1e-12)
             answer_entropy = float(-(calibrated * calibrated.log()).sum())

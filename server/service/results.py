@@ -34,6 +34,18 @@ class Prediction(BaseModel):
     logit: float = Field(..., description="Scaled cosine similarity: the model's logit scale times cos(image, class).")
 
 
+class Ensemble(BaseModel):
+    """How the answer blends the adapted and the zero-shot logits (``options.ensemble``)."""
+
+    mode: str = Field(..., description="fixed or adaptive.")
+    difficulty: float | None = Field(
+        None,
+        description="The zero-shot entropy of the most confident views over log C, in [0, 1] (0: the frozen "
+        "model is sure); the adaptive weight is sigmoid((difficulty - a) / b).",
+    )
+    weight: float = Field(..., description="Weight of the adapted logits; the zero-shot ones get 1 - weight.")
+
+
 class Adaptation(BaseModel):
     method: str
     steps: int = Field(..., description="Optimizer steps (iterations, for forward-only methods) taken.")
@@ -59,6 +71,14 @@ class Adaptation(BaseModel):
         None,
         description="Estimated bytes of activations adapting this image holds, what the lane weighs against "
         "TTA_ADAPT_MEMORY_BYTES (null when the request was not admitted to the lane).",
+    )
+    drift: float | None = Field(
+        None,
+        description="Gradient methods: mean 1 - cos between the adapted and the frozen features (image features "
+        "for TTL, class features for TPT, C-TPT and TPS): how far adaptation moved them.",
+    )
+    ensemble: Ensemble | None = Field(
+        None, description="With options.ensemble other than off: the blend of adapted and zero-shot logits."
     )
 
 

@@ -12,6 +12,7 @@ PAIRS = [
     (models.Result, "Result"),
     (models.Prediction, "Prediction"),
     (models.Adaptation, "Adaptation"),
+    (models.Ensemble, "Ensemble"),
     (models.ZeroShotView, "ZeroShotView"),
     (models.ModelRef, "ModelRef"),
     (models.LabelSet, "LabelSetOut"),

@@ -141,7 +141,8 @@ def test_class_features_are_cached_and_ensembled(tiny_model_dir):
     expected = torch.nn.functional.normalize(per_template.mean(0), dim=-1)
     assert torch.allclose(feats[0], expected, atol=1e-6)
     assert classes.get(("cat", "dog"), templates) is feats  # served from the cache
-    assert classes.bytes == feats.numel() * 4 + key_bytes((("cat", "dog"), templates, None))  # the key counts
+    key = ("classes", ("cat", "dog"), templates, None, 0.0)
+    assert classes.bytes == feats.numel() * 4 + key_bytes(key)  # the key counts: its labels and templates
 
 
 def test_text_cache_is_bounded_in_bytes_and_evicts_least_recently_used():

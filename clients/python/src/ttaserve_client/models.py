@@ -30,6 +30,12 @@ class Prediction(_Model):
     logit: float
 
 
+class Ensemble(_Model):
+    mode: str  # "fixed" or "adaptive"
+    difficulty: float | None = None  # the confident views' normalised zero-shot entropy, in [0, 1]
+    weight: float  # on the adapted logits
+
+
 class Adaptation(_Model):
     method: str
     steps: int
@@ -45,6 +51,8 @@ class Adaptation(_Model):
     skipped: str | None = None  # "overload", "confident" or "memory": answered zero-shot instead
     batch_images: int = 1
     memory_bytes: int | None = None
+    drift: float | None = None  # gradient methods: mean 1 - cos between adapted and frozen features
+    ensemble: Ensemble | None = None  # with options.ensemble other than off
 
 
 class ZeroShotView(_Model):
