@@ -34,6 +34,8 @@ _FORM_FIELDS = {
     "compare",
     "abstain_below",
     "confidence_gate",
+    "session",
+    "session_method",
 }
 
 
@@ -81,6 +83,8 @@ async def read_classify(request: Request, settings: Settings) -> ClassifyRequest
         compare=body.compare,
         abstain_below=body.abstain_below,
         confidence_gate=body.confidence_gate,
+        session=body.session,
+        session_method=body.session_method,
         timeout_s=read_timeout(request.headers.get(TIMEOUT_HEADER)),
     )
 
@@ -182,7 +186,8 @@ async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody]:
     texts = {k: [v for v in form.getlist(k) if isinstance(v, str)] for k in _FORM_FIELDS - {"image"}}
     if texts["labels"]:
         data["labels"] = _json_list_or_values(texts["labels"], "labels")
-    for single in ("label_set", "method", "top_k", "seed", "compare", "abstain_below", "confidence_gate"):
+    singles = ("label_set", "method", "top_k", "seed", "compare", "abstain_below", "confidence_gate", "session")
+    for single in (*singles, "session_method"):
         if len(texts[single]) > 1:
             raise InvalidInput(f"form field {single!r} given {len(texts[single])} times", code="invalid_form")
         if texts[single]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from adapters import Method, MethodOptions
+from adapters.online import OnlineReport, OnlineState
 from server.engine.classes import ClassText, TextBuild
 from server.errors import ClientClosed, DeadlineExceeded
 
@@ -46,6 +47,7 @@ class Work:
     gate: float | None = None  # skip adapting images whose calibrated zero-shot margin is at least this
     gate_margin: Callable[[torch.Tensor], float] | None = None  # [C] zero-shot logits -> their calibrated margin
     text_build: TextBuild | None = None  # the class features' tokens when they were not cached (made off the lanes)
+    session: OnlineState | None = None  # a session's state for these classes: updated and applied in the runner
 
     @property
     def n_images(self) -> int:
@@ -88,6 +90,8 @@ class JobOutput:
     batch_images: int  # images in the forward pass (or stacked adaptation) this job shared
     reports: list[ImageReport] | None = None  # per image, for adaptation jobs
     skipped: str | None = None  # "overload": served zero-shot because the adaptation lane was full
+    zero_shot_logits: torch.Tensor | None = None  # [N, C] before the session's state (for session work)
+    session: list[OnlineReport] | None = None  # per image, what the session's state did
 
 
 def _mark_read(future: asyncio.Future[JobOutput]) -> None:
