@@ -48,10 +48,12 @@ def demo_client(tmp_path) -> Iterator[TestClient]:
 def test_the_documented_examples_work_as_they_are(demo_client):
     spec = demo_client.get("/openapi.json").json()
     examples = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["application/json"]["examples"]
-    assert set(examples) == {"labels", "label_set"}
+    assert set(examples) == {"labels", "label_set", "session"}
     for name, example in examples.items():
         answer = demo_client.post("/v1/classify", json=example["value"])
         assert answer.status_code == 200, (name, answer.text)
+    session = examples["session"]["value"]["session"]
+    assert demo_client.get(f"/v1/sessions/{session}").json()["requests"] == 1
     answer = demo_client.post("/v1/classify", json=examples["labels"]["value"]).json()
     assert answer["results"][0]["label"] == "red star"
     assert [p["label"] for p in answer["results"][0]["predictions"]][:1] == ["red star"]
@@ -102,12 +104,15 @@ def test_the_multipart_schema_lists_every_field_the_server_accepts(client, spec)
         "compare": "true",
         "abstain_below": "0.0",
         "confidence_gate": "0.5",
+        "session": "form-7",
+        "session_method": "stats",
     }
     assert documented == {"image", "label_set", *fields}
     answer = client.post("/v1/classify", files={"image": png_bytes()}, data=fields)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["results"][0]["predictions"]) == 2
     assert answer.json()["results"][0]["zero_shot"]["predictions"]  # compare=true
+    assert answer.json()["results"][0]["session"]["session_method"] == "stats"
 
 
 def test_every_success_answer_has_a_schema_and_metrics_is_text(client, spec):
@@ -174,6 +179,8 @@ def test_operation_ids_are_readable_and_unique(spec):
         "deleteCalibration",
         "listModels",
         "listMethods",
+        "getSession",
+        "deleteSession",
         "healthz",
         "readyz",
         "metrics",
