@@ -185,6 +185,7 @@ class Settings(BaseSettings):
     )
 
     # Online sessions (``session`` on classify requests)
+    # tda: the better of the two on the validation streams of benchmarks/session_streams.py (README, Sessions).
     session_method: Literal["stats", "tda"] = Field(
         "tda", description="Online method of a session request that names no session_method."
     )
