@@ -228,6 +228,8 @@ class ClassifyService:
         else:
             # One request of a session at a time, in arrival order: its state is updated in the engine's
             # runner, and the next request goes to the engine only once this one's update is done.
+            dim = backbone.embed_dim or 512
+            self.sessions.check_fits(online, len(classes.labels), dim)
             session = self.sessions.session(req.owner, req.session)
             try:
                 await asyncio.wait_for(session.lock.acquire(), max(timeout_s - (time.monotonic() - started), 0.001))
@@ -237,9 +239,7 @@ class ClassifyService:
                     f"{req.session!r} before it"
                 ) from None
             try:
-                opened = self.sessions.state_for(
-                    session, online, classes.labels, classes.templates, req.label_set, backbone.embed_dim or 512
-                )
+                opened = self.sessions.state_for(session, online, classes.labels, classes.templates, req.label_set, dim)
                 work = dataclasses.replace(work, session=opened.label_state.state)
                 remaining = timeout_s - (time.monotonic() - started)
                 output = await self._run(work, max(remaining, 0.001), disconnected)

@@ -117,6 +117,16 @@ class Sessions:
             )
         return ONLINE_METHODS[name]
 
+    def check_fits(self, online: type[OnlineState], n_labels: int, dim: int) -> None:
+        """Raise InvalidInput (``session_too_large``) when a state for ``n_labels`` could outgrow one session's cap."""
+        capacity = online.capacity_bytes(n_labels, dim)
+        if capacity > self.settings.session_max_bytes:
+            raise InvalidInput(
+                f"a {online.name} session state for {n_labels} labels can reach {capacity} bytes, over "
+                f"TTA_SESSION_MAX_BYTES={self.settings.session_max_bytes}; use fewer labels or another session_method",
+                code="session_too_large",
+            )
+
     def session(self, owner: str, session_id: str) -> Session:
         """The caller's session of this id, created if new (or expired); marks it used now."""
         now = self.clock()
@@ -141,17 +151,7 @@ class Sessions:
         dim: int,
     ) -> Opened:
         """The session's state for these classes: created, or started afresh if they or the method changed.
-        Called holding ``session.lock``.
-
-        Raises InvalidInput (``session_too_large``) when this label set's state could outgrow one session's cap.
-        """
-        capacity = online.capacity_bytes(len(labels), dim)
-        if capacity > self.settings.session_max_bytes:
-            raise InvalidInput(
-                f"a {online.name} session state for {len(labels)} labels can reach {capacity} bytes, over "
-                f"TTA_SESSION_MAX_BYTES={self.settings.session_max_bytes}; use fewer labels or another session_method",
-                code="session_too_large",
-            )
+        Called holding ``session.lock``, after ``check_fits``."""
         scope = f"label_set:{label_set}" if label_set is not None else f"labels:{fingerprint(labels, templates, '')}"
         mark = fingerprint(labels, templates, online.name)
         with self._lock:

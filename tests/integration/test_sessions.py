@@ -180,6 +180,7 @@ def test_caps_evict_the_least_recently_used(settings):
     labels = [f"c{i}" for i in range(12)]
     too_many = client.post("/v1/classify", json={"images": images(1), "labels": labels, "session": "w"})
     assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "session_too_large"
+    assert client.get("/v1/sessions/w").status_code == 404  # a refused request keeps nothing
     gen.close()
 
 
