@@ -276,6 +276,7 @@ class SessionOut(BaseModel):
     last_used: float
     expires_at: float = Field(..., description="When it is forgotten if unused (last use + TTA_SESSION_TTL_S).")
     requests: int
+    waiting: int = Field(..., description="Its requests waiting for the one in progress (they run one at a time).")
     bytes: int = Field(..., description="Bytes of state held over all its label sets.")
     max_bytes: int = Field(..., description="TTA_SESSION_MAX_BYTES.")
     states: list[SessionState] = Field(..., description="One per label set, most recently used first.")

@@ -231,6 +231,7 @@ class ClassifyService:
             dim = backbone.embed_dim or 512
             self.sessions.check_fits(online, len(classes.labels), dim)
             session = self.sessions.session(req.owner, req.session)
+            session.waiting += 1
             try:
                 await asyncio.wait_for(session.lock.acquire(), max(timeout_s - (time.monotonic() - started), 0.001))
             except asyncio.TimeoutError:
@@ -238,6 +239,8 @@ class ClassifyService:
                     f"the request waited past its {timeout_s:g} s deadline for the requests of session "
                     f"{req.session!r} before it"
                 ) from None
+            finally:
+                session.waiting -= 1
             try:
                 opened = self.sessions.state_for(session, online, classes.labels, classes.templates, req.label_set, dim)
                 work = dataclasses.replace(work, session=opened.label_state.state)

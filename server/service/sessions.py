@@ -59,6 +59,7 @@ class Session:
     created_at: float
     last_used: float
     requests: int = 0
+    waiting: int = 0  # requests waiting for the one in progress to finish
     states: OrderedDict[str, LabelState] = field(default_factory=OrderedDict)  # least recently used first
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time, in arrival order
 
@@ -216,6 +217,7 @@ class Sessions:
             "last_used": session.last_used,
             "expires_at": session.last_used + ttl,
             "requests": session.requests,
+            "waiting": session.waiting,
             "bytes": session.nbytes,
             "max_bytes": self.settings.session_max_bytes,
             "states": states,

@@ -211,9 +211,10 @@ def test_concurrent_requests_of_one_session_apply_in_order(settings):
             first = pool.submit(classify, client, "q", 2)
             assert entered.wait(60), "the first request never reached the encoder"
             rest = [pool.submit(classify, client, "q", 2, 10 * (k + 1)) for k in range(5)]
-            wait_until(
-                lambda: metric(client.get("/metrics").text, "tta_inflight_requests") == 6, "six requests in flight"
-            )
+            # The five wait for the session, not in the engine's queue: none reaches the engine before the first
+            # one's update is done.
+            wait_until(lambda: client.get("/v1/sessions/q").json()["waiting"] == 5, "five requests waiting")
+            assert metric(client.get("/metrics").text, "tta_queue_depth") == 0
             gate.set()
             answers = [first.result(), *(f.result() for f in rest)]
         assert all(a.status_code == 200 for a in answers)

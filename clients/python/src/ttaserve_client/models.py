@@ -178,6 +178,7 @@ class Session(_Model):
     last_used: float
     expires_at: float
     requests: int
+    waiting: int  # its requests waiting for the one in progress
     bytes: int
     max_bytes: int
     states: list[SessionState]
