@@ -23,6 +23,7 @@ RATIO_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 SKIP_REASONS = ("overload", "confident", "memory")
 RATE_LIMIT_REASONS = ("zero_shot", "adaptation")  # what the refused request asked for
+SESSION_EVICTIONS = ("ttl", "session_bytes", "total_bytes", "reset")  # why a session's state was dropped
 STAGES = ("queue", "decode", "encode", "classify", "adapt")
 
 
@@ -160,6 +161,19 @@ class Metrics:
             ["label_set"],
             registry=r,
         )
+        self.sessions = Gauge("tta_sessions", "Online sessions held (classify requests with a session id).", registry=r)
+        self.session_bytes = Gauge(
+            "tta_session_bytes", "Bytes of online state all sessions hold, within TTA_SESSIONS_MAX_BYTES.", registry=r
+        )
+        self.session_evictions = Counter(
+            "tta_session_evictions",
+            "Session state dropped, by reason: ttl (unused for TTA_SESSION_TTL_S), session_bytes (a label set's "
+            "state over TTA_SESSION_MAX_BYTES), total_bytes (a session over TTA_SESSIONS_MAX_BYTES), reset (DELETE).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in SESSION_EVICTIONS:
+            self.session_evictions.labels(reason=reason)
         for reason in SKIP_REASONS:
             self.adapt_skipped.labels(reason=reason)
         for reason in RATE_LIMIT_REASONS:

@@ -187,6 +187,21 @@ class Settings(BaseSettings):
         500, ge=1, description="Images per label set behind tta_estimated_accuracy (mean calibrated confidence)."
     )
 
+    # Online sessions (``session`` on classify requests)
+    # tda: the better of the two on the validation streams of benchmarks/session_streams.py (README, Sessions).
+    session_method: Literal["stats", "tda"] = Field(
+        "tda", description="Online method of a session request that names no session_method."
+    )
+    session_ttl_s: float = Field(
+        3600.0, gt=0, description="A session unused this long is forgotten (its state dropped)."
+    )
+    session_max_bytes: int = Field(
+        4 * 2**20, ge=1, description="Bytes of state one session may hold over its label sets (oldest set dropped)."
+    )
+    sessions_max_bytes: int = Field(
+        256 * 2**20, ge=1, description="Bytes of state all sessions may hold together (least recently used dropped)."
+    )
+
     # Defaults for requests
     default_method: str = Field("zero_shot", description="Method used when a request names none.")
     default_templates: str = Field("simple", description="Template set used when a request names none.")

@@ -35,7 +35,8 @@ KEY = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces: what a header
 MIN_KEY_CHARS = 16
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # The state-changing routes any key may call: classifying changes nothing a caller keeps.
-CLASSIFY_ROUTES = frozenset({("POST", "/v1/classify")})
+# Resetting one's own session (DELETE /v1/sessions/{session_id}) is part of classifying: sessions are per key name.
+CLASSIFY_ROUTES = frozenset({("POST", "/v1/classify"), ("DELETE", "/v1/sessions/{session_id}")})
 
 
 @dataclass(frozen=True)

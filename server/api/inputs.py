@@ -37,6 +37,8 @@ _FORM_FIELDS = _VIDEO_FORM_FIELDS | {
     "compare",
     "abstain_below",
     "confidence_gate",
+    "session",
+    "session_method",
 }
 
 
@@ -86,6 +88,8 @@ async def read_classify(request: Request, settings: Settings) -> ClassifyRequest
         compare=body.compare,
         abstain_below=body.abstain_below,
         confidence_gate=body.confidence_gate,
+        session=body.session,
+        session_method=body.session_method,
         timeout_s=read_timeout(request.headers.get(TIMEOUT_HEADER)),
     )
 
@@ -214,18 +218,8 @@ async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody, Vi
     if texts["labels"]:
         data["labels"] = _json_list_or_values(texts["labels"], "labels")
     video: dict[str, Any] = {}
-    for single in (
-        "label_set",
-        "method",
-        "top_k",
-        "seed",
-        "compare",
-        "abstain_below",
-        "confidence_gate",
-        "num_frames",
-        "sampling",
-        "pooling",
-    ):
+    singles = ("label_set", "method", "top_k", "seed", "compare", "abstain_below", "confidence_gate", "session")
+    for single in (*singles, "session_method", "num_frames", "sampling", "pooling"):
         if len(texts[single]) > 1:
             raise InvalidInput(f"form field {single!r} given {len(texts[single])} times", code="invalid_form")
         if texts[single]:

@@ -105,6 +105,12 @@ MULTIPART_CLASSIFY = {
             "maximum": 1,
             "description": "Do not adapt an image whose calibrated zero-shot margin is at least this.",
         },
+        "session": {
+            "type": "string",
+            "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+            "description": "Keep online state across your requests with this id (zero_shot only).",
+        },
+        "session_method": {"type": "string", "description": "The session's online method: tda or stats."},
     },
 }
 
@@ -153,6 +159,10 @@ CLASSIFY_OPENAPI = {
                             "method": "tps",
                             "seed": 0,
                         },
+                    },
+                    "session": {
+                        "summary": "Zero-shot answers that adapt across a session's requests",
+                        "value": {"images": [BLUE_SQUARE_PNG], "label_set": "demo-shapes", "session": "camera-7"},
                     },
                 },
             },

@@ -79,6 +79,19 @@ class ClassifyRequest(BaseModel):
         "Default: the server's TTA_CONFIDENCE_GATE.",
     )
 
+    session: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Keep online state across your requests with this id (zero_shot only): each label set's answers "
+        "adapt to the stream. Nothing is kept without it; GET/DELETE /v1/sessions/{id} show and reset it.",
+    )
+    session_method: str | None = Field(
+        None,
+        description="The session's online method, 'tda' or 'stats' (default: TTA_SESSION_METHOD); see /v1/methods.",
+    )
+
     @field_validator("top_k", "seed", "abstain_below", "confidence_gate", mode="before")
     @classmethod
     def _a_number_not_a_boolean(cls, value: object) -> object:
@@ -262,7 +275,47 @@ class MethodInfo(BaseModel):
     limits: Limits
 
 
+class SessionMethodInfo(BaseModel):
+    name: str
+    summary: str
+
+
+class SessionMethods(BaseModel):
+    default: str = Field(
+        ..., description="The online method of a session request that names none (TTA_SESSION_METHOD)."
+    )
+    combines_with: list[str] = Field(..., description="The classify methods a session adapts; others answer 422.")
+    methods: list[SessionMethodInfo]
+
+
 class MethodList(BaseModel):
     default: str = Field(..., description="The method of a request that names none (TTA_DEFAULT_METHOD).")
     template_sets: dict[str, list[str]] = Field(..., description="The named template sets, by name.")
     methods: list[MethodInfo]
+    sessions: SessionMethods | None = Field(None, description="The online methods of requests with a session.")
+
+
+class SessionState(BaseModel):
+    label_set: str | None = Field(..., description="The label set's name; null for labels sent inline.")
+    labels: int
+    session_method: str
+    requests: int
+    images: int
+    entries: int = Field(..., description="tda: cached features; stats: images folded into its statistics.")
+    entries_per_class: dict[str, float] = Field(..., description="Per label (those with any): what the state holds.")
+    bytes: int
+    max_bytes: int = Field(..., description="The most bytes this label set's state can reach.")
+    disagreement: float = Field(..., description="Share of its answers that differ from zero-shot's.")
+    last_used: float
+
+
+class SessionOut(BaseModel):
+    id: str
+    created_at: float
+    last_used: float
+    expires_at: float = Field(..., description="When it is forgotten if unused (last use + TTA_SESSION_TTL_S).")
+    requests: int
+    waiting: int = Field(..., description="Its requests waiting for the one in progress (they run one at a time).")
+    bytes: int = Field(..., description="Bytes of state held over all its label sets.")
+    max_bytes: int = Field(..., description="TTA_SESSION_MAX_BYTES.")
+    states: list[SessionState] = Field(..., description="One per label set, most recently used first.")

@@ -88,10 +88,24 @@ class Runner:
             t0 = time.monotonic()
             work = job.work
             classes = self.classes.features(work.class_text, job.build)  # [C, D]
-            logits = self._pooled(work.method, feats[offset : offset + job.n_images], classes, work)  # [N or 1, C]
+            mine = feats[offset : offset + job.n_images]  # [N, D]
+            logits = self._pooled(work.method, mine, classes, work)  # [N, C]; [1, C] for a video
             offset += job.n_images
+            zero_shot, reports = None, None
+            if work.session is not None:  # on this lane thread, in the order the session's requests came
+                zero_shot = logits
+                logits, reports = work.session.apply(mine, logits, self.backbone.logit_scale)
             timings = {"queue": started - job.enqueued_at, "encode": encode_s, "classify": time.monotonic() - t0}
-            outputs.append(JobOutput(logits, timings, int(images.shape[0]), skipped=job.skipped))
+            outputs.append(
+                JobOutput(
+                    logits,
+                    timings,
+                    int(images.shape[0]),
+                    skipped=job.skipped,
+                    zero_shot_logits=zero_shot,
+                    session=reports,
+                )
+            )
         self._gauge_text_cache()
         return outputs
 

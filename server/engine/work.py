@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from adapters import Method, MethodOptions
+from adapters.online import OnlineReport, OnlineState
 from adapters.views import clip_view_frames
 from server.engine.classes import ClassText, TextBuild
 from server.errors import ClientClosed, DeadlineExceeded
@@ -50,6 +51,7 @@ class Work:
     # A video: ``images`` are the frames of one clip, answered once, pooled by "mean" (embeddings) or "max"
     # (logits); ``originals`` then holds one [T, 3, H0, W0] tensor, the frames views are cut from.
     pooling: str | None = None
+    session: OnlineState | None = None  # a session's state for these classes: updated and applied in the runner
 
     @property
     def n_images(self) -> int:
@@ -99,6 +101,8 @@ class JobOutput:
     batch_images: int  # images in the forward pass (or stacked adaptation) this job shared
     reports: list[ImageReport] | None = None  # per image, for adaptation jobs
     skipped: str | None = None  # "overload": served zero-shot because the adaptation lane was full
+    zero_shot_logits: torch.Tensor | None = None  # [N, C] before the session's state (for session work)
+    session: list[OnlineReport] | None = None  # per image, what the session's state did
 
 
 def _mark_read(future: asyncio.Future[JobOutput]) -> None:

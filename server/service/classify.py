@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import math
 import secrets
@@ -33,7 +34,8 @@ from server.service.calibration import Calibration, FittedCalibrations
 from server.service.decoding import ImageInput, decode_images
 from server.service.label_sets import LabelSets
 from server.service.monitoring import AccuracyEstimate
-from server.service.results import Adaptation, Classification, Ensemble, ModelRef, Result, ZeroShotView
+from server.service.results import Adaptation, Classification, Ensemble, ModelRef, Result, SessionReport, ZeroShotView
+from server.service.sessions import Opened, Sessions
 from server.service.validation import (
     check_image_count,
     check_limits,
@@ -77,6 +79,8 @@ class ClassifyRequest:
     monitor: bool = True  # counted in its label set's accuracy estimate (not a calibration's labelled images)
     owner: str = ""  # whose label sets ``label_set`` names: the caller's API key name ('' without keys)
     video: VideoInput | None = None  # one video, answered once (then ``images`` is empty)
+    session: str | None = None  # keep online state across this caller's requests with this id (zero_shot only)
+    session_method: str | None = None  # the session's online method (default: TTA_SESSION_METHOD)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class ClassifyService:
         metrics: Metrics,
         decode_pool: Executor,
         estimate: AccuracyEstimate,
+        sessions: Sessions | None = None,
     ):
         self.settings = settings
         self.spec = spec
@@ -120,6 +125,7 @@ class ClassifyService:
         self.metrics = metrics
         self.decode_pool = decode_pool
         self.estimate = estimate
+        self.sessions = sessions if sessions is not None else Sessions(settings, metrics)
 
     async def classify(
         self, req: ClassifyRequest, disconnected: Disconnected | None = None, admit: Admit | None = None
@@ -180,6 +186,13 @@ class ClassifyService:
                 code="invalid_options",
             )
         top_k = resolve_top_k(req.top_k, len(classes.labels), settings)
+        online = None
+        if req.session is not None:
+            if video is not None:
+                raise InvalidInput("a session keeps state per image; send images, not a video", code="invalid_session")
+            online = self.sessions.resolve_method(req.session_method, method.name)
+        elif req.session_method is not None:
+            raise InvalidInput("session_method needs a session id (session)", code="session_method_without_session")
         if adaptive:
             check_limits(options, settings)
         timeout_s = min(req.timeout_s, settings.request_timeout_s) if req.timeout_s else settings.request_timeout_s
@@ -236,14 +249,40 @@ class ClassifyService:
             else None,
             text_build=build,
         )
-        remaining = timeout_s - (time.monotonic() - started)
-        output = await self._run(work, max(remaining, 0.001), disconnected)
+        opened = None
+        if online is None or req.session is None:
+            remaining = timeout_s - (time.monotonic() - started)
+            output = await self._run(work, max(remaining, 0.001), disconnected)
+        else:
+            # One request of a session at a time, in arrival order: its state is updated in the engine's
+            # runner, and the next request goes to the engine only once this one's update is done.
+            dim = backbone.embed_dim or 512
+            self.sessions.check_fits(online, len(classes.labels), dim)
+            session = self.sessions.session(req.owner, req.session)
+            session.waiting += 1
+            try:
+                await asyncio.wait_for(session.lock.acquire(), max(timeout_s - (time.monotonic() - started), 0.001))
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(
+                    f"the request waited past its {timeout_s:g} s deadline for the requests of session "
+                    f"{req.session!r} before it"
+                ) from None
+            finally:
+                session.waiting -= 1
+            try:
+                opened = self.sessions.state_for(session, online, classes.labels, classes.templates, req.label_set, dim)
+                work = dataclasses.replace(work, session=opened.label_state.state)
+                remaining = timeout_s - (time.monotonic() - started)
+                output = await self._run(work, max(remaining, 0.001), disconnected)
+                self.sessions.settle(opened)
+            finally:
+                session.lock.release()
         timings = {"decode": decode_s, "tokenize": tokenize_s, **output.timings}
         for stage, seconds in timings.items():
             self.metrics.stage_duration.labels(stage=stage).observe(seconds)
         timings["total"] = time.monotonic() - started
         self.metrics.images.labels(method=method.name).inc(work.n_images)
-        results = self._results(output, work, classes.label_set, top_k, req, seed if adaptive else None)
+        results = self._results(output, work, classes.label_set, top_k, req, seed if adaptive else None, opened)
         if req.monitor:
             self.estimate.observe(classes.label_set, [r.confidence for r in results])
         spec = self.spec
@@ -296,6 +335,7 @@ class ClassifyService:
         top_k: int,
         req: ClassifyRequest,
         seed: int | None,
+        opened: Opened | None = None,
     ) -> list[Result]:
         """Each image's calibrated predictions, abstention, adaptation report and zero-shot view."""
         method, labels = work.method.name, work.labels
@@ -306,6 +346,8 @@ class ClassifyService:
             logits = output.logits[i]  # [C]
             report = output.reports[i] if output.reports else None
             zs_logits = report.zero_shot_logits if report else logits
+            if output.zero_shot_logits is not None:  # a session's state moved the logits
+                zs_logits = output.zero_shot_logits[i]
             skipped = output.skipped or (report.skipped if report else None)
             # An image answered zero-shot is calibrated as zero-shot, whatever method was asked for.
             model = zero_shot_model if skipped else method_model
@@ -359,9 +401,25 @@ class ClassifyService:
                     )
                     if req.compare
                     else None,
+                    session=self._session_report(opened, output, i),
                 )
             )
         return results
+
+    @staticmethod
+    def _session_report(opened: Opened | None, output: JobOutput, i: int) -> SessionReport | None:
+        if opened is None or output.session is None:
+            return None
+        online, label_state = output.session[i], opened.label_state
+        return SessionReport(
+            id=opened.session.id,
+            session_method=label_state.state.name,
+            entries=online.entries,
+            weight=online.weight,
+            requests=label_state.requests,
+            disagreement=online.disagreement,
+            reset=opened.reset,
+        )
 
     def _observe(
         self,

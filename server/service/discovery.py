@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from adapters import get_method, method_names
+from adapters.online import ONLINE_METHODS
 from server.clip.spec import ModelSpec
 from server.clip.templates import TEMPLATE_SETS
 from server.engine import Engine
 from server.service.calibration import Calibration
 from server.service.label_sets import LabelSets
+from server.service.sessions import SESSION_METHODS
 from server.settings import Settings
 
 
@@ -64,4 +66,9 @@ def methods_info(settings: Settings) -> dict[str, Any]:
         "default": s.default_method,
         "template_sets": {k: list(v) for k, v in TEMPLATE_SETS.items()},
         "methods": methods,
+        "sessions": {
+            "default": s.session_method,
+            "combines_with": list(SESSION_METHODS),
+            "methods": [{"name": name, "summary": m.summary} for name, m in sorted(ONLINE_METHODS.items())],
+        },
     }

@@ -82,6 +82,34 @@ class Adaptation(BaseModel):
     )
 
 
+class SessionReport(BaseModel):
+    """What the request's session did for this image (requests with ``session`` only)."""
+
+    id: str
+    session_method: str = Field(..., description="The online method: 'tda' (feature caches) or 'stats'.")
+    entries: int = Field(
+        ...,
+        description="What the session holds for this label set after this image: tda, cached features; "
+        "stats, images folded into its per-class statistics.",
+    )
+    weight: float = Field(
+        ...,
+        description="How much the session's state weighed on the answer's label: tda, its positive cache "
+        "affinity; stats, the statistics' weight n/(n + prior), 0 before any image of it.",
+    )
+    requests: int = Field(..., description="Requests this label set's state has seen, this one included.")
+    disagreement: float = Field(
+        ...,
+        description="Share of this label set's answers so far that differ from zero-shot's: a drift and poisoning "
+        "signal (watch for it climbing).",
+    )
+    reset: str | None = Field(
+        None,
+        description="Why the state started afresh on this request: 'labels_changed' (the label set's labels or "
+        "templates changed) or 'method_changed' (another session_method).",
+    )
+
+
 class ZeroShotView(BaseModel):
     label: str
     confidence: float
@@ -105,6 +133,7 @@ class Result(BaseModel):
     predictions: list[Prediction] = Field(..., description="The top_k predictions, best first.")
     adaptation: Adaptation
     zero_shot: ZeroShotView | None = Field(None, description="With compare=true: the unadapted predictions.")
+    session: SessionReport | None = Field(None, description="With session: what the session's state did.")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from server.service.classify import ClassifyService
 from server.service.label_sets import LabelSets, shipped_label_sets
 from server.service.monitoring import AccuracyEstimate
 from server.service.recalibration import Recalibration
+from server.service.sessions import Sessions
 from server.settings import Settings
 from server.storage import Store, open_store
 
@@ -71,6 +72,7 @@ class Runtime:
     classifier: ClassifyService
     recalibration: Recalibration
     decode_pool: ThreadPoolExecutor
+    sessions: Sessions
 
     @classmethod
     def open(
@@ -116,11 +118,24 @@ class Runtime:
         fitted = FittedCalibrations(opened, label_sets, calibration, engine)
         label_sets.on_delete += [estimate.forget, fitted.forget]
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tta-decode")
-        classifier = ClassifyService(settings, spec, engine, label_sets, fitted, metrics, decode_pool, estimate)
+        sessions = Sessions(settings, metrics)
+        classifier = ClassifyService(
+            settings, spec, engine, label_sets, fitted, metrics, decode_pool, estimate, sessions=sessions
+        )
         recalibration = Recalibration(settings, label_sets, fitted, classifier, engine)
         engine.start()
         return cls(
-            settings, metrics, spec, engine, opened, label_sets, calibration, classifier, recalibration, decode_pool
+            settings,
+            metrics,
+            spec,
+            engine,
+            opened,
+            label_sets,
+            calibration,
+            classifier,
+            recalibration,
+            decode_pool,
+            sessions,
         )
 
     def close(self) -> None:

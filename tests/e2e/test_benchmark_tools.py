@@ -14,6 +14,7 @@ from benchmarks import (
     cli_throughput,
     memory_estimate,
     method_latency,
+    session_streams,
     soak,
     tune,
 )
@@ -197,3 +198,23 @@ def test_the_soak_drives_mixed_traffic_and_reports_per_interval(tiny_model_dir, 
     assert set(result["served_zero_shot"]) == {"overload", "confident", "memory"}
     printed = capsys.readouterr().out
     assert "unexpected 5xx: 0" in printed and "resident memory" in printed
+
+
+def test_the_session_streams_benchmark_runs_every_stream_and_method_through_sessions(tiny_model_dir, tmp_path, capsys):
+    result = session_streams.main(
+        ["--model", f"local-dir:{tiny_model_dir}", "--n", "40", "--episodic", "zero_shot", "--threads", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = result["rows"]
+    assert {(r["stream"], r["method"]) for r in rows} == {
+        (stream, method)
+        for stream in ("iid", "correlated", "poisoned")
+        for method in ("zero_shot", "session tda", "session stats")
+    }
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 100
+        if row["method"].startswith("session"):
+            assert 0 < row["bytes"] <= row["state_max_bytes"] <= row["session_max_bytes"]
+    assert result["meta"]["crafted"] == 4 and (tmp_path / "results-val-gaussian_noise.json").is_file()
+    printed = capsys.readouterr().out
+    assert "| poisoned | session tda |" in printed and "worst change against episodic zero-shot" in printed

@@ -23,6 +23,11 @@ PAIRS = [
     (models.ModelInfo, "ModelInfo"),
     (models.Method, "MethodInfo"),
     (models.Methods, "MethodList"),
+    (models.SessionReport, "SessionReport"),
+    (models.Session, "SessionOut"),
+    (models.SessionState, "SessionState"),
+    (models.SessionMethods, "SessionMethods"),
+    (models.SessionMethod, "SessionMethodInfo"),
 ]
 
 

@@ -48,10 +48,12 @@ def demo_client(tmp_path) -> Iterator[TestClient]:
 def test_the_documented_examples_work_as_they_are(demo_client):
     spec = demo_client.get("/openapi.json").json()
     examples = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["application/json"]["examples"]
-    assert set(examples) == {"labels", "label_set", "video"}
+    assert set(examples) == {"labels", "label_set", "video", "session"}
     for name, example in examples.items():
         answer = demo_client.post("/v1/classify", json=example["value"])
         assert answer.status_code == 200, (name, answer.text)
+    session = examples["session"]["value"]["session"]
+    assert demo_client.get(f"/v1/sessions/{session}").json()["requests"] == 1
     answer = demo_client.post("/v1/classify", json=examples["labels"]["value"]).json()
     assert answer["results"][0]["label"] == "red star"
     assert [p["label"] for p in answer["results"][0]["predictions"]][:1] == ["red star"]
@@ -104,6 +106,8 @@ def test_the_multipart_schema_lists_every_field_the_server_accepts(client, spec)
         "compare": "true",
         "abstain_below": "0.0",
         "confidence_gate": "0.5",
+        "session": "form-7",
+        "session_method": "stats",
     }
     video = {"num_frames": "2", "sampling": "uniform", "pooling": "max"}
     assert documented == {"image", "label_set", "frame", "video", *fields, *video}
@@ -111,8 +115,10 @@ def test_the_multipart_schema_lists_every_field_the_server_accepts(client, spec)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["results"][0]["predictions"]) == 2
     assert answer.json()["results"][0]["zero_shot"]["predictions"]  # compare=true
+    assert answer.json()["results"][0]["session"]["session_method"] == "stats"
     frames = [("frame", png_bytes(seed=i)) for i in range(3)]
-    answer = client.post("/v1/classify", files=frames, data={**fields, **video})
+    unsessioned = {k: v for k, v in fields.items() if not k.startswith("session")}
+    answer = client.post("/v1/classify", files=frames, data={**unsessioned, **video})
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["results"]) == 1  # one video, one answer
 
@@ -181,6 +187,8 @@ def test_operation_ids_are_readable_and_unique(spec):
         "deleteCalibration",
         "listModels",
         "listMethods",
+        "getSession",
+        "deleteSession",
         "healthz",
         "readyz",
         "metrics",

@@ -96,3 +96,21 @@ def test_the_async_client_has_the_same_methods_and_runs_requests_concurrently(se
     answers = asyncio.run(run())
     assert len({a.request_id for a in answers}) == 6
     assert all(a.results[0].label in COLOURS for a in answers)
+
+
+def test_sessions_keep_state_until_reset(server_url):
+    session = f"cam-{uuid.uuid4().hex[:8]}"
+    with Client(server_url) as tta:
+        first = tta.classify([Pixels(8, 8, 1), Pixels(8, 8, 2)], labels=COLOURS, session=session, session_method="tda")
+        report = first.results[-1].session
+        assert report is not None and (report.id, report.session_method, report.requests) == (session, "tda", 1)
+        second = tta.classify([Pixels(8, 8, 3)], labels=COLOURS, session=session, session_method="tda")
+        assert second.results[0].session is not None and second.results[0].session.requests == 2
+        held = tta.session(session)
+        assert held.requests == 2 and held.states[0].images == 3 and 0 < held.bytes <= held.max_bytes
+        assert tta.classify([Pixels(8, 8, 3)], labels=COLOURS).results[0].session is None
+        tta.delete_session(session)
+        with pytest.raises(ApiError) as refused:
+            tta.session(session)
+        assert (refused.value.status, refused.value.code) == (404, "session_not_found")
+        assert tta.methods().sessions is not None

@@ -65,6 +65,11 @@ def test_a_reset_connection_is_retried_for_reads_and_classify_but_not_for_creati
         client.classify([array_png(Pixels(8, 8, 1))], labels=["a", "b"])
     assert raised.value.status == 503 and len(server.seen) == 4
 
+    server = scripted(["reset", OK_SETS])
+    with Client(server.url, retries=FAST) as client, pytest.raises(ConnectionFailed):
+        client.classify([array_png(Pixels(8, 8, 1))], labels=["a", "b"], session="s")  # its images would count twice
+    assert len(server.seen) == 1
+
 
 def test_a_server_that_is_not_there_fails_with_connection_failed():
     with socket.socket() as unused:

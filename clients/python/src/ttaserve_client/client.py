@@ -26,7 +26,7 @@ import httpx
 
 from ttaserve_client.errors import ApiError, ConnectionFailed
 from ttaserve_client.images import ImageLike, VideoLike, image_bytes, image_name, video_parts
-from ttaserve_client.models import Calibration, Classification, LabelSet, Methods, ModelInfo
+from ttaserve_client.models import Calibration, Classification, LabelSet, Methods, ModelInfo, Session
 from ttaserve_client.retry import RETRY_STATUSES, RetryPolicy
 
 T = TypeVar("T")
@@ -113,6 +113,8 @@ class _Calls:
         confidence_gate: float | None,
         timeout_s: float | None,
         video: _Video | None = None,
+        session: str | None = None,
+        session_method: str | None = None,
     ) -> Call[Classification]:
         if not images and video is None:
             raise ValueError("classify needs at least one image")
@@ -129,13 +131,16 @@ class _Calls:
             "compare": compare,
             "abstain_below": abstain_below,
             "confidence_gate": confidence_gate,
+            "session": session,
+            "session_method": session_method,
         }
         if video is not None:
             fields.update(num_frames=video.num_frames, sampling=video.sampling, pooling=video.pooling)
         kwargs = _form(images, fields, video_parts(video.video) if video is not None else None)
         if timeout_s is not None:
             kwargs["headers"] = {"X-Request-Timeout": f"{timeout_s:g}"}
-        return Call("POST", "/v1/classify", _model(Classification), kwargs=kwargs)
+        # A session's request changes what the session keeps: sent twice, its images would count twice.
+        return Call("POST", "/v1/classify", _model(Classification), idempotent=session is None, kwargs=kwargs)
 
     @staticmethod
     def create_label_set(
@@ -235,14 +240,18 @@ class Client(_Base):
         abstain_below: float | None = None,
         confidence_gate: float | None = None,
         timeout_s: float | None = None,
+        session: str | None = None,
+        session_method: str | None = None,
     ) -> Classification:
         """Classify images (paths, bytes, PIL images or uint8 arrays) against ``labels`` or a ``label_set``.
 
         ``timeout_s`` is sent as ``X-Request-Timeout``: the server answers 504 and stops the work after
-        that many seconds, when it is shorter than the server's own deadline.
+        that many seconds, when it is shorter than the server's own deadline. ``session`` keeps online state
+        across the requests that name it (zero_shot only; ``session_method`` tda or stats): see ``session``
+        and ``delete_session``. A request with a session is not sent again after a broken connection.
         """
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
-        return self.send(_Calls.classify(images, *args, timeout_s))
+        return self.send(_Calls.classify(images, *args, timeout_s, session=session, session_method=session_method))
 
     def classify_video(
         self,
@@ -271,7 +280,7 @@ class Client(_Base):
         """
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
         clip = _Video(video, num_frames, sampling, pooling)
-        return self.send(_Calls.classify((), *args, timeout_s, clip))
+        return self.send(_Calls.classify((), *args, timeout_s, video=clip))
 
     def label_sets(self) -> list[LabelSet]:
         return self.send(Call("GET", "/v1/label-sets", _label_sets))
@@ -324,6 +333,14 @@ class Client(_Base):
 
     def delete_calibration(self, label_set: str) -> None:
         self.send(Call("DELETE", f"/v1/label-sets/{label_set}/calibration", _nothing))
+
+    def session(self, session_id: str) -> Session:
+        """What a session of yours holds per label set, its bytes and when it expires."""
+        return self.send(Call("GET", f"/v1/sessions/{session_id}", _model(Session)))
+
+    def delete_session(self, session_id: str) -> None:
+        """Reset a session of yours: its next request starts from zero-shot."""
+        self.send(Call("DELETE", f"/v1/sessions/{session_id}", _nothing))
 
     def models(self) -> list[ModelInfo]:
         return self.send(Call("GET", "/v1/models", _model_infos))
@@ -399,10 +416,14 @@ class AsyncClient(_Base):
         abstain_below: float | None = None,
         confidence_gate: float | None = None,
         timeout_s: float | None = None,
+        session: str | None = None,
+        session_method: str | None = None,
     ) -> Classification:
         """See ``Client.classify``."""
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
-        return await self.send(_Calls.classify(images, *args, timeout_s))
+        return await self.send(
+            _Calls.classify(images, *args, timeout_s, session=session, session_method=session_method)
+        )
 
     async def classify_video(
         self,
@@ -426,7 +447,7 @@ class AsyncClient(_Base):
         """See ``Client.classify_video``."""
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
         clip = _Video(video, num_frames, sampling, pooling)
-        return await self.send(_Calls.classify((), *args, timeout_s, clip))
+        return await self.send(_Calls.classify((), *args, timeout_s, video=clip))
 
     async def label_sets(self) -> list[LabelSet]:
         return await self.send(Call("GET", "/v1/label-sets", _label_sets))
@@ -476,6 +497,14 @@ class AsyncClient(_Base):
 
     async def delete_calibration(self, label_set: str) -> None:
         await self.send(Call("DELETE", f"/v1/label-sets/{label_set}/calibration", _nothing))
+
+    async def session(self, session_id: str) -> Session:
+        """See ``Client.session``."""
+        return await self.send(Call("GET", f"/v1/sessions/{session_id}", _model(Session)))
+
+    async def delete_session(self, session_id: str) -> None:
+        """See ``Client.delete_session``."""
+        await self.send(Call("DELETE", f"/v1/sessions/{session_id}", _nothing))
 
     async def models(self) -> list[ModelInfo]:
         return await self.send(Call("GET", "/v1/models", _model_infos))

@@ -61,6 +61,18 @@ class ZeroShotView(_Model):
     predictions: list[Prediction]
 
 
+class SessionReport(_Model):
+    """What the request's session did for one image."""
+
+    id: str
+    session_method: str  # tda or stats
+    entries: int
+    weight: float
+    requests: int
+    disagreement: float  # share of the session's answers (this label set) that differ from zero-shot's
+    reset: str | None = None  # labels_changed or method_changed: the state started afresh
+
+
 class Result(_Model):
     label: str | None  # None when abstained
     confidence: float
@@ -70,6 +82,7 @@ class Result(_Model):
     predictions: list[Prediction]
     adaptation: Adaptation
     zero_shot: ZeroShotView | None = None
+    session: SessionReport | None = None
 
 
 class Classification(_Model):
@@ -131,10 +144,52 @@ class Method(_Model):
     limits: dict[str, Any]
 
 
+class SessionMethod(_Model):
+    name: str
+    summary: str
+
+
+class SessionMethods(_Model):
+    default: str
+    combines_with: list[str]  # the classify methods a session adapts
+    methods: list[SessionMethod]
+
+
 class Methods(_Model):
     default: str
     template_sets: dict[str, list[str]]
     methods: list[Method]
+    sessions: SessionMethods | None = None
+
+
+class SessionState(_Model):
+    """One label set's state in a session."""
+
+    label_set: str | None  # None for labels sent inline
+    labels: int
+    session_method: str
+    requests: int
+    images: int
+    entries: int
+    entries_per_class: dict[str, float]
+    bytes: int
+    max_bytes: int
+    disagreement: float
+    last_used: float
+
+
+class Session(_Model):
+    """A session: its label sets' states, bytes against TTA_SESSION_MAX_BYTES, and when it expires unused."""
+
+    id: str
+    created_at: float
+    last_used: float
+    expires_at: float
+    requests: int
+    waiting: int  # its requests waiting for the one in progress
+    bytes: int
+    max_bytes: int
+    states: list[SessionState]
 
 
 class ModelInfo(_Model):
