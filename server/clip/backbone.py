@@ -38,7 +38,9 @@ from server.settings import Settings
 
 log = logging.getLogger("ttaserve.clip")
 
-TEXT_CHUNK = 256  # prompts per text-encoder call: bounds activation memory for large label sets
+# Prompts per text-encoder call, the same for every build so a class's features never depend on which lane built
+# them: bounds activation memory, and what the zero-shot lane runs between two image batches (tens of ms).
+TEXT_CHUNK = 64
 # Words open_clip's tokenizer may remember (each a few hundred bytes): its cache otherwise grows with every
 # new word a request sends.
 TOKENIZER_CACHE_WORDS = 50_000

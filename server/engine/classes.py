@@ -9,7 +9,7 @@ regularizer are encoded here too. Features are cached in an LRU bounded in bytes
 they are built from; only the engine's lanes build them.
 
 A large label set is built a chunk at a time (``TextBuild``): the service tokenizes its prompts off the
-lanes, and the zero-shot lane encodes a chunk of about 50 ms between its image batches, so one request's
+lanes, and the zero-shot lane encodes one chunk of ``TEXT_CHUNK`` prompts between its image batches, so one request's
 1,000 labels x 80 templates never hold everyone else's answers (``server.engine.engine``).
 """
 
@@ -150,9 +150,10 @@ class ClassFeatures:
             tokens = torch.cat([tokens, self.backbone.tokenize(sentences)])
         return TextBuild(text, tokens)
 
-    def step(self, build: TextBuild, prompts: int = TEXT_CHUNK) -> None:
-        """Encode the next ``prompts`` prompts of ``build`` (at most ``TEXT_CHUNK``): what one lane turn runs."""
-        chunk = build.tokens[build.done_prompts : build.done_prompts + min(prompts, TEXT_CHUNK)]
+    def step(self, build: TextBuild) -> None:
+        """Encode the next ``TEXT_CHUNK`` prompts of ``build``: what one lane turn runs. Every build takes the
+        same chunks, so the features are the same to the bit whichever lane built them."""
+        chunk = build.tokens[build.done_prompts : build.done_prompts + TEXT_CHUNK]
         build.encoded.append(self.backbone.encode_tokens(chunk))
         build.done_prompts += int(chunk.shape[0])
 

@@ -10,8 +10,8 @@ through ``server.engine.runner.Runner``. Callers submit ``Work`` and await the r
 Admission: a full zero-shot queue raises ``Overloaded``. An adaptation request is admitted when its
 estimated cost fits in the lane's budget beside the work already admitted; otherwise it is served
 zero-shot with ``skipped = "overload"``. Class text not yet cached is tokenized by the service, off the
-lanes, and priced: the zero-shot lane encodes about ``TEXT_TURN_S`` of it between image batches and takes at most
-``text_budget_s`` of it at once (an idle lane takes any); an adaptation request pays for its own.
+lanes, and priced: the zero-shot lane encodes ``TEXT_CHUNK`` prompts of it between image batches and takes
+at most ``text_budget_s`` of it at once (an idle lane takes any); an adaptation request pays for its own.
 Deadlines and disconnects are checked before a job runs, between text chunks and between adaptation steps.
 """
 
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from adapters import Stopped, UnsupportedModel
-from server.clip.backbone import TEXT_CHUNK, Backbone
+from server.clip.backbone import Backbone
 from server.clip.cache import split_text_budget
 from server.clip.probes import ActivationBytes
 from server.engine.admission import CostModel, MemoryModel, default_memory_budget
@@ -41,7 +41,6 @@ from server.settings import Settings
 log = logging.getLogger("ttaserve.engine")
 
 LOADER_THREAD = "tta-load"  # loads, warms up and measures the model before the lanes start
-TEXT_TURN_S = 0.05  # seconds of class text the zero-shot lane encodes between two image batches
 
 
 class Engine:
@@ -290,8 +289,7 @@ class Engine:
             return
         first = building[0].build
         assert first is not None
-        prompt_s = self.costs.prompt_s
-        classes.step(first, max(16, int(TEXT_TURN_S / prompt_s)) if prompt_s > 0 else TEXT_CHUNK)
+        classes.step(first)
         with self._cond:
             for job in building:
                 if not self.zero_shot_lane.requeue(job):

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.api import create_app
 from server.clip import Backbone, load_backbone
+from server.clip.backbone import TEXT_CHUNK
 from server.engine.engine import LOADER_THREAD
 from tests.support.apps import PATIENCE_S, metric, wait_ready, wait_until
 from tests.support.images import b64, png_bytes
@@ -47,7 +48,7 @@ class TextHold:
             return encode_images(x)
 
         def tokens(t: torch.Tensor) -> torch.Tensor:
-            if on_lane() and t.shape[0] >= 16:  # a turn of BIG's text (SMALL's is 2 prompts)
+            if on_lane() and t.shape[0] == TEXT_CHUNK:  # a turn of BIG's text (SMALL's is 2 prompts)
                 self.full_chunks += 1
                 if self.full_chunks == self.hold_chunk:
                     self.chunk_in.set()
@@ -69,7 +70,7 @@ def _post(client: TestClient, body: dict[str, Any]) -> Callable[[], Any]:
 
 
 def test_a_large_label_set_is_encoded_between_other_requests_batches(settings):
-    hold = TextHold(hold_chunk=2)  # BIG is 600 prompts, encoded in turns of 16 to 256
+    hold = TextHold(hold_chunk=2)  # BIG is 600 prompts, encoded in turns of TEXT_CHUNK (64)
     with TestClient(create_app(settings, load=hold.load)) as client, ThreadPoolExecutor(3) as pool:
         wait_ready(client)
         plug = pool.submit(_post(client, SMALL))  # also caches SMALL's classes, before the lane is held
