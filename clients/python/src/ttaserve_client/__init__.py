@@ -8,7 +8,8 @@ The ``tta`` command line (``pip install 'ttaserve-client[cli]'``) is built on it
 """
 
 from ttaserve_client import models
-from ttaserve_client.client import AsyncClient, Call, Client
+from ttaserve_client.calls import Call
+from ttaserve_client.client import AsyncClient, Client
 from ttaserve_client.errors import ApiError, ConnectionFailed, TTAError
 from ttaserve_client.images import array_png, image_bytes
 from ttaserve_client.retry import RetryPolicy, retry_after_s

@@ -8,7 +8,7 @@
     async with AsyncClient(url, api_key=key) as tta:  # a server with API keys: sent as Authorization: Bearer
         answer = await tta.classify([...], label_set="animals", method="tpt")
 
-Each method builds one ``Call`` (what to send, how to read the answer, whether sending it twice is
+Each method sends one ``Call`` (``calls.py``: what to send, how to read the answer, whether sending it twice is
 harmless); the two classes differ only in how they wait. Errors raise ``ApiError`` (status, code,
 message, request id) or ``ConnectionFailed``; see ``retry.py`` for what is tried again.
 """
@@ -16,154 +16,20 @@ message, request id) or ``ConnectionFailed``; see ``retry.py`` for what is tried
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
+from ttaserve_client.calls import Call, Calls, Video, reads, reads_label_sets, reads_model_infos, reads_nothing
 from ttaserve_client.errors import ApiError, ConnectionFailed
-from ttaserve_client.images import ImageLike, VideoLike, image_bytes, image_name, video_parts
+from ttaserve_client.images import ImageLike, VideoLike
 from ttaserve_client.models import Calibration, Classification, LabelSet, Methods, ModelInfo, Session
 from ttaserve_client.retry import RETRY_STATUSES, RetryPolicy
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-@dataclass
-class Call(Generic[T]):
-    method: str
-    path: str
-    read: Callable[[httpx.Response], T]
-    idempotent: bool = True  # safe to send again when the connection broke after sending
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def _form(
-    images: Sequence[ImageLike], fields: Mapping[str, Any], files: list[tuple[str, Any]] | None = None
-) -> dict[str, Any]:
-    """Multipart parts: one ``image`` file per image (or the given ``files``), and each field that is set
-    (lists as JSON)."""
-    if files is None:
-        files = [
-            ("image", (image_name(img, i), image_bytes(img), "application/octet-stream"))
-            for i, img in enumerate(images)
-        ]
-    data: dict[str, str] = {}
-    for name, value in fields.items():
-        if value is None or value is False:
-            continue
-        if isinstance(value, bool):
-            data[name] = "true"
-        elif isinstance(value, (list, tuple, dict)):
-            data[name] = json.dumps(value)
-        else:
-            data[name] = str(value)
-    return {"files": files, "data": data}
-
-
-def _model(kind: type[T], key: str | None = None) -> Callable[[httpx.Response], T]:
-    def read(response: httpx.Response) -> T:
-        body = response.json()
-        return kind.model_validate(body[key] if key else body)  # type: ignore[attr-defined, no-any-return]
-
-    return read
-
-
-def _label_sets(response: httpx.Response) -> list[LabelSet]:
-    return [LabelSet.model_validate(s) for s in response.json()["label_sets"]]
-
-
-def _model_infos(response: httpx.Response) -> list[ModelInfo]:
-    return [ModelInfo.model_validate(m) for m in response.json()["models"]]
-
-
-def _nothing(response: httpx.Response) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class _Video:
-    """A video to classify and how: sent as ``frame`` files or one ``video`` file."""
-
-    video: VideoLike
-    num_frames: int | None
-    sampling: str | None
-    pooling: str | None
-
-
-class _Calls:
-    """What each method sends; shared by both clients."""
-
-    @staticmethod
-    def classify(
-        images: Sequence[ImageLike],
-        labels: Sequence[str] | None,
-        label_set: str | None,
-        templates: Sequence[str] | str | None,
-        top_k: int | None,
-        method: str | None,
-        options: Mapping[str, Any] | None,
-        seed: int | None,
-        compare: bool,
-        abstain_below: float | None,
-        confidence_gate: float | None,
-        timeout_s: float | None,
-        video: _Video | None = None,
-        session: str | None = None,
-        session_method: str | None = None,
-    ) -> Call[Classification]:
-        if not images and video is None:
-            raise ValueError("classify needs at least one image")
-        if (labels is None) == (label_set is None):
-            raise ValueError("pass labels or label_set (one of them)")
-        fields: dict[str, Any] = {
-            "labels": list(labels) if labels is not None else None,
-            "label_set": label_set,
-            "templates": templates if isinstance(templates, str) or templates is None else list(templates),
-            "top_k": top_k,
-            "method": method,
-            "options": dict(options) if options is not None else None,
-            "seed": seed,
-            "compare": compare,
-            "abstain_below": abstain_below,
-            "confidence_gate": confidence_gate,
-            "session": session,
-            "session_method": session_method,
-        }
-        if video is not None:
-            fields.update(num_frames=video.num_frames, sampling=video.sampling, pooling=video.pooling)
-        kwargs = _form(images, fields, video_parts(video.video) if video is not None else None)
-        if timeout_s is not None:
-            kwargs["headers"] = {"X-Request-Timeout": f"{timeout_s:g}"}
-        # A session's request changes what the session keeps: sent twice, its images would count twice.
-        return Call("POST", "/v1/classify", _model(Classification), idempotent=session is None, kwargs=kwargs)
-
-    @staticmethod
-    def create_label_set(
-        name: str,
-        labels: Sequence[str],
-        templates: Sequence[str] | str | None,
-        descriptions: Mapping[str, Sequence[str]] | None,
-    ) -> Call[LabelSet]:
-        body: dict[str, Any] = {"name": name, "labels": list(labels)}
-        if templates is not None:
-            body["templates"] = templates if isinstance(templates, str) else list(templates)
-        if descriptions is not None:
-            body["descriptions"] = {k: list(v) for k, v in descriptions.items()}
-        return Call("POST", "/v1/label-sets", _model(LabelSet), idempotent=False, kwargs={"json": body})
-
-    @staticmethod
-    def calibrate(
-        label_set: str, images: Sequence[ImageLike], labels: Sequence[str], methods: Sequence[str] | None
-    ) -> Call[Calibration]:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels: give each image its label")
-        kwargs = _form(images, {"labels": list(labels), "methods": list(methods) if methods else None})
-        return Call("POST", f"/v1/label-sets/{label_set}/calibration", _model(Calibration), False, kwargs)
 
 
 class _Base:
@@ -251,7 +117,7 @@ class Client(_Base):
         and ``delete_session``. A request with a session is not sent again after a broken connection.
         """
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
-        return self.send(_Calls.classify(images, *args, timeout_s, session=session, session_method=session_method))
+        return self.send(Calls.classify(images, *args, timeout_s, session=session, session_method=session_method))
 
     def classify_video(
         self,
@@ -279,14 +145,14 @@ class Client(_Base):
         PyAV on the server.
         """
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
-        clip = _Video(video, num_frames, sampling, pooling)
-        return self.send(_Calls.classify((), *args, timeout_s, video=clip))
+        clip = Video(video, num_frames, sampling, pooling)
+        return self.send(Calls.classify((), *args, timeout_s, video=clip))
 
     def label_sets(self) -> list[LabelSet]:
-        return self.send(Call("GET", "/v1/label-sets", _label_sets))
+        return self.send(Call("GET", "/v1/label-sets", reads_label_sets))
 
     def label_set(self, name: str) -> LabelSet:
-        return self.send(Call("GET", f"/v1/label-sets/{name}", _model(LabelSet)))
+        return self.send(Call("GET", f"/v1/label-sets/{name}", reads(LabelSet)))
 
     def create_label_set(
         self,
@@ -295,10 +161,10 @@ class Client(_Base):
         templates: Sequence[str] | str | None = None,
         descriptions: Mapping[str, Sequence[str]] | None = None,
     ) -> LabelSet:
-        return self.send(_Calls.create_label_set(name, labels, templates, descriptions))
+        return self.send(Calls.create_label_set(name, labels, templates, descriptions))
 
     def delete_label_set(self, name: str) -> None:
-        self.send(Call("DELETE", f"/v1/label-sets/{name}", _nothing))
+        self.send(Call("DELETE", f"/v1/label-sets/{name}", reads_nothing))
 
     def calibrate(
         self,
@@ -311,10 +177,10 @@ class Client(_Base):
 
         The fit runs in the server's background; ``calibration`` shows its progress, ``wait_calibration``
         waits for it to end."""
-        return self.send(_Calls.calibrate(label_set, images, labels, methods))
+        return self.send(Calls.calibrate(label_set, images, labels, methods))
 
     def calibration(self, label_set: str) -> Calibration:
-        return self.send(Call("GET", f"/v1/label-sets/{label_set}/calibration", _model(Calibration)))
+        return self.send(Call("GET", f"/v1/label-sets/{label_set}/calibration", reads(Calibration)))
 
     def wait_calibration(
         self,
@@ -332,21 +198,21 @@ class Client(_Base):
             time.sleep(poll_s)
 
     def delete_calibration(self, label_set: str) -> None:
-        self.send(Call("DELETE", f"/v1/label-sets/{label_set}/calibration", _nothing))
+        self.send(Call("DELETE", f"/v1/label-sets/{label_set}/calibration", reads_nothing))
 
     def session(self, session_id: str) -> Session:
         """What a session of yours holds per label set, its bytes and when it expires."""
-        return self.send(Call("GET", f"/v1/sessions/{session_id}", _model(Session)))
+        return self.send(Call("GET", f"/v1/sessions/{session_id}", reads(Session)))
 
     def delete_session(self, session_id: str) -> None:
         """Reset a session of yours: its next request starts from zero-shot."""
-        self.send(Call("DELETE", f"/v1/sessions/{session_id}", _nothing))
+        self.send(Call("DELETE", f"/v1/sessions/{session_id}", reads_nothing))
 
     def models(self) -> list[ModelInfo]:
-        return self.send(Call("GET", "/v1/models", _model_infos))
+        return self.send(Call("GET", "/v1/models", reads_model_infos))
 
     def methods(self) -> Methods:
-        return self.send(Call("GET", "/v1/methods", _model(Methods)))
+        return self.send(Call("GET", "/v1/methods", reads(Methods)))
 
     def ready(self) -> bool:
         """True once the model is loaded and warm (``/readyz`` answers 200); never raises."""
@@ -421,9 +287,7 @@ class AsyncClient(_Base):
     ) -> Classification:
         """See ``Client.classify``."""
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
-        return await self.send(
-            _Calls.classify(images, *args, timeout_s, session=session, session_method=session_method)
-        )
+        return await self.send(Calls.classify(images, *args, timeout_s, session=session, session_method=session_method))
 
     async def classify_video(
         self,
@@ -446,14 +310,14 @@ class AsyncClient(_Base):
     ) -> Classification:
         """See ``Client.classify_video``."""
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
-        clip = _Video(video, num_frames, sampling, pooling)
-        return await self.send(_Calls.classify((), *args, timeout_s, video=clip))
+        clip = Video(video, num_frames, sampling, pooling)
+        return await self.send(Calls.classify((), *args, timeout_s, video=clip))
 
     async def label_sets(self) -> list[LabelSet]:
-        return await self.send(Call("GET", "/v1/label-sets", _label_sets))
+        return await self.send(Call("GET", "/v1/label-sets", reads_label_sets))
 
     async def label_set(self, name: str) -> LabelSet:
-        return await self.send(Call("GET", f"/v1/label-sets/{name}", _model(LabelSet)))
+        return await self.send(Call("GET", f"/v1/label-sets/{name}", reads(LabelSet)))
 
     async def create_label_set(
         self,
@@ -462,10 +326,10 @@ class AsyncClient(_Base):
         templates: Sequence[str] | str | None = None,
         descriptions: Mapping[str, Sequence[str]] | None = None,
     ) -> LabelSet:
-        return await self.send(_Calls.create_label_set(name, labels, templates, descriptions))
+        return await self.send(Calls.create_label_set(name, labels, templates, descriptions))
 
     async def delete_label_set(self, name: str) -> None:
-        await self.send(Call("DELETE", f"/v1/label-sets/{name}", _nothing))
+        await self.send(Call("DELETE", f"/v1/label-sets/{name}", reads_nothing))
 
     async def calibrate(
         self,
@@ -475,10 +339,10 @@ class AsyncClient(_Base):
         methods: Sequence[str] | None = None,
     ) -> Calibration:
         """See ``Client.calibrate``."""
-        return await self.send(_Calls.calibrate(label_set, images, labels, methods))
+        return await self.send(Calls.calibrate(label_set, images, labels, methods))
 
     async def calibration(self, label_set: str) -> Calibration:
-        return await self.send(Call("GET", f"/v1/label-sets/{label_set}/calibration", _model(Calibration)))
+        return await self.send(Call("GET", f"/v1/label-sets/{label_set}/calibration", reads(Calibration)))
 
     async def wait_calibration(
         self,
@@ -496,21 +360,21 @@ class AsyncClient(_Base):
             await asyncio.sleep(poll_s)
 
     async def delete_calibration(self, label_set: str) -> None:
-        await self.send(Call("DELETE", f"/v1/label-sets/{label_set}/calibration", _nothing))
+        await self.send(Call("DELETE", f"/v1/label-sets/{label_set}/calibration", reads_nothing))
 
     async def session(self, session_id: str) -> Session:
         """See ``Client.session``."""
-        return await self.send(Call("GET", f"/v1/sessions/{session_id}", _model(Session)))
+        return await self.send(Call("GET", f"/v1/sessions/{session_id}", reads(Session)))
 
     async def delete_session(self, session_id: str) -> None:
         """See ``Client.delete_session``."""
-        await self.send(Call("DELETE", f"/v1/sessions/{session_id}", _nothing))
+        await self.send(Call("DELETE", f"/v1/sessions/{session_id}", reads_nothing))
 
     async def models(self) -> list[ModelInfo]:
-        return await self.send(Call("GET", "/v1/models", _model_infos))
+        return await self.send(Call("GET", "/v1/models", reads_model_infos))
 
     async def methods(self) -> Methods:
-        return await self.send(Call("GET", "/v1/methods", _model(Methods)))
+        return await self.send(Call("GET", "/v1/methods", reads(Methods)))
 
     async def ready(self) -> bool:
         """See ``Client.ready``."""
