@@ -6,6 +6,7 @@ import hashlib
 import re
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from fastapi.testclient import TestClient
@@ -14,14 +15,25 @@ from fastapi.testclient import TestClient
 # a hang, never what a test measures: waits end as soon as their condition holds.
 PATIENCE_S = 120.0
 
+T = TypeVar("T")
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` if it never does."""
+
+def wait_for(probe: Callable[[], T | None], what: str, timeout: float = PATIENCE_S) -> T:
+    """Poll ``probe`` until it returns something other than None or False, and return that; fail naming
+    ``what`` after ``timeout`` (a failsafe: the wait ends as soon as the probe has its answer)."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        found = probe()
+        if found is not None and found is not False:
+            return found
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.01)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` if it never does."""
+    wait_for(lambda: condition() or None, what, timeout)
 
 
 def wait_ready(client: TestClient) -> None:

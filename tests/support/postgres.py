@@ -18,14 +18,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.support.apps import PATIENCE_S
+from tests.support.apps import PATIENCE_S, wait_until
 from tests.support.servers import free_port
 
 SUPERUSER = "tta_test"
@@ -85,17 +84,16 @@ def _as_postgres_user() -> dict[str, object]:
 def _wait_accepting(server: PostgresServer) -> None:
     import psycopg
 
-    deadline = time.monotonic() + PATIENCE_S
-    while True:
+    def accepting() -> bool:
         if server.process.poll() is not None:
             raise AssertionError(f"postgres exited {server.process.returncode}:\n{server.log()}")
         try:
             with psycopg.connect(server.url(), connect_timeout=2):
-                return
+                return True
         except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"postgres never accepted connections:\n{server.log()}") from None
-            time.sleep(0.05)
+            return False
+
+    wait_until(accepting, f"postgres to accept connections (its log: {server.log_path})")
 
 
 @pytest.fixture(scope="session")

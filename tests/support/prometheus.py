@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from tests.support.apps import PATIENCE_S
+from tests.support.apps import PATIENCE_S, wait_for
 from tests.support.servers import free_port
 
 T = TypeVar("T")
@@ -79,16 +78,13 @@ class Prometheus:
     def wait_for(self, probe: Callable[[], T | None], what: str, timeout_s: float = 30.0) -> T:
         """Poll ``probe`` until it returns something other than None or False; fail naming ``what`` after
         ``timeout_s`` (a failsafe: the waits end as soon as Prometheus has what they ask for)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        def alive_probe() -> T | None:
             if self.process.poll() is not None:
                 raise AssertionError(f"prometheus exited {self.process.returncode}:\n{self.log()}")
-            found = probe()
-            if found is not None and found is not False:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gave up waiting for {what} after {timeout_s:g} s")
-            time.sleep(0.1)
+            return probe()
+
+        return wait_for(alive_probe, f"{what} (after {timeout_s:g} s)", timeout_s)
 
 
 @contextmanager
