@@ -144,12 +144,29 @@ class FittedCalibrations:
     def model(self, method: str, label_set: LabelSet | None, owner: str = "") -> ConfidenceModel:
         """The confidence model for ``method``'s answers on ``label_set`` (None: labels sent inline), as fitted
         by ``owner`` (each owner fits its own, the model's shipped label sets too)."""
+        return self.models(method, label_set, owner)[0]
+
+    def models(
+        self, method: str, label_set: LabelSet | None, owner: str = ""
+    ) -> tuple[ConfidenceModel, ConfidenceModel]:
+        """``model`` of ``method`` and of ``zero_shot`` (what an image answered zero-shot is calibrated with),
+        from one read of the store: a request's answers all use one snapshot of its calibrations."""
         if label_set is None:
-            return self.calibration.label_free
+            return self.calibration.label_free, self.calibration.label_free
         records = self._records(owner, label_set.name)
-        for name in (method, "zero_shot"):
+        wanted = {name: records[name] for name in (method, "zero_shot") if name in records}
+        applies = {name: r for name, r in wanted.items() if self._applies(r, label_set)}
+        return self._first(applies, (method, "zero_shot"), owner, label_set), self._first(
+            applies, ("zero_shot",), owner, label_set
+        )
+
+    def _first(
+        self, records: dict[str, CalibrationRecord], names: tuple[str, ...], owner: str, label_set: LabelSet
+    ) -> ConfidenceModel:
+        """The parsed model of the first of ``names`` with a record that applies, else the label-free one."""
+        for name in names:
             record = records.get(name)
-            if record is not None and self._applies(record, label_set):
+            if record is not None:
                 key = (owner, label_set.name, name)
                 version = (record.created_at, record.label_set_fingerprint, record.model_fingerprint)
                 parsed = self._models.get(key)

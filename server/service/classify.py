@@ -31,6 +31,7 @@ from server.errors import ClientClosed, ClientError, DeadlineExceeded, InvalidIn
 from server.logs import note
 from server.metrics import Metrics
 from server.service.calibration import Calibration, FittedCalibrations
+from server.service.confidence import ConfidenceModel
 from server.service.decoding import ImageInput, decode_images
 from server.service.label_sets import LabelSets
 from server.service.monitoring import AccuracyEstimate
@@ -231,6 +232,7 @@ class ClassifyService:
         if not cached:  # tokenized here, off the engine's lanes, in the bounded decode pool
             build = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.engine.start_text, text)
         tokenize_s = time.monotonic() - t0
+        models = self.calibrations.models(method.name, classes.label_set, req.owner)  # one read of the store
         work = Work(
             images,
             classes.labels,
@@ -242,11 +244,7 @@ class ClassifyService:
             descriptions=classes.descriptions,
             gate=gate if adaptive else None,
             pooling=video.pooling if video is not None else None,
-            gate_margin=functools.partial(
-                Calibration.margin, self.calibrations.model("zero_shot", classes.label_set, req.owner)
-            )
-            if adaptive
-            else None,
+            gate_margin=functools.partial(Calibration.margin, models[1]) if adaptive else None,  # zero-shot's
             text_build=build,
         )
         opened = None
@@ -282,7 +280,7 @@ class ClassifyService:
             self.metrics.stage_duration.labels(stage=stage).observe(seconds)
         timings["total"] = time.monotonic() - started
         self.metrics.images.labels(method=method.name).inc(work.n_images)
-        results = self._results(output, work, classes.label_set, top_k, req, seed if adaptive else None, opened)
+        results = self._results(output, work, models, top_k, req, seed if adaptive else None, opened)
         if req.monitor:
             self.estimate.observe(classes.label_set, [r.confidence for r in results])
         spec = self.spec
@@ -331,16 +329,16 @@ class ClassifyService:
         self,
         output: JobOutput,
         work: Work,
-        label_set: LabelSet | None,
+        models: tuple[ConfidenceModel, ConfidenceModel],
         top_k: int,
         req: ClassifyRequest,
         seed: int | None,
         opened: Opened | None = None,
     ) -> list[Result]:
-        """Each image's calibrated predictions, abstention, adaptation report and zero-shot view."""
+        """Each image's calibrated predictions, abstention, adaptation report and zero-shot view; ``models`` are
+        the request's confidence models of its method and of zero-shot (``FittedCalibrations.models``)."""
         method, labels = work.method.name, work.labels
-        zero_shot_model = self.calibrations.model("zero_shot", label_set, req.owner)
-        method_model = self.calibrations.model(method, label_set, req.owner)
+        method_model, zero_shot_model = models
         results = []
         for i in range(output.logits.shape[0]):
             logits = output.logits[i]  # [C]
