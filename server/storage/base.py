@@ -12,6 +12,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from server.errors import Conflict, NotFound
+
+
+def label_set_exists(name: str) -> Conflict:
+    """What every store raises when a label set's name is taken (for its owner)."""
+    return Conflict(f"label set {name!r} already exists; DELETE it first to replace it", code="label_set_exists")
+
+
+def no_label_set(name: str, hint: str = "") -> NotFound:
+    """What every store raises for a label set it does not hold (for that owner)."""
+    return NotFound(f"no label set named {name!r}{hint}", code="unknown_label_set")
+
+
+LIST_HINT = "; GET /v1/label-sets lists them"
+
 
 @dataclass(frozen=True)
 class LabelSet:

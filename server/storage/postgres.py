@@ -24,14 +24,12 @@ from typing import Any, TypeVar
 
 from server.errors import (
     ConfigError,
-    Conflict,
-    NotFound,
     StorageFull,
     StorageReadOnly,
     StorageUnavailable,
 )
 from server.settings import redact_url
-from server.storage.base import CalibrationRecord, LabelSet
+from server.storage.base import LIST_HINT, CalibrationRecord, LabelSet, label_set_exists, no_label_set
 
 try:
     import psycopg
@@ -232,10 +230,7 @@ class PostgresStore:
             try:
                 db.execute("INSERT INTO label_sets VALUES (%s, %s, %s, %s, %s, %s)", row)
             except pg_errors.UniqueViolation:
-                raise Conflict(
-                    f"label set {label_set.name!r} already exists; DELETE it first to replace it",
-                    code="label_set_exists",
-                ) from None
+                raise label_set_exists(label_set.name) from None
         return label_set
 
     def get_label_set(self, name: str, owner: str = "") -> LabelSet:
@@ -247,7 +242,7 @@ class PostgresStore:
             ).fetchone()
         )
         if row is None:
-            raise NotFound(f"no label set named {name!r}; GET /v1/label-sets lists them", code="unknown_label_set")
+            raise no_label_set(name, LIST_HINT)
         return _from_row(row)
 
     def list_label_sets(self, owner: str = "") -> list[LabelSet]:
@@ -265,7 +260,7 @@ class PostgresStore:
             deleted = db.execute("DELETE FROM label_sets WHERE owner = %s AND name = %s", (owner, name)).rowcount
             db.execute("DELETE FROM calibrations WHERE owner = %s AND label_set = %s", (owner, name))
         if deleted == 0:
-            raise NotFound(f"no label set named {name!r}", code="unknown_label_set")
+            raise no_label_set(name)
 
     def save_calibration(self, record: CalibrationRecord) -> None:
         row = (

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from server.errors import ConfigError, Conflict, NotFound, StorageFull, StorageReadOnly
-from server.storage.base import CalibrationRecord, LabelSet
+from server.errors import ConfigError, StorageFull, StorageReadOnly
+from server.storage.base import LIST_HINT, CalibrationRecord, LabelSet, label_set_exists, no_label_set
 
 # Migration n (1-based) brings a database from version n-1 to n. Append; never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -164,17 +164,14 @@ class SqliteStore:
             try:
                 db.execute("INSERT INTO label_sets VALUES (?, ?, ?, ?, ?, ?)", row)
             except sqlite3.IntegrityError:
-                raise Conflict(
-                    f"label set {label_set.name!r} already exists; DELETE it first to replace it",
-                    code="label_set_exists",
-                ) from None
+                raise label_set_exists(label_set.name) from None
         return label_set
 
     def get_label_set(self, name: str, owner: str = "") -> LabelSet:
         with self._lock:
             row = self._db.execute("SELECT * FROM label_sets WHERE owner = ? AND name = ?", (owner, name)).fetchone()
         if row is None:
-            raise NotFound(f"no label set named {name!r}; GET /v1/label-sets lists them", code="unknown_label_set")
+            raise no_label_set(name, LIST_HINT)
         return _from_row(row)
 
     def list_label_sets(self, owner: str = "") -> list[LabelSet]:
@@ -189,7 +186,7 @@ class SqliteStore:
             db.execute("DELETE FROM calibrations WHERE owner = ? AND label_set = ?", (owner, name))
             db.execute("COMMIT")
         if cursor.rowcount == 0:
-            raise NotFound(f"no label set named {name!r}", code="unknown_label_set")
+            raise no_label_set(name)
 
     def save_calibration(self, record: CalibrationRecord) -> None:
         row = (
