@@ -48,13 +48,14 @@ def tokenize_prompts(
     once: SOT, the text before ``{}``, the label, the text after it and EOT, cut to the context with EOT last."""
     sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
     n = len(labels)
-    label_ids = [tokenizer.encode(label) if set(label) <= _SAFE else [] for label in labels]
+    safe = [set(label) <= _SAFE for label in labels]  # labels that compose; the others are tokenized whole
+    label_ids = [tokenizer.encode(label) if ok else [] for label, ok in zip(labels, safe, strict=True)]
     lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.long)  # [L]
     longest = int(lengths.max()) if n else 0
     padded = torch.zeros(n, longest, dtype=torch.long)  # [L, M]
     for i, ids in enumerate(label_ids):
         padded[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    safe_labels = torch.tensor([set(label) <= _SAFE for label in labels], dtype=torch.bool)  # [L]
+    safe_labels = torch.tensor(safe, dtype=torch.bool)  # [L]
     width = context_length + longest + 2  # room to lay a row out whole before cutting it
     out = torch.zeros(n, len(templates), context_length, dtype=torch.long)  # [L, T, ctx]
     for t, template in enumerate(templates):
