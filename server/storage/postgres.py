@@ -1,6 +1,6 @@
 """A store in PostgreSQL (``TTA_DATABASE_URL=postgresql://...``), shared by every replica, with versioned migrations.
 
-The tables are those of the SQLite store at its schema version 3 (owners included); the table
+The tables are those of the SQLite store (owners included; adapters and jobs since migration 2); the table
 ``tta_schema_migrations`` holds one row per migration applied. Opening a database applies the
 migrations it has not had yet, each in its own transaction under an advisory lock, so replicas that
 start together migrate it once; a database from a newer server is refused.
@@ -16,8 +16,10 @@ was committed is unknown), and answers 503 ``storage_unavailable`` with ``Retry-
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -29,7 +31,18 @@ from server.errors import (
     StorageUnavailable,
 )
 from server.settings import redact_url
-from server.storage.base import LIST_HINT, CalibrationRecord, LabelSet, label_set_exists, no_label_set
+from server.storage.base import (
+    LIST_HINT,
+    AdapterRecord,
+    CalibrationRecord,
+    JobRecord,
+    LabelSet,
+    label_set_exists,
+    no_adapter,
+    no_job,
+    no_label_set,
+)
+from server.storage.rows import adapter_from_row, adapter_row, job_from_row, job_row
 
 try:
     import psycopg
@@ -65,6 +78,36 @@ MIGRATIONS: tuple[str, ...] = (
         report JSON NOT NULL,                 -- images, held-out ECE
         created_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (owner, label_set, method)
+    );
+    """,
+    # 2: few-shot adapters (every version's artifact bytes beside its record) and the jobs that train them, as the
+    # SQLite store holds them at its version 4.
+    """
+    CREATE TABLE adapters (
+        owner TEXT NOT NULL DEFAULT '',
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        grp TEXT,
+        card JSON NOT NULL,
+        sha256 TEXT NOT NULL,
+        nbytes BIGINT NOT NULL,
+        source TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (owner, name, version)
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        spec JSON NOT NULL,
+        progress JSON NOT NULL,
+        result JSON,
+        error TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        inputs BYTEA NOT NULL
     );
     """,
 )
@@ -298,6 +341,111 @@ class PostgresStore:
             )
             rows = self._read(lambda db: db.execute(query, (owner, label_set)).fetchall())
         return [CalibrationRecord(r[1], r[2], r[3], r[4], r[5], r[6], r[7], owner=r[0]) for r in rows]
+
+    # -- adapters -----------------------------------------------------------------------------------
+    _ADAPTER_COLUMNS = "owner, name, version, grp, card, sha256, nbytes, source, created_at"
+
+    def add_adapter(self, record: AdapterRecord, data: bytes) -> AdapterRecord:
+        # The next version is read and written in one statement; two replicas adding the same name at once
+        # collide on the key, and the loser takes the version after.
+        for _ in range(5):
+            try:
+                with self._writing() as db, db.transaction():
+                    row = db.execute(
+                        "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE owner = %s AND name = %s",
+                        (record.owner, record.name),
+                    ).fetchone()
+                    stored = dataclasses.replace(record, version=int(row[0]) if row else 1)
+                    db.execute(
+                        f"INSERT INTO adapters ({self._ADAPTER_COLUMNS}, data) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        (*adapter_row(stored), data),
+                    )
+                return stored
+            except pg_errors.UniqueViolation:
+                continue
+        raise StorageUnavailable(
+            f"could not give adapter {record.name!r} a version: retry", retry_after_s=RETRY_AFTER_S
+        )
+
+    def adapter(self, name: str, version: int | None = None, owner: str = "") -> AdapterRecord:
+        where, args = "owner = %s AND name = %s", list[Any]([owner, name])
+        if version is not None:
+            where, args = where + " AND version = %s", [*args, version]
+        query = f"SELECT {self._ADAPTER_COLUMNS} FROM adapters WHERE {where} ORDER BY version DESC LIMIT 1"
+        row = self._read(lambda db: db.execute(query, args).fetchone())
+        if row is None:
+            raise no_adapter(name, version)
+        return adapter_from_row(row)
+
+    def adapter_bytes(self, name: str, version: int, owner: str = "") -> bytes:
+        query = "SELECT data FROM adapters WHERE owner = %s AND name = %s AND version = %s"
+        row = self._read(lambda db: db.execute(query, (owner, name, version)).fetchone())
+        if row is None:
+            raise no_adapter(name, version)
+        return bytes(row[0])
+
+    def list_adapters(self, owner: str = "") -> list[AdapterRecord]:
+        query = f'SELECT {self._ADAPTER_COLUMNS} FROM adapters WHERE owner = %s ORDER BY name COLLATE "C", version'
+        rows = self._read(lambda db: db.execute(query, (owner,)).fetchall())
+        return [adapter_from_row(r) for r in rows]
+
+    def delete_adapter(self, name: str, version: int | None = None, owner: str = "") -> int:
+        where, args = "owner = %s AND name = %s", list[Any]([owner, name])
+        if version is not None:
+            where, args = where + " AND version = %s", [*args, version]
+        with self._writing() as db:
+            deleted = db.execute(f"DELETE FROM adapters WHERE {where}", args).rowcount
+        if not deleted:
+            raise no_adapter(name, version)
+        return int(deleted)
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    _JOB_COLUMNS = "id, owner, kind, state, spec, progress, result, error, created_at, updated_at"
+
+    def create_job(self, job: JobRecord, inputs: bytes) -> JobRecord:
+        with self._writing() as db:
+            db.execute(
+                f"INSERT INTO jobs ({self._JOB_COLUMNS}, inputs) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (*job_row(job), inputs),
+            )
+        return job
+
+    def update_job(self, job_id: str, **changes: Any) -> JobRecord:
+        with self._writing() as db, db.transaction():
+            row = db.execute(f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE id = %s FOR UPDATE", (job_id,)).fetchone()
+            if row is None:
+                raise no_job(job_id)
+            job = dataclasses.replace(job_from_row(row), **changes, updated_at=time.time())
+            _, _, _, state, _, progress, result, error, _, updated_at = job_row(job)
+            db.execute(
+                "UPDATE jobs SET state = %s, progress = %s, result = %s, error = %s, updated_at = %s WHERE id = %s",
+                (state, progress, result, error, updated_at, job_id),
+            )
+        return job
+
+    def job(self, job_id: str, owner: str | None = "") -> JobRecord:
+        query = f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE id = %s"
+        row = self._read(lambda db: db.execute(query, (job_id,)).fetchone())
+        if row is None or (owner is not None and row[1] != owner):
+            raise no_job(job_id)
+        return job_from_row(row)
+
+    def job_inputs(self, job_id: str) -> bytes:
+        row = self._read(lambda db: db.execute("SELECT inputs FROM jobs WHERE id = %s", (job_id,)).fetchone())
+        if row is None:
+            raise no_job(job_id)
+        return bytes(row[0])
+
+    def list_jobs(self, owner: str | None = "", states: tuple[str, ...] | None = None) -> list[JobRecord]:
+        where, args = ["TRUE"], list[Any]()
+        if owner is not None:
+            where, args = [*where, "owner = %s"], [*args, owner]
+        if states:
+            where, args = [*where, "state = ANY(%s)"], [*args, list(states)]
+        query = f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at, id"
+        rows = self._read(lambda db: db.execute(query, args).fetchall())
+        return [job_from_row(r) for r in rows]
 
 
 def _from_row(row: tuple[Any, ...]) -> LabelSet:

@@ -8,17 +8,30 @@ which creates nothing it already has.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from server.errors import ConfigError, StorageFull, StorageReadOnly
-from server.storage.base import LIST_HINT, CalibrationRecord, LabelSet, label_set_exists, no_label_set
+from server.storage.base import (
+    LIST_HINT,
+    AdapterRecord,
+    CalibrationRecord,
+    JobRecord,
+    LabelSet,
+    label_set_exists,
+    no_adapter,
+    no_job,
+    no_label_set,
+)
+from server.storage.rows import adapter_from_row, adapter_row, job_from_row, job_row
 
 # Migration n (1-based) brings a database from version n-1 to n. Append; never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -72,6 +85,35 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO calibrations_3 SELECT '', * FROM calibrations;
     DROP TABLE calibrations;
     ALTER TABLE calibrations_3 RENAME TO calibrations;
+    """,
+    # 4: few-shot adapters (every version's artifact bytes beside its record) and the jobs that train them.
+    """
+    CREATE TABLE adapters (
+        owner TEXT NOT NULL DEFAULT '',
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        grp TEXT,                      -- the adapter group (merging), or NULL
+        card TEXT NOT NULL,            -- JSON: the artifact's card
+        sha256 TEXT NOT NULL,
+        nbytes INTEGER NOT NULL,
+        source TEXT NOT NULL,          -- upload, job:<id>, merge:<group>
+        created_at REAL NOT NULL,
+        data BLOB NOT NULL,            -- the safetensors artifact
+        PRIMARY KEY (owner, name, version)
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        spec TEXT NOT NULL,            -- JSON: the request without its images
+        progress TEXT NOT NULL,        -- JSON
+        result TEXT,                   -- JSON, or NULL
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        inputs BLOB NOT NULL           -- the images, serialized
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -217,6 +259,105 @@ class SqliteStore:
             CalibrationRecord(r[1], r[2], r[3], r[4], json.loads(r[5]), json.loads(r[6]), r[7], owner=r[0])
             for r in rows
         ]
+
+    # -- adapters -----------------------------------------------------------------------------------
+    _ADAPTER_COLUMNS = "owner, name, version, grp, card, sha256, nbytes, source, created_at"
+
+    def add_adapter(self, record: AdapterRecord, data: bytes) -> AdapterRecord:
+        with self._writing() as db:
+            db.execute("BEGIN IMMEDIATE")
+            query = "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE owner = ? AND name = ?"
+            version = int(db.execute(query, (record.owner, record.name)).fetchone()[0])
+            stored = dataclasses.replace(record, version=version)
+            row = (*adapter_row(stored), sqlite3.Binary(data))
+            db.execute(f"INSERT INTO adapters ({self._ADAPTER_COLUMNS}, data) VALUES (?,?,?,?,?,?,?,?,?,?)", row)
+            db.execute("COMMIT")
+        return stored
+
+    def adapter(self, name: str, version: int | None = None, owner: str = "") -> AdapterRecord:
+        where, args = "owner = ? AND name = ?", list[Any]([owner, name])
+        if version is not None:
+            where, args = where + " AND version = ?", [*args, version]
+        query = f"SELECT {self._ADAPTER_COLUMNS} FROM adapters WHERE {where} ORDER BY version DESC LIMIT 1"
+        with self._lock:
+            row = self._db.execute(query, args).fetchone()
+        if row is None:
+            raise no_adapter(name, version)
+        return adapter_from_row(row)
+
+    def adapter_bytes(self, name: str, version: int, owner: str = "") -> bytes:
+        query = "SELECT data FROM adapters WHERE owner = ? AND name = ? AND version = ?"
+        with self._lock:
+            row = self._db.execute(query, (owner, name, version)).fetchone()
+        if row is None:
+            raise no_adapter(name, version)
+        return bytes(row[0])
+
+    def list_adapters(self, owner: str = "") -> list[AdapterRecord]:
+        query = f"SELECT {self._ADAPTER_COLUMNS} FROM adapters WHERE owner = ? ORDER BY name, version"
+        with self._lock:
+            rows = self._db.execute(query, (owner,)).fetchall()
+        return [adapter_from_row(r) for r in rows]
+
+    def delete_adapter(self, name: str, version: int | None = None, owner: str = "") -> int:
+        where, args = "owner = ? AND name = ?", list[Any]([owner, name])
+        if version is not None:
+            where, args = where + " AND version = ?", [*args, version]
+        with self._writing() as db:
+            deleted = db.execute(f"DELETE FROM adapters WHERE {where}", args).rowcount
+        if not deleted:
+            raise no_adapter(name, version)
+        return int(deleted)
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    _JOB_COLUMNS = "id, owner, kind, state, spec, progress, result, error, created_at, updated_at"
+
+    def create_job(self, job: JobRecord, inputs: bytes) -> JobRecord:
+        row = (*job_row(job), sqlite3.Binary(inputs))
+        with self._writing() as db:
+            db.execute(f"INSERT INTO jobs ({self._JOB_COLUMNS}, inputs) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+        return job
+
+    def update_job(self, job_id: str, **changes: Any) -> JobRecord:
+        with self._writing() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                db.execute("ROLLBACK")
+                raise no_job(job_id)
+            job = dataclasses.replace(job_from_row(row), **changes, updated_at=time.time())
+            _, _, _, state, _, progress, result, error, _, updated_at = job_row(job)
+            db.execute(
+                "UPDATE jobs SET state = ?, progress = ?, result = ?, error = ?, updated_at = ? WHERE id = ?",
+                (state, progress, result, error, updated_at, job_id),
+            )
+            db.execute("COMMIT")
+        return job
+
+    def job(self, job_id: str, owner: str | None = "") -> JobRecord:
+        with self._lock:
+            row = self._db.execute(f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or (owner is not None and row[1] != owner):
+            raise no_job(job_id)
+        return job_from_row(row)
+
+    def job_inputs(self, job_id: str) -> bytes:
+        with self._lock:
+            row = self._db.execute("SELECT inputs FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise no_job(job_id)
+        return bytes(row[0])
+
+    def list_jobs(self, owner: str | None = "", states: tuple[str, ...] | None = None) -> list[JobRecord]:
+        where, args = ["1 = 1"], list[Any]()
+        if owner is not None:
+            where, args = [*where, "owner = ?"], [*args, owner]
+        if states:
+            where, args = [*where, f"state IN ({', '.join('?' * len(states))})"], [*args, *states]
+        query = f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at, id"
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [job_from_row(r) for r in rows]
 
 
 def _from_row(row: tuple[Any, ...]) -> LabelSet:

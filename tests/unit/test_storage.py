@@ -10,6 +10,7 @@ import pytest
 
 from server.errors import ConfigError, Conflict, NotFound
 from server.storage import CalibrationRecord, LabelSet, PostgresStore, SqliteStore, Store
+from server.storage.base import AdapterRecord, JobRecord
 from server.storage.sqlite import SCHEMA_VERSION
 
 Opener = Callable[[], Store]
@@ -197,3 +198,51 @@ def test_rows_from_before_owners_belong_to_no_key_and_each_owner_has_its_own_nam
     assert len(store.calibrations()) == 1
     store.close()
     assert user_version(path) == SCHEMA_VERSION
+
+
+def adapter(name: str, owner: str = "", group: str | None = None) -> AdapterRecord:
+    return AdapterRecord(name, 0, {"type": "apex", "labels": ["a", "b"]}, "f" * 64, 3, group, "upload", 2.5, owner)
+
+
+def test_adapters_get_the_next_version_per_owner_and_read_back_with_their_bytes(open_store):
+    store = open_store()
+    first = store.add_adapter(adapter("shapes", "alice", group="g"), b"one")
+    second = store.add_adapter(adapter("shapes", "alice", group="g"), b"two")
+    other = store.add_adapter(adapter("shapes", "bob"), b"bob's")
+    assert (first.version, second.version, other.version) == (1, 2, 1)
+    again = open_store()
+    assert again.adapter("shapes", owner="alice") == second  # the newest by default
+    assert again.adapter("shapes", 1, owner="alice") == first
+    assert again.adapter_bytes("shapes", 1, owner="alice") == b"one"
+    assert again.adapter_bytes("shapes", 1, owner="bob") == b"bob's"
+    assert [a.ref for a in again.list_adapters("alice")] == ["shapes@v1", "shapes@v2"]
+    assert again.list_adapters("carol") == []
+    with pytest.raises(NotFound, match="shapes@v3"):
+        again.adapter("shapes", 3, owner="alice")
+    assert again.delete_adapter("shapes", 1, owner="alice") == 1
+    assert again.add_adapter(adapter("shapes", "alice"), b"three").version == 3  # versions are never reused
+    assert again.delete_adapter("shapes", owner="alice") == 2
+    with pytest.raises(NotFound):
+        again.adapter("shapes", owner="alice")
+    assert again.adapter("shapes", owner="bob") == other  # another owner's are untouched
+
+
+def test_jobs_keep_their_inputs_and_progress_and_are_seen_by_their_owner_only(open_store):
+    store = open_store()
+    job = JobRecord("j1", "finetune", "queued", {"label_set": "pets"}, created_at=1.0, updated_at=1.0, owner="alice")
+    store.create_job(job, b"\x00images")
+    store.create_job(JobRecord("j2", "finetune", "queued", {}, created_at=2.0, owner="bob"), b"")
+    updated = open_store().update_job("j1", state="running", progress={"step": 3, "steps": 10, "loss": 0.5})
+    assert updated.updated_at > 1.0
+    again = open_store()
+    assert again.job("j1", owner="alice") == updated
+    assert again.job("j1", owner=None) == updated  # the worker reads any owner's
+    with pytest.raises(NotFound):
+        again.job("j1", owner="bob")
+    assert again.job_inputs("j1") == b"\x00images"
+    assert [j.id for j in again.list_jobs(None, ("queued", "running"))] == ["j1", "j2"]
+    assert [j.id for j in again.list_jobs("alice")] == ["j1"]
+    done = again.update_job("j1", state="succeeded", result={"adapter": "pets@v1"})
+    assert again.job("j1", owner="alice").result == {"adapter": "pets@v1"} == done.result
+    with pytest.raises(NotFound):
+        again.update_job("nope", state="failed")
