@@ -141,6 +141,9 @@ class Method(ABC, Generic[OptionsT]):
     regularizer_kinds: ClassVar[dict[str, str]] = {}
     # Whether adaptation changes the class text embeddings (TPT, C-TPT): MSTA's consistency term needs it.
     adapts_text: ClassVar[bool] = False
+    # Whether adaptation runs the vision tower with parameters of its own (TTL's LoRA): a few-shot adapter's
+    # lora part would be bypassed.
+    adapts_vision_tower: ClassVar[bool] = False
 
     def parse_options(self, raw: dict[str, Any] | None) -> OptionsT:
         """Validate a request's ``options`` into this method's Options; unknown keys are errors."""

@@ -80,6 +80,7 @@ class TTL(Method[TTLOptions]):
     name = "ttl"
     summary = "Train per-request LoRA on the last vision blocks' q/v by confidence-weighted entropy over views."
     Options = TTLOptions
+    adapts_vision_tower = True
     regularizer_kinds: ClassVar[dict[str, str]] = {
         "feature": "the views' image features",
         "anchor_kl": "the views' distributions over the anchor texts",

@@ -202,6 +202,13 @@ class Settings(BaseSettings):
         256 * 2**20, ge=1, description="Bytes of state all sessions may hold together (least recently used dropped)."
     )
 
+    # Few-shot adapters
+    adapter_cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        description="Bytes of adapters kept loaded in the process (least recently used unloaded past it).",
+    )
+
     # Defaults for requests
     default_method: str = Field("zero_shot", description="Method used when a request names none.")
     default_templates: str = Field("simple", description="Template set used when a request names none.")

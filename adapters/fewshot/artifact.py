@@ -163,7 +163,9 @@ class Adapter:
         the same update, exactly."""
         idx = self.lora_indices()
         if len(idx) != len(targets):
-            raise ArtifactError(f"the adapter has LoRA on {len(idx)} projections, this model's targets are {len(targets)}")
+            raise ArtifactError(
+                f"the adapter has LoRA on {len(idx)} projections, this model's targets are {len(targets)}"
+            )
         if self.lora_dense:
             b = tuple(self.tensors[f"lora.{i}.delta"] for i in idx)
             a = tuple(torch.eye(t.in_features) for t in targets.targets)

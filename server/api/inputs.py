@@ -17,6 +17,7 @@ from server.api.schemas import CalibrationIn, VideoIn
 from server.api.schemas import ClassifyRequest as ClassifyBody
 from server.clip.templates import PLACEHOLDER
 from server.errors import BadRequest, InvalidInput, UnsupportedMediaType
+from server.service.adapters import AdapterChoice
 from server.service.classify import ClassifyRequest
 from server.service.decoding import ImageInput
 from server.service.video import VideoInput
@@ -39,6 +40,8 @@ _FORM_FIELDS = _VIDEO_FORM_FIELDS | {
     "confidence_gate",
     "session",
     "session_method",
+    "adapter",
+    "adapter_alpha",
 }
 
 
@@ -90,7 +93,21 @@ async def read_classify(request: Request, settings: Settings) -> ClassifyRequest
         confidence_gate=body.confidence_gate,
         session=body.session,
         session_method=body.session_method,
+        adapter=_adapter_choice(body),
         timeout_s=read_timeout(request.headers.get(TIMEOUT_HEADER)),
+    )
+
+
+def _adapter_choice(body: ClassifyBody) -> AdapterChoice | None:
+    """The request's ``adapter`` and ``adapter_alpha`` for the service; alpha alone is refused there."""
+    alpha = body.adapter_alpha
+    if body.adapter is None:
+        return None if alpha is None else AdapterChoice(alpha=alpha)
+    if isinstance(body.adapter, str):
+        return AdapterChoice(ref=body.adapter, alpha=1.0 if alpha is None else alpha)
+    route = body.adapter
+    return AdapterChoice(
+        top_k=route.top_k, min_sim=route.min_sim, group=route.group, alpha=1.0 if alpha is None else alpha
     )
 
 
@@ -219,7 +236,7 @@ async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody, Vi
         data["labels"] = _json_list_or_values(texts["labels"], "labels")
     video: dict[str, Any] = {}
     singles = ("label_set", "method", "top_k", "seed", "compare", "abstain_below", "confidence_gate", "session")
-    for single in (*singles, "session_method", "num_frames", "sampling", "pooling"):
+    for single in (*singles, "session_method", "adapter", "adapter_alpha", "num_frames", "sampling", "pooling"):
         if len(texts[single]) > 1:
             raise InvalidInput(f"form field {single!r} given {len(texts[single])} times", code="invalid_form")
         if texts[single]:
@@ -235,6 +252,13 @@ async def parse_form(form: FormData) -> tuple[list[ImageInput], ClassifyBody, Vi
         values = texts["templates"]
         is_named = len(values) == 1 and not values[0].lstrip().startswith("[") and PLACEHOLDER not in values[0]
         data["templates"] = values[0] if is_named else _json_list_or_values(values, "templates")
+    if isinstance(data.get("adapter"), str) and data["adapter"].lstrip().startswith("{"):
+        try:
+            data["adapter"] = json.loads(data["adapter"])
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(
+                f"form field 'adapter' must be a name or a JSON object: {exc}", code="invalid_form"
+            ) from exc
     if texts["options"]:
         try:
             data["options"] = json.loads(texts["options"][0])

@@ -42,6 +42,19 @@ class VideoIn(BaseModel):
         return value
 
 
+class AdapterRoute(BaseModel):
+    """ConDU's routing: each image uses the adapters whose class prototypes are closest to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    route: Literal["auto"] = Field(..., description="'auto': pick adapters per image by prototype similarity.")
+    top_k: int = Field(1, ge=0, le=16, description="At most this many adapters per image (0: the frozen model only).")
+    min_sim: float = Field(
+        0.0, ge=-1, le=1, description="An adapter less similar than this (cosine to its nearest prototype) is not used."
+    )
+    group: str | None = Field(None, description="Route among this adapter group's only (default: all your adapters).")
+
+
 class ClassifyRequest(BaseModel):
     """JSON body of ``POST /v1/classify``; the multipart form carries the same fields."""
 
@@ -91,8 +104,20 @@ class ClassifyRequest(BaseModel):
         None,
         description="The session's online method, 'tda' or 'stats' (default: TTA_SESSION_METHOD); see /v1/methods.",
     )
+    adapter: str | AdapterRoute | None = Field(
+        None,
+        description="Serve through a few-shot adapter: 'NAME' (its newest version) or 'NAME@vN'; or route each image "
+        'to its closest adapters: {"route": "auto", "top_k": 1, "min_sim": 0.5, "group": null}. See Adapters.',
+    )
+    adapter_alpha: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="How far from the frozen model toward the adapter, in feature space: 0 gives exactly zero-shot, "
+        "1 (default) the adapter.",
+    )
 
-    @field_validator("top_k", "seed", "abstain_below", "confidence_gate", mode="before")
+    @field_validator("top_k", "seed", "abstain_below", "confidence_gate", "adapter_alpha", mode="before")
     @classmethod
     def _a_number_not_a_boolean(cls, value: object) -> object:
         # JSON's true is 1 to a lax validator: `confidence_gate: false` would skip every adaptation.
@@ -245,6 +270,9 @@ class ModelInfo(BaseModel):
     embed_dim: int | None = None
     context_length: int | None = Field(None, description="Tokens per prompt.")
     logit_scale: float | None = None
+    fingerprint: str | None = Field(
+        None, description="A digest of the weights: adapters and calibrations hold for this fingerprint only."
+    )
     label_sets: list[str] | None = Field(None, description="The label sets that ship with the model.")
     calibration: ModelCalibration | None = None
 
@@ -319,3 +347,29 @@ class SessionOut(BaseModel):
     bytes: int = Field(..., description="Bytes of state held over all its label sets.")
     max_bytes: int = Field(..., description="TTA_SESSION_MAX_BYTES.")
     states: list[SessionState] = Field(..., description="One per label set, most recently used first.")
+
+
+class AdapterOut(BaseModel):
+    """One version of a stored adapter."""
+
+    name: str
+    version: int
+    ref: str = Field(..., description="NAME@vN: how a classify request names this version.")
+    type: str = Field(..., description="prompt, apex, lora, or merged.")
+    parts: list[str] = Field(..., description="What it changes: prompt (text context), text_adapter, lora (vision).")
+    base_model: str = Field(..., description="Fingerprint of the model it was trained on (this server's, or refused).")
+    labels: list[str] = Field(..., description="The labels it was trained on.")
+    group: str | None = Field(None, description="Its adapter group (merging), if any.")
+    source: str = Field(..., description="upload, job:ID or merge:GROUP.")
+    sha256: str
+    bytes: int = Field(..., description="Size of its artifact.")
+    resident: bool = Field(..., description="Loaded in this process now (TTA_ADAPTER_CACHE_BYTES).")
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created_at: float
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterOut] = Field(..., description="Every version of your adapters, by name then version.")
+    resident_bytes: int = Field(..., description="Bytes of adapters loaded in this process now, any owner's.")
+    cache_bytes: int = Field(..., description="TTA_ADAPTER_CACHE_BYTES.")

@@ -32,6 +32,7 @@ from server.clip.probes import ActivationBytes
 from server.engine.admission import CostModel, MemoryModel, default_memory_budget
 from server.engine.classes import ClassFeatures, ClassText, TextBuild
 from server.engine.lane import Lane
+from server.engine.resident import ResidentAdapters
 from server.engine.runner import Runner
 from server.engine.work import Demand, Job, JobOutput, Work
 from server.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
@@ -41,6 +42,10 @@ from server.settings import Settings
 log = logging.getLogger("ttaserve.engine")
 
 LOADER_THREAD = "tta-load"  # loads, warms up and measures the model before the lanes start
+
+
+def _adapter_key(job: Job) -> tuple[str, float] | None:
+    return job.work.adapter.key if job.work.adapter is not None else None
 
 
 class Engine:
@@ -62,6 +67,10 @@ class Engine:
         self.load_error: BaseException | None = None
         self.costs = CostModel()  # prices adaptation work for admission; measured once the model is loaded
         self.pending_s = 0.0  # estimated seconds of admitted, unfinished adaptation work
+        # Few-shot adapters loaded on the device, shared by the lanes (keyed by their bytes' sha256).
+        self.adapters = ResidentAdapters(
+            settings.adapter_cache_bytes, lambda: self.backbone.device if self.backbone else torch.device("cpu")
+        )
         self._cond = threading.Condition()
         self._stopping = False
         self._ready = threading.Event()
@@ -80,7 +89,11 @@ class Engine:
             self._run_adaptation,
             limit=lambda: settings.adapt_max_batch,
             delay_s=lambda: settings.max_batch_delay_ms / 1000,
-            fits=lambda first, job: job.work.method is first.work.method and job.work.options == first.work.options,
+            fits=lambda first, job: (
+                job.work.method is first.work.method
+                and job.work.options == first.work.options
+                and _adapter_key(job) == _adapter_key(first)
+            ),
             on_change=self._gauge_queue,
         )
 
@@ -147,6 +160,7 @@ class Engine:
             memory,
             self.metrics,
             self.settings.adapt_max_batch,
+            self.adapters,
         )
         self.zero_shot_lane.start()
         self.adaptation_lane.start()

@@ -23,12 +23,15 @@ import torch
 
 from adapters import Method, Stopped
 from adapters.descriptions import DescriptionFeatures
+from adapters.fewshot.apply import blend
 from adapters.views import pool_views
 from server.clip.backbone import Backbone
 from server.clip.templates import describe
+from server.engine import adapted
 from server.engine.adaptation import ImageTask, adapt_images, image_seed
 from server.engine.admission import CostModel, MemoryModel, gpu_peak, stack_within
 from server.engine.classes import ClassFeatures, described
+from server.engine.resident import ResidentAdapters
 from server.engine.work import ImageReport, Job, JobOutput, Work
 from server.metrics import Metrics
 
@@ -64,6 +67,7 @@ class Runner:
         memory: MemoryModel,
         metrics: Metrics,
         adapt_max_batch: int,
+        adapters: ResidentAdapters | None = None,
     ):
         self.backbone = backbone
         self.classes = classes
@@ -71,6 +75,7 @@ class Runner:
         self.memory = memory
         self.metrics = metrics
         self.adapt_max_batch = adapt_max_batch
+        self.adapters = adapters if adapters is not None else ResidentAdapters(0, lambda: backbone.device)
         self.gpu_peak_bytes = 0  # the most GPU memory held since start, across the stacked batches' measurements
 
     # -- zero-shot ------------------------------------------------------------------------------
@@ -90,8 +95,15 @@ class Runner:
             classes = self.classes.features(work.class_text, job.build)  # [C, D]
             mine = feats[offset : offset + job.n_images]  # [N, D]
             logits = self._pooled(work.method, mine, classes, work)  # [N, C]; [1, C] for a video
+            routes, zero_shot, reports = None, None, None
+            if work.adapter is not None:  # answered through the adapter; the frozen model's is the zero-shot view
+                zero_shot = logits
+                if work.adapter.routed:
+                    logits, routes = adapted.routed(self.adapters, backbone, work, mine, classes)
+                else:
+                    named = adapted.named(self.adapters, backbone, work, mine, classes)
+                    logits = self._pooled(work.method, *named, work)
             offset += job.n_images
-            zero_shot, reports = None, None
             if work.session is not None:  # on this lane thread, in the order the session's requests came
                 zero_shot = logits
                 logits, reports = work.session.apply(mine, logits, self.backbone.logit_scale)
@@ -104,6 +116,7 @@ class Runner:
                     skipped=job.skipped,
                     zero_shot_logits=zero_shot,
                     session=reports,
+                    routes=routes,
                 )
             )
         self._gauge_text_cache()
@@ -154,7 +167,15 @@ class Runner:
         classes: dict[int, torch.Tensor] = {}  # each [C, D]
         for job in jobs:
             with contextlib.suppress(Stopped):  # its caller went away while its text was encoded: no output
-                classes[id(job)] = self.classes.features(job.work.class_text, job.build, stop=job.stopped).clone()
+                frozen = self.classes.features(job.work.class_text, job.build, stop=job.stopped)
+                use = job.work.adapter
+                if use is not None:  # adaptation runs on top of the adapter's text side
+                    frozen = blend(
+                        frozen,
+                        adapted.class_side(self.adapters, backbone, use.adapters[0], job.work, frozen),
+                        use.alpha,
+                    )
+                classes[id(job)] = frozen.clone()
         jobs = [job for job in jobs if id(job) in classes]
         if not jobs:
             raise Stopped("stopped while encoding the labels' text")
@@ -208,7 +229,7 @@ class Runner:
     ) -> None:
         """Adapt the images of ``chunk`` together. If the device runs out of memory (the estimate was wrong),
         each image is tried alone; one that runs out alone is answered zero-shot (``skipped = "memory"``)."""
-        backbone = self.backbone
+        backbone = self._image_side(chunk[0][0].work)  # the jobs of a batch share their adapter's vision side
         method, options = chunk[0][0].work.method, chunk[0][0].work.options
         extras = {id(job): self._extras(job.work) for job, _ in chunk}
         tasks = [self._task(job, i, classes[id(job)], *extras[id(job)]) for job, i in chunk]
@@ -235,6 +256,10 @@ class Runner:
         for (job, i), out in zip(chunk, outs, strict=True):
             done[(id(job), i)] = out
         self.metrics.adapt_batch_size.observe(len(chunk))
+
+    def _image_side(self, work: Work) -> Backbone:
+        """What encodes an adapting work's images: the frozen backbone, or its adapter's vision side."""
+        return adapted.image_side(self.backbone, work.adapter) if work.adapter is not None else self.backbone
 
     @staticmethod
     def _task(
@@ -279,7 +304,7 @@ class Runner:
         t0 = time.monotonic()
         # A video's frames are pooled by the mean of their embeddings, as its adapted views are.
         frames = [job.work.images if job.work.pooling else job.work.images[i : i + 1] for job, i in items]
-        encoded = self.backbone.encode_images(torch.cat(frames))  # [sum T, D]
+        encoded = self._image_side(items[0][0].work).encode_images(torch.cat(frames))  # [sum T, D]
         offsets = torch.tensor([0] + [f.shape[0] for f in frames]).cumsum(0).tolist()
         feats = torch.cat(
             [

@@ -20,6 +20,7 @@ from adapters import Method, MethodOptions
 from adapters.online import OnlineReport, OnlineState
 from adapters.views import clip_view_frames
 from server.engine.classes import ClassText, TextBuild
+from server.engine.resident import Resident
 from server.errors import ClientClosed, DeadlineExceeded
 
 
@@ -31,6 +32,35 @@ class Demand:
     options: MethodOptions
     n_images: int
     n_classes: int
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterUse:
+    """The few-shot adapter(s) a request is served through: one it names, or candidates to route each image to."""
+
+    adapters: tuple[Resident, ...]
+    refs: tuple[str, ...]  # NAME@vN of each, for the answer
+    alpha: float = 1.0  # how far from the frozen model's features toward the adapter's (0: exactly zero-shot)
+    top_k: int | None = None  # routing: at most this many experts per image; None: the one named adapter
+    min_sim: float = 0.0  # routing: an expert whose prototypes are less similar than this is not used
+
+    @property
+    def routed(self) -> bool:
+        return self.top_k is not None
+
+    @property
+    def key(self) -> tuple[str, float] | None:
+        """What images adapted together must share: the vision side (a lora part) and the blend."""
+        first = self.adapters[0]
+        return (first.sha256, self.alpha) if "lora" in first.adapter.card.parts else None
+
+
+@dataclass(frozen=True)
+class Route:
+    """The experts one image was routed to (empty: none cleared ``min_sim``, the frozen model answered)."""
+
+    used: tuple[tuple[str, float], ...]  # (NAME@vN, similarity), most similar first
+    best: float  # the highest similarity of any candidate
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,6 +82,7 @@ class Work:
     # (logits); ``originals`` then holds one [T, 3, H0, W0] tensor, the frames views are cut from.
     pooling: str | None = None
     session: OnlineState | None = None  # a session's state for these classes: updated and applied in the runner
+    adapter: AdapterUse | None = None  # serve through a few-shot adapter (or route among several)
 
     @property
     def n_images(self) -> int:
@@ -103,6 +134,7 @@ class JobOutput:
     skipped: str | None = None  # "overload": served zero-shot because the adaptation lane was full
     zero_shot_logits: torch.Tensor | None = None  # [N, C] before the session's state (for session work)
     session: list[OnlineReport] | None = None  # per image, what the session's state did
+    routes: list[Route] | None = None  # per image, the adapters routing chose
 
 
 def _mark_read(future: asyncio.Future[JobOutput]) -> None:

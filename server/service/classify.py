@@ -27,15 +27,27 @@ from adapters.losses import entropy
 from adapters.views import clip_view_frames
 from server.clip.spec import ModelSpec
 from server.engine import ClassText, Demand, Engine, JobOutput, Work
+from server.engine.work import AdapterUse
 from server.errors import ClientClosed, ClientError, DeadlineExceeded, InvalidInput, NotReady, Rejected, TTAError
 from server.logs import note
 from server.metrics import Metrics
+from server.service.adapters import AdapterChoice, AdapterRegistry
 from server.service.calibration import Calibration, FittedCalibrations
 from server.service.confidence import ConfidenceModel
 from server.service.decoding import ImageInput, decode_images
 from server.service.label_sets import LabelSets
 from server.service.monitoring import AccuracyEstimate
-from server.service.results import Adaptation, Classification, Ensemble, ModelRef, Result, SessionReport, ZeroShotView
+from server.service.results import (
+    Adaptation,
+    AdapterReport,
+    Classification,
+    Ensemble,
+    ModelRef,
+    Result,
+    RoutedAdapter,
+    SessionReport,
+    ZeroShotView,
+)
 from server.service.sessions import Opened, Sessions
 from server.service.validation import (
     check_image_count,
@@ -82,6 +94,7 @@ class ClassifyRequest:
     video: VideoInput | None = None  # one video, answered once (then ``images`` is empty)
     session: str | None = None  # keep online state across this caller's requests with this id (zero_shot only)
     session_method: str | None = None  # the session's online method (default: TTA_SESSION_METHOD)
+    adapter: AdapterChoice | None = None  # serve through a stored few-shot adapter, or route among them
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class ClassifyService:
         decode_pool: Executor,
         estimate: AccuracyEstimate,
         sessions: Sessions | None = None,
+        adapters: AdapterRegistry | None = None,
     ):
         self.settings = settings
         self.spec = spec
@@ -127,6 +141,7 @@ class ClassifyService:
         self.decode_pool = decode_pool
         self.estimate = estimate
         self.sessions = sessions if sessions is not None else Sessions(settings, metrics)
+        self.adapters = adapters
 
     async def classify(
         self, req: ClassifyRequest, disconnected: Disconnected | None = None, admit: Admit | None = None
@@ -196,6 +211,7 @@ class ClassifyService:
             raise InvalidInput("session_method needs a session id (session)", code="session_method_without_session")
         if adaptive:
             check_limits(options, settings)
+        adapter = self._adapter(req, method)
         timeout_s = min(req.timeout_s, settings.request_timeout_s) if req.timeout_s else settings.request_timeout_s
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         gate = req.confidence_gate if req.confidence_gate is not None else settings.confidence_gate
@@ -246,6 +262,7 @@ class ClassifyService:
             pooling=video.pooling if video is not None else None,
             gate_margin=functools.partial(Calibration.margin, models[1]) if adaptive else None,  # zero-shot's
             text_build=build,
+            adapter=adapter,
         )
         opened = None
         if online is None or req.session is None:
@@ -290,6 +307,21 @@ class ClassifyService:
             results=results,
             timings=timings,
         )
+
+    def _adapter(self, req: ClassifyRequest, method: Method[Any]) -> AdapterUse | None:
+        """The adapter(s) the request is served through, loaded and checked against its method."""
+        if req.adapter is None:
+            return None
+        if self.adapters is None:
+            raise InvalidInput("this server keeps no adapters", code="adapter_method")
+        if req.session is not None:
+            raise InvalidInput(
+                "a session keeps state over the frozen model's features: use a session or an adapter, not both",
+                code="invalid_session",
+            )
+        if req.video is not None and req.adapter.ref is None:
+            raise InvalidInput("routing answers per image: name one adapter for a video", code="adapter_method")
+        return self.adapters.use(req.adapter, req.owner, method)
 
     def _resolve_classes(self, req: ClassifyRequest) -> Classes:
         """Labels, templates and, for a label set with descriptions, each label's descriptions."""
@@ -400,9 +432,25 @@ class ClassifyService:
                     if req.compare
                     else None,
                     session=self._session_report(opened, output, i),
+                    adapter=self._adapter_report(work, output, i),
                 )
             )
         return results
+
+    @staticmethod
+    def _adapter_report(work: Work, output: JobOutput, i: int) -> AdapterReport | None:
+        use = work.adapter
+        if use is None:
+            return None
+        if not use.routed:
+            return AdapterReport(adapter=use.refs[0], alpha=use.alpha)
+        route = output.routes[i] if output.routes else None
+        return AdapterReport(
+            adapter=None,
+            alpha=use.alpha,
+            routed=[RoutedAdapter(adapter=ref, similarity=sim) for ref, sim in route.used] if route else [],
+            best_similarity=route.best if route else None,
+        )
 
     @staticmethod
     def _session_report(opened: Opened | None, output: JobOutput, i: int) -> SessionReport | None:

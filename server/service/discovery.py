@@ -32,6 +32,7 @@ def model_info(spec: ModelSpec, engine: Engine, label_sets: LabelSets, calibrati
         "embed_dim": backbone.embed_dim,
         "context_length": backbone.context_length,
         "logit_scale": backbone.logit_scale,
+        "fingerprint": backbone.fingerprint,
         "ready": engine.ready,
         "label_sets": sorted(label_sets.shipped),
         "calibration": calibration.describe(),

@@ -110,6 +110,24 @@ class SessionReport(BaseModel):
     )
 
 
+class RoutedAdapter(BaseModel):
+    adapter: str = Field(..., description="NAME@vN.")
+    similarity: float = Field(..., description="Cosine of the image's frozen features to its nearest prototype.")
+
+
+class AdapterReport(BaseModel):
+    """Which few-shot adapter(s) answered this image (requests with ``adapter`` only)."""
+
+    adapter: str | None = Field(..., description="The named adapter, NAME@vN; null when routed.")
+    alpha: float = Field(..., description="adapter_alpha: 0 is the frozen model, 1 the adapter.")
+    routed: list[RoutedAdapter] | None = Field(
+        None,
+        description="When routed: the adapters this image used, most similar first; empty when none cleared "
+        "min_sim and the frozen model answered alone.",
+    )
+    best_similarity: float | None = Field(None, description="When routed: the highest similarity of any candidate.")
+
+
 class ZeroShotView(BaseModel):
     label: str
     confidence: float
@@ -134,6 +152,7 @@ class Result(BaseModel):
     adaptation: Adaptation
     zero_shot: ZeroShotView | None = Field(None, description="With compare=true: the unadapted predictions.")
     session: SessionReport | None = Field(None, description="With session: what the session's state did.")
+    adapter: AdapterReport | None = Field(None, description="With adapter: which adapter(s) answered.")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from server.clip.templates import TEMPLATE_SETS
 from server.engine import Engine
 from server.errors import ConfigError, NotReady
 from server.metrics import Metrics
+from server.service.adapters import AdapterRegistry
 from server.service.calibration import Calibration, FittedCalibrations
 from server.service.classify import ClassifyService
 from server.service.label_sets import LabelSets, shipped_label_sets
@@ -73,6 +74,7 @@ class Runtime:
     recalibration: Recalibration
     decode_pool: ThreadPoolExecutor
     sessions: Sessions
+    adapters: AdapterRegistry
 
     @classmethod
     def open(
@@ -119,8 +121,18 @@ class Runtime:
         label_sets.on_delete += [estimate.forget, fitted.forget]
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tta-decode")
         sessions = Sessions(settings, metrics)
+        adapters = AdapterRegistry(opened, engine, settings)
         classifier = ClassifyService(
-            settings, spec, engine, label_sets, fitted, metrics, decode_pool, estimate, sessions=sessions
+            settings,
+            spec,
+            engine,
+            label_sets,
+            fitted,
+            metrics,
+            decode_pool,
+            estimate,
+            sessions=sessions,
+            adapters=adapters,
         )
         recalibration = Recalibration(settings, label_sets, fitted, classifier, engine)
         engine.start()
@@ -136,6 +148,7 @@ class Runtime:
             recalibration,
             decode_pool,
             sessions,
+            adapters,
         )
 
     def close(self) -> None:

@@ -1,0 +1,52 @@
+"""An adapter applied to the frozen model: the image features and class features it gives, and the blend toward
+zero-shot (``adapter_alpha``).
+
+The model is never changed: the prompt part runs the text tower with its learned context spliced in
+(``Backbone.encode_text_with_contexts``), the lora part runs the vision tower's last blocks with its
+update added (``Backbone.vision_suffix``), and the text adapter maps the class features after. Training
+(``adapters.fewshot.train``), the server's lanes and the benchmarks call these same functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from adapters.backbone import Backbone
+from adapters.fewshot.artifact import Adapter
+
+
+def adapter_image_features(backbone: Backbone, adapter: Adapter, images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] preprocessed images -> [N, D] unit-norm features through the adapter's vision side
+    (the frozen tower's own features when it has no lora part)."""
+    if "lora" not in adapter.card.parts:
+        return backbone.encode_images(images)
+    targets = backbone.lora_targets(int(adapter.card.training.get("lora_blocks", 3)))
+    factors = adapter.lora_factors(targets)
+    return backbone.vision_suffix(backbone.vision_prefix(images, targets), factors)
+
+
+def adapter_class_features(
+    backbone: Backbone, adapter: Adapter, labels: Sequence[str], frozen: torch.Tensor
+) -> torch.Tensor:
+    """The class features [C, D] of ``labels`` through the adapter's text side; ``frozen`` [C, D] are the
+    labels' zero-shot features (their templates' ensemble), which a prompt part replaces and the text
+    adapter maps."""
+    features = frozen
+    if "prompt" in adapter.card.parts:
+        inputs = backbone.prompt_inputs(tuple(labels), adapter.card.ctx_init or "a photo of a")
+        ctx = adapter.tensors["prompt.ctx"].to(inputs.ctx_init)
+        features = backbone.encode_text_with_contexts(ctx.unsqueeze(0), [inputs])[0]
+    return adapter.adapt_text(features)
+
+
+def blend(frozen: torch.Tensor, adapted: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Unit-norm features ``alpha`` of the way from the frozen model's to the adapter's (WiSE-style, in feature
+    space as APEX blends): 0 gives the frozen features themselves, 1 the adapter's."""
+    if alpha == 0.0:
+        return frozen
+    if alpha == 1.0:
+        return adapted
+    return F.normalize(frozen + alpha * (adapted - frozen), dim=-1)

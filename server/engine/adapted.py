@@ -1,0 +1,148 @@
+"""Serving through few-shot adapters, on the lanes: one named adapter, or ConDU's routing among several.
+
+A named adapter gives each image its vision side's features and each class its text side's, both blended
+toward the frozen model's by ``adapter_alpha`` (``adapters.fewshot.apply.blend``); test-time methods then
+run on those, so adaptation happens on top of the adapter (``AdaptedBackbone`` encodes the views).
+
+Routing (ConDU's task-agnostic inference, ``adapter: {"route": "auto"}``): each candidate's score for an
+image is the highest cosine between the image's frozen features and the adapter's class prototypes; an
+image uses its ``top_k`` best candidates whose score is at least ``min_sim``, and its logits are the plain
+mean of the frozen model's and those experts' (ConDU's rule); with none, the frozen model answers alone.
+Every candidate's logits are computed in one stacked computation over the batch's images (lora parts of
+one rank stacked through the vision tower together), then each image takes the ones it chose.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, cast
+
+import torch
+
+from adapters.backbone import Backbone
+from adapters.fewshot.apply import adapter_class_features, adapter_image_features, blend
+from adapters.fewshot.artifact import route_scores
+from adapters.lowrank import LoraFactors
+from server.engine.resident import Resident, ResidentAdapters
+from server.engine.work import AdapterUse, Route, Work
+
+
+class AdaptedBackbone:
+    """The backbone as a test-time method sees it when served through an adapter: ``encode_images`` gives the
+    adapter's (blended) image features; everything else is the frozen backbone's."""
+
+    def __init__(self, backbone: Backbone, resident: Resident, alpha: float):
+        self._backbone = backbone
+        self._adapter = resident.adapter
+        self._alpha = alpha
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        frozen = self._backbone.encode_images(images)
+        return blend(frozen, adapter_image_features(self._backbone, self._adapter, images), self._alpha)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backbone, name)
+
+
+B = TypeVar("B", bound=Backbone)
+
+
+def image_side(backbone: B, use: AdapterUse) -> B:
+    """What encodes a work's images: the frozen backbone, or the adapter's vision side when it has one."""
+    resident = use.adapters[0]
+    if use.routed or "lora" not in resident.adapter.card.parts:
+        return backbone
+    return cast(B, AdaptedBackbone(backbone, resident, use.alpha))  # the same type, by delegation
+
+
+def class_side(
+    cache: ResidentAdapters, backbone: Backbone, resident: Resident, work: Work, frozen: torch.Tensor
+) -> torch.Tensor:
+    """The adapter's class features [C, D] for the work's labels (not blended), kept with the adapter."""
+    key = work.class_text
+    found = resident.class_features.get(key)
+    if found is None:
+        with torch.inference_mode():
+            found = adapter_class_features(backbone, resident.adapter, work.labels, frozen)
+        cache.remember(resident, key, found)
+    return found
+
+
+def named(
+    cache: ResidentAdapters, backbone: Backbone, work: Work, feats: torch.Tensor, classes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features [N, D] and class features [C, D] through the one named adapter, blended by alpha."""
+    use = work.adapter
+    assert use is not None and not use.routed
+    resident = use.adapters[0]
+    with torch.inference_mode():
+        images = feats
+        if "lora" in resident.adapter.card.parts:
+            images = blend(feats, adapter_image_features(backbone, resident.adapter, work.images), use.alpha)
+        texts = blend(classes, class_side(cache, backbone, resident, work, classes), use.alpha)
+    return images, texts
+
+
+def routed(
+    cache: ResidentAdapters, backbone: Backbone, work: Work, feats: torch.Tensor, classes: torch.Tensor
+) -> tuple[torch.Tensor, list[Route]]:
+    """Route each image [N, D frozen features] to its experts: logits [N, C] (float32, CPU) and the routes."""
+    use = work.adapter
+    assert use is not None and use.routed and use.top_k is not None
+    scale = backbone.logit_scale
+    if not use.adapters:  # no candidates: the frozen model answers every image
+        with torch.inference_mode():
+            base = (scale * feats @ classes.T).float().cpu()
+        return base, [Route((), -1.0) for _ in range(feats.shape[0])]
+    with torch.inference_mode():
+        scores = torch.stack([route_scores(feats, r.adapter.tensors["prototypes"]) for r in use.adapters])  # [R, N]
+        chosen = torch.zeros_like(scores, dtype=torch.bool)  # [R, N]
+        if use.top_k > 0:
+            k = min(use.top_k, len(use.adapters))
+            top = scores.topk(k, dim=0)
+            chosen.scatter_(0, top.indices, top.values >= use.min_sim)
+        base = scale * feats @ classes.T  # [N, C]
+        total, count = base.clone(), torch.ones(feats.shape[0], 1, device=feats.device)
+        needed = [i for i in range(len(use.adapters)) if chosen[i].any()]
+        if needed:
+            images = _expert_images(backbone, [use.adapters[i] for i in needed], work.images, feats, use.alpha)
+            texts = torch.stack(
+                [blend(classes, class_side(cache, backbone, use.adapters[i], work, classes), use.alpha) for i in needed]
+            )  # [R', C, D]
+            logits = scale * torch.einsum("rnd,rcd->rnc", images, texts)  # [R', N, C]: one stacked computation
+            mask = chosen[needed].unsqueeze(-1).to(logits)  # [R', N, 1]
+            total = total + (logits * mask).sum(0)
+            count = count + mask.sum(0)
+        out = (total / count).float().cpu()
+    routes = []
+    for n in range(feats.shape[0]):
+        used = sorted(
+            ((use.refs[i], float(scores[i, n])) for i in range(len(use.adapters)) if chosen[i, n]),
+            key=lambda pair: -pair[1],
+        )
+        routes.append(Route(tuple(used), float(scores[:, n].max())))
+    return out, routes
+
+
+def _expert_images(
+    backbone: Backbone, experts: list[Resident], images: torch.Tensor, frozen: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Each expert's image features [R, N, D]: the frozen ones for text-side experts; lora experts of one rank
+    through the vision tower's adapted blocks as one stack."""
+    out: list[torch.Tensor | None] = [None] * len(experts)
+    groups: dict[tuple[int, float, int], list[int]] = {}
+    for i, resident in enumerate(experts):
+        adapter = resident.adapter
+        if "lora" not in adapter.card.parts:
+            out[i] = frozen
+            continue
+        blocks = int(adapter.card.training.get("lora_blocks", 3))
+        factors = adapter.lora_factors(backbone.lora_targets(blocks))
+        groups.setdefault((factors.rank, factors.alpha, blocks), []).append(i)
+    for (_, _, blocks), members in groups.items():
+        targets = backbone.lora_targets(blocks)
+        stacked = LoraFactors.stack([experts[i].adapter.lora_factors(targets) for i in members])
+        prefix = backbone.vision_prefix(images, targets)  # [N, ...], once for the group
+        feats = backbone.vision_suffix(prefix.expand(len(members), *prefix.shape), stacked)  # [R, N, D]
+        for j, i in enumerate(members):
+            out[i] = blend(frozen, feats[j], alpha)
+    return torch.stack([t for t in out if t is not None])

@@ -1,0 +1,238 @@
+"""The adapter registry and serving through adapters, over HTTP: upload, versions, residency, deletion, the
+base-model check, adapter_alpha, methods on top of an adapter, routing, and keys that never share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastapi.testclient import TestClient
+
+from adapters.fewshot.apply import adapter_class_features, adapter_image_features
+from adapters.fewshot.artifact import Adapter, AdapterCard
+from server.api import create_app
+from server.clip.backbone import Backbone
+from server.settings import Settings
+from tests.integration.test_auth import ALICE, ALICE_ADMIN, BOB_ADMIN, bearer, keyed
+from tests.support.apps import wait_ready
+from tests.support.images import b64, png_bytes
+
+LABELS = ["red", "green", "blue", "a cat"]
+OCTET = {"content-type": "application/octet-stream"}
+
+
+def backbone_of(client: TestClient) -> Backbone:
+    backbone = client.app.state.runtime.engine.backbone  # type: ignore[attr-defined]
+    assert backbone is not None
+    return backbone
+
+
+def image_list(n: int, start: int = 0) -> list[str]:
+    return [b64(png_bytes(seed=start + i, size=(40 + i % 5, 36))) for i in range(n)]
+
+
+def frozen_classes(backbone: Backbone, labels: list[str]) -> torch.Tensor:
+    """The labels' zero-shot features as the server builds them with the "simple" template set."""
+    with torch.inference_mode():
+        return F.normalize(backbone.encode_prompts([f"a photo of a {label}." for label in labels]), dim=-1)
+
+
+def make_adapter(
+    backbone: Backbone,
+    parts: tuple[str, ...] = ("text_adapter", "lora"),
+    seed: int = 0,
+    prototypes: torch.Tensor | None = None,
+    base_model: str | None = None,
+) -> Adapter:
+    """An adapter with random (not trained) parameters for the test model: what serving does with it is the same."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = backbone.embed_dim
+    tensors: dict[str, torch.Tensor] = {
+        "label_features": frozen_classes(backbone, LABELS[:2]).clone(),
+        "prototypes": prototypes if prototypes is not None else F.normalize(torch.randn(2, dim, generator=gen), dim=-1),
+    }
+    if "text_adapter" in parts:
+        tensors["text.weight"] = torch.eye(dim) + 0.3 * torch.randn(dim, dim, generator=gen)
+        tensors["text.bias"] = 0.05 * torch.randn(dim, generator=gen)
+    if "lora" in parts:
+        for i, t in enumerate(backbone.lora_targets().targets):
+            tensors[f"lora.{i}.a"] = 0.2 * torch.randn(4, t.in_features, generator=gen)
+            tensors[f"lora.{i}.b"] = 0.2 * torch.randn(t.out_features, 4, generator=gen)
+    card = AdapterCard(
+        type="apex" if parts == ("text_adapter", "lora") else "lora",
+        parts=parts,
+        base_model=base_model or backbone.fingerprint,
+        labels=tuple(LABELS[:2]),
+        lora_alpha=8.0,
+    )
+    return Adapter(card, tensors)
+
+
+def upload(client: TestClient, adapter: Adapter | bytes, name: str, headers: dict[str, str] | None = None,
+           **params: str) -> Any:  # fmt: skip
+    data = adapter if isinstance(adapter, bytes) else adapter.to_bytes()
+    return client.post(
+        "/v1/adapters", params={"name": name, **params}, content=data, headers={**OCTET, **(headers or {})}
+    )
+
+
+def classify(client: TestClient, images: list[str], headers: dict[str, str] | None = None, **extra: Any) -> Any:
+    body = {"images": images, "labels": LABELS, "top_k": len(LABELS), **extra}
+    return client.post("/v1/classify", json=body, headers=headers)
+
+
+def logits(result: dict[str, Any]) -> list[float]:
+    by_label = {p["label"]: p["logit"] for p in result["predictions"]}
+    return [by_label[label] for label in LABELS]
+
+
+def test_an_uploaded_adapter_is_versioned_listed_served_and_deleted(client: TestClient) -> None:
+    backbone = backbone_of(client)
+    adapter = make_adapter(backbone)
+    first = upload(client, adapter, "shapes", group="g1")
+    assert first.status_code == 201, first.text
+    assert (first.json()["ref"], first.json()["parts"], first.json()["group"]) == (
+        "shapes@v1",
+        ["text_adapter", "lora"],
+        "g1",
+    )
+    assert upload(client, make_adapter(backbone, seed=1), "shapes").json()["version"] == 2
+    listed = client.get("/v1/adapters").json()
+    assert [(a["ref"], a["resident"]) for a in listed["adapters"]] == [("shapes@v1", False), ("shapes@v2", False)]
+    assert client.get("/v1/models").json()["models"][0]["fingerprint"] == backbone.fingerprint
+
+    images = image_list(3)
+    served = classify(client, images, adapter="shapes@v1", compare=True)
+    assert served.status_code == 200, served.text
+    result = served.json()["results"][0]
+    assert result["adapter"] == {"adapter": "shapes@v1", "alpha": 1.0, "routed": None, "best_similarity": None}
+    # What the server answers is what the adapter gives, computed here from the object that was uploaded.
+    with torch.inference_mode():
+        preprocessed = torch.stack([backbone.preprocess(_pil(i)) for i in range(3)])
+        feats = adapter_image_features(backbone, adapter, preprocessed)
+        classes = adapter_class_features(backbone, adapter, LABELS, frozen_classes(backbone, LABELS))
+        expected = backbone.logit_scale * feats @ classes.T
+    for i, r in enumerate(served.json()["results"]):
+        assert logits(r) == pytest.approx(expected[i].tolist(), abs=1e-4)
+    assert logits(result) != pytest.approx(
+        [p["logit"] for p in sorted(result["zero_shot"]["predictions"], key=lambda p: LABELS.index(p["label"]))],
+        abs=1e-3,
+    )
+    assert client.get("/v1/adapters/shapes@v1").json()["resident"] is True
+    assert client.get("/v1/adapters/shapes").json()["version"] == 2  # the newest
+
+    download = client.get("/v1/adapters/shapes@v1/artifact")
+    assert download.status_code == 200 and download.content == adapter.to_bytes()
+
+    assert client.delete("/v1/adapters/shapes@v1").status_code == 204
+    gone = classify(client, images, adapter="shapes@v1")
+    assert (gone.status_code, gone.json()["error"]["code"]) == (404, "unknown_adapter")
+    assert classify(client, images, adapter="shapes").status_code == 200  # v2 remains
+    assert client.delete("/v1/adapters/shapes").status_code == 204
+    assert client.get("/v1/adapters").json()["adapters"] == []
+
+
+def _pil(i: int) -> Any:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png_bytes(seed=i, size=(40 + i % 5, 36)))).convert("RGB")
+
+
+def test_adapter_alpha_zero_is_exactly_zero_shot_and_alpha_moves_toward_the_adapter(client: TestClient) -> None:
+    upload(client, make_adapter(backbone_of(client)), "a")
+    images = image_list(2)
+    zero_shot = [logits(r) for r in classify(client, images).json()["results"]]
+    at = {
+        alpha: [logits(r) for r in classify(client, images, adapter="a", adapter_alpha=alpha).json()["results"]]
+        for alpha in (0.0, 0.5, 1.0)
+    }
+    assert at[0.0] == zero_shot  # bit for bit
+    for i in range(2):
+        to_half = torch.tensor(at[0.5][i]) - torch.tensor(zero_shot[i])
+        to_full = torch.tensor(at[1.0][i]) - torch.tensor(zero_shot[i])
+        assert 0 < to_half.norm() < to_full.norm()
+    alone = classify(client, images, adapter_alpha=0.5)
+    assert (alone.status_code, alone.json()["error"]["code"]) == (422, "adapter_alpha_without_adapter")
+
+
+def test_an_artifact_for_another_model_or_not_an_artifact_is_refused(client: TestClient) -> None:
+    backbone = backbone_of(client)
+    foreign = upload(client, make_adapter(backbone, base_model="0123456789abcdef"), "foreign")
+    assert foreign.status_code == 409
+    error = foreign.json()["error"]
+    assert error["code"] == "adapter_base_model"
+    assert "0123456789abcdef" in error["message"] and backbone.fingerprint in error["message"]
+    garbage = upload(client, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + b"x" * 64, "junk")
+    assert (garbage.status_code, garbage.json()["error"]["code"]) == (422, "invalid_adapter")
+    plain = client.post("/v1/adapters", params={"name": "x"}, json={"a": 1})
+    assert plain.status_code == 415
+    bad_name = upload(client, make_adapter(backbone), "no spaces")
+    assert (bad_name.status_code, bad_name.json()["error"]["code"]) == (422, "invalid_name")
+    bad_ref = classify(client, image_list(1), adapter="a@version2")
+    assert (bad_ref.status_code, bad_ref.json()["error"]["code"]) == (422, "invalid_adapter_ref")
+
+
+def test_methods_adapt_on_top_of_an_adapter_unless_they_would_bypass_it(client: TestClient) -> None:
+    backbone = backbone_of(client)
+    upload(client, make_adapter(backbone), "apex")
+    upload(client, make_adapter(backbone, parts=("lora",)), "vision")
+    images = image_list(2)
+    on_top = classify(client, images, adapter="apex", method="mta", seed=3)
+    assert on_top.status_code == 200, on_top.text
+    assert on_top.json()["results"][0]["adaptation"]["steps"] > 0
+    for method, adapter in (("tpt", "apex"), ("ttl", "vision")):
+        refused = classify(client, images, adapter=adapter, method=method, options={"steps": 1})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (422, "adapter_method"), method
+    assert classify(client, images, adapter="vision", method="tpt", options={"steps": 1}).status_code == 200
+
+
+def test_routing_sends_each_image_to_the_adapter_whose_prototypes_it_is_near_and_falls_back_alone(
+    client: TestClient,
+) -> None:
+    backbone = backbone_of(client)
+    near_a, near_b = image_list(2, start=0), image_list(2, start=50)
+    with torch.inference_mode():
+        feats = backbone.encode_images(torch.stack([backbone.preprocess(_pil(i)) for i in (0, 1, 50, 51)]))
+    upload(client, make_adapter(backbone, seed=1, prototypes=feats[:2].clone()), "a", group="g")
+    upload(client, make_adapter(backbone, seed=2, prototypes=feats[2:].clone()), "b", group="g")
+    routed = classify(client, near_a + near_b, adapter={"route": "auto", "top_k": 1, "group": "g"})
+    assert routed.status_code == 200, routed.text
+    used = [[u["adapter"] for u in r["adapter"]["routed"]] for r in routed.json()["results"]]
+    assert used == [["a@v1"], ["a@v1"], ["b@v1"], ["b@v1"]]
+    assert all(
+        r["adapter"]["routed"][0]["similarity"] == pytest.approx(1.0, abs=1e-4) for r in routed.json()["results"]
+    )
+
+    far = image_list(2, start=100)  # like neither adapter's images
+    zero_shot = [logits(r) for r in classify(client, far).json()["results"]]
+    for route in ({"min_sim": 0.9999, "group": "g"}, {"group": "nobody"}):
+        alone = classify(client, far, adapter={"route": "auto", "top_k": 2, **route}).json()["results"]
+        assert [r["adapter"]["routed"] for r in alone] == [[], []]
+        for served, frozen in zip(alone, zero_shot, strict=True):
+            assert logits(served) == pytest.approx(frozen, abs=1e-5)
+    refused = classify(client, near_a, adapter={"route": "auto"}, method="mta")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (422, "adapter_method")
+
+
+@pytest.fixture
+def keyed_client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(keyed(settings)), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        yield client
+
+
+def test_each_key_sees_and_serves_its_own_adapters_only(keyed_client: TestClient) -> None:
+    backbone = backbone_of(keyed_client)
+    assert upload(keyed_client, make_adapter(backbone), "mine", headers=bearer(ALICE_ADMIN)).status_code == 201
+    assert upload(keyed_client, make_adapter(backbone), "mine", headers=bearer(ALICE)).status_code == 403
+    assert keyed_client.get("/v1/adapters", headers=bearer(BOB_ADMIN)).json()["adapters"] == []
+    theirs = classify(keyed_client, image_list(1), headers=bearer(BOB_ADMIN), adapter="mine")
+    assert (theirs.status_code, theirs.json()["error"]["code"]) == (404, "unknown_adapter")
+    ours = classify(keyed_client, image_list(1), headers=bearer(ALICE), adapter="mine")
+    assert ours.status_code == 200
+    assert keyed_client.delete("/v1/adapters/mine", headers=bearer(BOB_ADMIN)).status_code == 404
