@@ -373,3 +373,34 @@ class AdapterList(BaseModel):
     adapters: list[AdapterOut] = Field(..., description="Every version of your adapters, by name then version.")
     resident_bytes: int = Field(..., description="Bytes of adapters loaded in this process now, any owner's.")
     cache_bytes: int = Field(..., description="TTA_ADAPTER_CACHE_BYTES.")
+
+
+class MergeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["task_arithmetic", "ties", "emr"] = Field(
+        "emr", description="emr (ConDU: one unified adapter plus a reconstruction per member), ties or task_arithmetic."
+    )
+    scale: float | None = Field(
+        None, gt=0, le=10, description="task_arithmetic (default 1/sqrt(n) within [0.3, 1]) and ties (default 1)."
+    )
+    density: float | None = Field(
+        None, gt=0, le=1, description="ties: the fraction of each member's entries kept (0.2)."
+    )
+    name: str | None = Field(None, description="The unified adapter's name (default GROUP.merged).")
+
+
+class MergedMember(BaseModel):
+    adapter: str = Field(..., description="The member, NAME@vN (its newest version in the group).")
+    reconstruction: str | None = Field(
+        ..., description="emr: the member rebuilt from the unified adapter, stored as GROUP.MEMBER; else null."
+    )
+    fidelity: float = Field(..., description="Cosine of what now serves the member with its own weight updates.")
+    mask_density: float = Field(..., description="emr: the share of update entries its mask keeps; else 1.")
+    rescaler: float = Field(..., description="emr: its rescaler; else 1.")
+
+
+class MergeOut(BaseModel):
+    method: str
+    unified: AdapterOut
+    members: list[MergedMember]
