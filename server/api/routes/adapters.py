@@ -95,6 +95,7 @@ def get_adapter(ref: str, runtime: RuntimeDep, caller: CallerDep) -> AdapterOut:
 
 @router.get(
     "/v1/adapters/{ref}/artifact",
+    response_class=Response,
     responses=errors(404, 422) | {200: {"content": {ARTIFACT_TYPE: {}}, "description": "The artifact file."}},
 )
 def download_adapter(ref: str, runtime: RuntimeDep, caller: CallerDep) -> Response:
@@ -111,8 +112,10 @@ def delete_adapter(ref: str, runtime: RuntimeDep, caller: CallerDep) -> Response
     return Response(status_code=204)
 
 
-@router.post("/v1/adapter-groups/{group}/merge", status_code=201, response_model=MergeOut, responses=errors(404, 422))
-async def merge_group(group: str, body: MergeIn, runtime: RuntimeDep, caller: CallerDep) -> MergeOut:
+@router.post(
+    "/v1/adapter-groups/{group}/merge", status_code=201, response_model=MergeOut, responses=errors(400, 404, 413, 422)
+)
+async def merge_adapter_group(group: str, body: MergeIn, runtime: RuntimeDep, caller: CallerDep) -> MergeOut:
     """Merge the newest version of each adapter in ``group`` into one adapter, from the originals (never from an
     earlier merge): ``emr`` also stores each member's reconstruction. Every result is a new adapter version."""
     outcome = await run_in_threadpool(
