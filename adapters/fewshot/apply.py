@@ -42,6 +42,31 @@ def adapter_class_features(
     return adapter.adapt_text(features)
 
 
+APEX_BETA = 4.0  # APEX's code: alpha_c = exp(-4 * delta_c)
+APEX_NEAR = 0.05  # a test class within this cosine distance of a training class counts as seen (delta 0)
+
+
+def class_distance_weights(
+    training: torch.Tensor, classes: torch.Tensor, beta: float = APEX_BETA, near: float = APEX_NEAR
+) -> torch.Tensor:
+    """APEX's per-class weight of the adapter (``CustomCLIP.init_coeff``): for each class of the request, from its
+    frozen text features [C, D] and the adapter's training labels' [B, D]: d_nn = max(0, 1 - the nearest
+    training label's cosine), d_avg = 1 - the mean cosine, delta = d_avg if d_nn > near else 0, and the
+    weight exp(-beta * delta) [C]: 1 for a class the adapter was trained on, less the farther a class is."""
+    sims = classes @ training.to(classes).T  # [C, B]
+    d_nn = (1 - sims.max(dim=1).values).clamp_min(0)
+    d_avg = 1 - sims.mean(dim=1)
+    delta = torch.where(d_nn > near, d_avg, torch.zeros_like(d_avg))
+    return torch.exp(-beta * delta)
+
+
+def blend_classes(frozen: torch.Tensor, adapted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Class features [C, D] blended class by class, ``weights`` [C] of the way toward the adapter's (APEX's
+    w_c = a_c A(t_c) + (1 - a_c) t_c), renormalized."""
+    w = weights.to(frozen).unsqueeze(1)
+    return F.normalize(w * adapted + (1 - w) * frozen, dim=-1)
+
+
 def blend(frozen: torch.Tensor, adapted: torch.Tensor, alpha: float) -> torch.Tensor:
     """Unit-norm features ``alpha`` of the way from the frozen model's to the adapter's (WiSE-style, in feature
     space as APEX blends): 0 gives the frozen features themselves, 1 the adapter's."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -109,12 +109,11 @@ class ClassifyRequest(BaseModel):
         description="Serve through a few-shot adapter: 'NAME' (its newest version) or 'NAME@vN'; or route each image "
         'to its closest adapters: {"route": "auto", "top_k": 1, "min_sim": 0.5, "group": null}. See Adapters.',
     )
-    adapter_alpha: float | None = Field(
+    adapter_alpha: Annotated[float, Field(ge=0, le=1)] | Literal["class_distance"] | None = Field(
         None,
-        ge=0,
-        le=1,
         description="How far from the frozen model toward the adapter, in feature space: 0 gives exactly zero-shot, "
-        "1 (default) the adapter.",
+        '1 (default) the adapter; or "class_distance": APEX\'s rule, each class weighted by its distance to the '
+        "adapter's training labels (zero_shot, one named adapter).",
     )
 
     @field_validator("top_k", "seed", "abstain_below", "confidence_gate", "adapter_alpha", mode="before")

@@ -56,7 +56,7 @@ class AdapterChoice:
     """What a classify request asks of adapters: one by name (``ref``), or routing (``ref`` None)."""
 
     ref: str | None = None
-    alpha: float | None = 1.0  # None: adapter_alpha given without an adapter (refused)
+    alpha: float | str | None = 1.0  # a number, or "class_distance" (APEX's rule); None: the default, 1
     top_k: int | None = None  # routing: experts per image
     min_sim: float = 0.0
     group: str | None = None  # routing: among this group's adapters only
@@ -158,11 +158,18 @@ class AdapterRegistry:
         """The adapter(s) a classify request is served through, loaded; 4xx for what cannot be served."""
         if choice.ref is None and choice.top_k is None:
             raise InvalidInput("adapter_alpha needs an adapter", code="adapter_alpha_without_adapter")
-        alpha = 1.0 if choice.alpha is None else choice.alpha
+        by_distance = choice.alpha == "class_distance"
+        if by_distance and (choice.ref is None or method.name != "zero_shot"):
+            raise InvalidInput(
+                'adapter_alpha "class_distance" (APEX\'s per-class weight) serves one named adapter with zero_shot; '
+                "give a number to adapt on top of the adapter or to route",
+                code="adapter_method",
+            )
+        alpha = 1.0 if not isinstance(choice.alpha, float | int) else float(choice.alpha)
         if choice.ref is not None:
             one = self.load(choice.ref, owner)
             check_method(method, one.adapter)
-            return AdapterUse((one.resident,), (one.record.ref,), alpha)
+            return AdapterUse((one.resident,), (one.record.ref,), alpha, class_distance=by_distance)
         if method.name != "zero_shot":
             raise InvalidInput(
                 f"routing answers with the mean of the routed adapters' and the frozen model's logits; {method.name!r} "

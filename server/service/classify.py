@@ -443,7 +443,7 @@ class ClassifyService:
         if use is None:
             return None
         if not use.routed:
-            return AdapterReport(adapter=use.refs[0], alpha=use.alpha)
+            return AdapterReport(adapter=use.refs[0], alpha="class_distance" if use.class_distance else use.alpha)
         route = output.routes[i] if output.routes else None
         return AdapterReport(
             adapter=None,

@@ -275,3 +275,28 @@ def test_a_group_merges_into_a_servable_adapter_with_each_member_rebuilt(client:
     assert (refused.status_code, refused.json()["error"]["code"]) == (422, "merge_refused")
     empty = client.post("/v1/adapter-groups/nobody/merge", json={"method": "emr"})
     assert (empty.status_code, empty.json()["error"]["code"]) == (404, "unknown_adapter_group")
+
+
+def test_class_distance_weighs_each_class_by_its_distance_to_the_training_labels(client: TestClient) -> None:
+    upload(client, make_adapter(backbone_of(client)), "apex")  # trained (here: made) on LABELS[:2]
+    images = image_list(2)
+
+    def served(labels: list[str], alpha: Any) -> list[dict[str, Any]]:
+        body = {"images": images, "labels": labels, "top_k": len(labels), "adapter": "apex", "adapter_alpha": alpha}
+        answer = client.post("/v1/classify", json=body)
+        assert answer.status_code == 200, answer.text
+        return list(answer.json()["results"])
+
+    seen = LABELS[:2]
+    by_distance, full = served(seen, "class_distance"), served(seen, 1.0)
+    assert by_distance[0]["adapter"]["alpha"] == "class_distance"
+    for a, b in zip(by_distance, full, strict=True):  # every class was trained on: weight 1, the adapter itself
+        assert {p["label"]: p["logit"] for p in a["predictions"]} == pytest.approx(
+            {p["label"]: p["logit"] for p in b["predictions"]}, abs=1e-5
+        )
+    mixed, mixed_full = served(LABELS, "class_distance"), served(LABELS, 1.0)
+    assert {p["label"]: p["logit"] for p in mixed[0]["predictions"]} != pytest.approx(
+        {p["label"]: p["logit"] for p in mixed_full[0]["predictions"]}, abs=1e-4
+    )
+    refused = classify(client, images, adapter="apex", adapter_alpha="class_distance", method="mta")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (422, "adapter_method")
