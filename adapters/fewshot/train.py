@@ -78,6 +78,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.type not in TYPES:
             raise ValueError(f"type must be one of {', '.join(TYPES)}, got {self.type!r}")
+        for name in ("steps", "batch_size", "seed", "lora_rank", "lora_blocks", "retrieve_k"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a whole number, got {getattr(self, name)!r}")
         check_range("steps", self.steps, 1, MAX_TRAIN_STEPS)
         if not (isinstance(self.lr, float | int) and 0 < self.lr <= 10):
             raise ValueError(f"lr must be above 0 and at most 10, got {self.lr!r}")
@@ -89,14 +92,14 @@ class TrainConfig:
         check_range("lora_blocks", self.lora_blocks, 1, 64)
         if not isinstance(self.ctx_init, str) or not self.ctx_init.strip():
             raise ValueError("ctx_init must be a non-empty text, e.g. 'a photo of a'")
+        for name in ("label_smoothing", "tca_weight", "ita_weight"):
+            if not isinstance(getattr(self, name), float | int):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be at least 0 and below 1, got {self.label_smoothing!r}")
         check_range("tca_weight", self.tca_weight, 0, 100)
         check_range("ita_weight", self.ita_weight, 0, 100)
         check_range("retrieve_k", self.retrieve_k, 0, 1000)
-        for name in ("steps", "batch_size", "seed", "lora_rank", "lora_blocks", "retrieve_k"):
-            if not isinstance(getattr(self, name), int):
-                raise ValueError(f"{name} must be a whole number, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -138,6 +138,8 @@ def test_stop_ends_training_and_progress_reports_every_step(demo: Demo) -> None:
         ("label_smoothing", 1.0, "label_smoothing must be at least 0 and below 1"),
         ("tca_weight", -1.0, "tca_weight must be between 0"),
         ("retrieve_k", 2.5, "retrieve_k must be a whole number"),
+        ("steps", "10", "steps must be a whole number"),
+        ("tca_weight", "1", "tca_weight must be a number"),
     ],
 )
 def test_a_bad_config_is_refused_with_the_reason(field: str, value: object, says: str) -> None:
