@@ -27,6 +27,7 @@ from adapters.fewshot.apply import (
     blend,
     blend_classes,
     class_distance_weights,
+    lora_factors_of,
 )
 from adapters.fewshot.artifact import route_scores
 from adapters.lowrank import LoraFactors
@@ -148,12 +149,11 @@ def _expert_images(
         if "lora" not in adapter.card.parts:
             out[i] = frozen
             continue
-        blocks = int(adapter.card.training.get("lora_blocks", 3))
-        factors = adapter.lora_factors(backbone.lora_targets(blocks))
-        groups.setdefault((factors.rank, factors.alpha, blocks), []).append(i)
-    for (_, _, blocks), members in groups.items():
-        targets = backbone.lora_targets(blocks)
-        stacked = LoraFactors.stack([experts[i].adapter.lora_factors(targets) for i in members])
+        factors = lora_factors_of(backbone, adapter)
+        groups.setdefault((factors.rank, factors.alpha, len(factors.targets)), []).append(i)
+    for members in groups.values():
+        stacked = LoraFactors.stack([lora_factors_of(backbone, experts[i].adapter) for i in members])
+        targets = stacked.targets
         prefix = backbone.vision_prefix(images, targets)  # [N, ...], once for the group
         feats = backbone.vision_suffix(prefix.expand(len(members), *prefix.shape), stacked)  # [R, N, D]
         for j, i in enumerate(members):
