@@ -300,3 +300,23 @@ def test_class_distance_weighs_each_class_by_its_distance_to_the_training_labels
     )
     refused = classify(client, images, adapter="apex", adapter_alpha="class_distance", method="mta")
     assert (refused.status_code, refused.json()["error"]["code"]) == (422, "adapter_method")
+
+
+@pytest.mark.parametrize("kind", ["apex", "prompt"])
+def test_a_trained_adapter_serves_the_logits_it_had_right_after_training(client: TestClient, kind: str) -> None:
+    from adapters.fewshot.train import TrainConfig, train_adapter
+
+    backbone = backbone_of(client)
+    support = torch.stack([backbone.preprocess(_pil(i)) for i in range(8)])
+    targets = torch.tensor([0, 1] * 4)
+    frozen = frozen_classes(backbone, LABELS)
+    config = TrainConfig(type=kind, steps=4, lr=3e-3, batch_size=4)
+    trained = train_adapter(backbone, support, targets, tuple(LABELS), frozen, config, base_model=backbone.fingerprint)
+    with torch.inference_mode():  # what training ends with, before any bytes
+        queries = torch.stack([backbone.preprocess(_pil(i)) for i in range(20, 23)])
+        feats = adapter_image_features(backbone, trained, queries)
+        expected = backbone.logit_scale * feats @ adapter_class_features(backbone, trained, LABELS, frozen).T
+    assert upload(client, trained, f"trained-{kind}").status_code == 201
+    served = classify(client, image_list(3, start=20), adapter=f"trained-{kind}").json()["results"]
+    for i, result in enumerate(served):
+        assert logits(result) == pytest.approx(expected[i].tolist(), abs=1e-5)
