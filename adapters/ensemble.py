@@ -25,8 +25,11 @@ How ours differs:
   design shift families only (``benchmarks/ensemble_shift.py fit``: the best worse margin over TPT
   at its default learning rate and at 100x; never the test split or the held-out families; see
   benchmarks/RESULTS.md). Another model needs its own.
-- APEX's ``class_distance`` rule needs a stored adapter with known training classes (issue 16);
-  until the server has them it is refused with a 422 that says so.
+- APEX's ``class_distance`` rule weighs a stored adapter against the frozen model by each class's
+  distance to the adapter's training labels: the server offers it where that blend happens, as
+  ``adapter_alpha: "class_distance"`` on a request naming an adapter (``adapters/fewshot/apply.py``);
+  as an ensemble policy of test-time adaptation (which has no training classes) it is refused with a
+  422 that says where to ask for it.
 - The blend is of logits (the scaled cosines), one weight per image: w * adapted + (1 - w) * zero-shot.
   The server calibrates the blended logits (calibration applies after the blend).
 """
@@ -57,7 +60,7 @@ class EnsembleOptions:
     the adapted logits for every image) or ``adaptive`` (a weight per image from ``policy``).
     ``entropy``: w = sigmoid((d - a) / b) * exp(-k / guard), d the confident views' normalised
     zero-shot entropy, k = KL(adapted || zero-shot) of the image's answers (``guard`` 0: no factor).
-    ``class_distance`` (APEX's rule) needs a stored adapter with training classes (issue 16).
+    ``class_distance`` (APEX's rule) is a stored adapter's blend: ``adapter_alpha: "class_distance"``.
     """
 
     __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid")  # a misspelt key is an error
@@ -80,8 +83,10 @@ class EnsembleOptions:
             raise ValueError(f"ensemble.guard must be between 0 (off) and 100 nats, got {self.guard:g}")
         if self.mode == "adaptive" and self.policy == "class_distance":
             raise ValueError(
-                "ensemble.policy 'class_distance' (APEX's distance to an adapter's training classes) needs an "
-                "adapter (issue 16): this server has no stored adapters yet; use policy 'entropy'"
+                "ensemble.policy 'class_distance' is APEX's weight of a stored adapter against the frozen model, by "
+                "each class's distance to the adapter's training labels: ask for it with adapter: NAME and "
+                "adapter_alpha: \"class_distance\"; test-time adaptation has no training classes, so its ensemble "
+                "takes policy 'entropy'"
             )
 
 

@@ -122,7 +122,7 @@ def test_adaptive_weight_follows_the_zero_shot_difficulty(client):
 
 
 def test_class_distance_needs_an_adapter_and_zero_has_no_ensemble(client):
-    refused(classify(client, "tpt", {"ensemble": {"mode": "adaptive", "policy": "class_distance"}}), "issue 16")
+    refused(classify(client, "tpt", {"ensemble": {"mode": "adaptive", "policy": "class_distance"}}), "adapter_alpha")
     refused(classify(client, "zero", {"ensemble": {"mode": "fixed"}}), "ensemble")
     refused(classify(client, "zero_shot", {"ensemble": {"mode": "fixed"}}), "ensemble")
     refused(classify(client, "tpt", {"ensemble": {"mode": "sometimes"}}), "ensemble.mode")

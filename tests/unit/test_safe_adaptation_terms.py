@@ -108,7 +108,7 @@ def test_the_ensemble_weight_and_difficulty():
     assert mixed.difficulty == pytest.approx(1.0)
     assert mixed.weight == pytest.approx(1 / (1 + math.exp(-5)))
     assert torch.allclose(mixed.logits, mixed.weight * adapted)
-    with pytest.raises(ValueError, match="issue 16"):
+    with pytest.raises(ValueError, match="adapter_alpha"):
         EnsembleOptions(mode="adaptive", policy="class_distance")
 
 
