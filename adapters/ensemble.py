@@ -85,7 +85,7 @@ class EnsembleOptions:
             raise ValueError(
                 "ensemble.policy 'class_distance' is APEX's weight of a stored adapter against the frozen model, by "
                 "each class's distance to the adapter's training labels: ask for it with adapter: NAME and "
-                "adapter_alpha: \"class_distance\"; test-time adaptation has no training classes, so its ensemble "
+                'adapter_alpha: "class_distance"; test-time adaptation has no training classes, so its ensemble '
                 "takes policy 'entropy'"
             )
 
