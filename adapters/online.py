@@ -106,6 +106,29 @@ class OnlineState(ABC):
         """What the state holds in total (tda: cached features; stats: images folded into its statistics)."""
         return round(sum(self.entries_per_class()))
 
+    # -- keeping it ---------------------------------------------------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the state holds, as named tensors (its counters included): ``restore`` gives it back."""
+        with self._lock:
+            out = {k: v.clone() for k, v in self._tensors().items()}
+            out["images"] = torch.tensor([self.images, self.changed], dtype=torch.int64)
+            return out
+
+    @classmethod
+    def restore(cls, n_classes: int, dim: int, tensors: dict[str, torch.Tensor]) -> OnlineState:
+        """A state equal to the one ``to_tensors`` was called on."""
+        state = cls(n_classes, dim)
+        state.images, state.changed = (int(x) for x in tensors["images"])
+        state._load({k: v for k, v in tensors.items() if k != "images"})
+        state.nbytes = state._count_bytes()
+        return state
+
+    @abstractmethod
+    def _tensors(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def _load(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
     def describe(self) -> dict[str, object]:
         """Images seen, entries per class, bytes and the share of answers that differ from zero-shot."""
         with self._lock:
@@ -158,6 +181,26 @@ class TDA(OnlineState):
             float(len(self.pos[c][1]) if c in self.pos else 0) + float(len(self.neg[c][2]) if c in self.neg else 0)
             for c in range(self.n_classes)
         ]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for c, (rows, entries) in self.pos.items():
+            out[f"pos.{c}.rows"], out[f"pos.{c}.entropy"] = rows, torch.tensor(entries, dtype=torch.float64)
+        for c, (rows, masks, entries) in self.neg.items():
+            out[f"neg.{c}.rows"], out[f"neg.{c}.masks"] = rows, masks
+            out[f"neg.{c}.entropy"] = torch.tensor(entries, dtype=torch.float64)
+        return out
+
+    def _load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key in tensors:
+            kind, c, what = key.split(".")
+            if what != "rows":
+                continue
+            entries = [float(h) for h in tensors[f"{kind}.{c}.entropy"]]
+            if kind == "pos":
+                self.pos[int(c)] = (tensors[key], entries)
+            else:
+                self.neg[int(c)] = (tensors[key], tensors[f"neg.{c}.masks"], entries)
 
     @staticmethod
     def _insert(
@@ -238,6 +281,15 @@ class Stats(OnlineState):
 
     def entries(self) -> int:
         return self.images  # every image is folded in, with its confidence as weight
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        if self.sums is None or self.counts is None:
+            return {}
+        return {"sums": self.sums, "counts": self.counts}
+
+    def _load(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            self.sums, self.counts = tensors["sums"], tensors["counts"]
 
     def _step(self, feat: torch.Tensor, logits: torch.Tensor, logit_scale: float) -> tuple[torch.Tensor, float]:
         if self.sums is None or self.counts is None:

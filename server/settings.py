@@ -199,7 +199,9 @@ class Settings(BaseSettings):
         4 * 2**20, ge=1, description="Bytes of state one session may hold over its label sets (oldest set dropped)."
     )
     sessions_max_bytes: int = Field(
-        256 * 2**20, ge=1, description="Bytes of state all sessions may hold together (least recently used dropped)."
+        256 * 2**20,
+        ge=1,
+        description="Bytes of state all sessions may hold in memory (least recently used unloaded to the store).",
     )
 
     # Few-shot adapters

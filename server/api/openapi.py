@@ -111,6 +111,16 @@ MULTIPART_CLASSIFY = {
             "description": "Keep online state across your requests with this id (zero_shot only).",
         },
         "session_method": {"type": "string", "description": "The session's online method: tda or stats."},
+        "adapter": {
+            "type": "string",
+            "description": 'A stored adapter, NAME or NAME@vN, or routing as a JSON object {"route": "auto", ...}.',
+        },
+        "adapter_alpha": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "How far from the frozen model toward the adapter (0: exactly zero-shot).",
+        },
     },
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -109,12 +109,11 @@ class ClassifyRequest(BaseModel):
         description="Serve through a few-shot adapter: 'NAME' (its newest version) or 'NAME@vN'; or route each image "
         'to its closest adapters: {"route": "auto", "top_k": 1, "min_sim": 0.5, "group": null}. See Adapters.',
     )
-    adapter_alpha: float | None = Field(
+    adapter_alpha: Annotated[float, Field(ge=0, le=1)] | Literal["class_distance"] | None = Field(
         None,
-        ge=0,
-        le=1,
         description="How far from the frozen model toward the adapter, in feature space: 0 gives exactly zero-shot, "
-        "1 (default) the adapter.",
+        '1 (default) the adapter; or "class_distance": APEX\'s rule, each class weighted by its distance to the '
+        "adapter's training labels (zero_shot, one named adapter).",
     )
 
     @field_validator("top_k", "seed", "abstain_below", "confidence_gate", "adapter_alpha", mode="before")
@@ -373,3 +372,34 @@ class AdapterList(BaseModel):
     adapters: list[AdapterOut] = Field(..., description="Every version of your adapters, by name then version.")
     resident_bytes: int = Field(..., description="Bytes of adapters loaded in this process now, any owner's.")
     cache_bytes: int = Field(..., description="TTA_ADAPTER_CACHE_BYTES.")
+
+
+class MergeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["task_arithmetic", "ties", "emr"] = Field(
+        "emr", description="emr (ConDU: one unified adapter plus a reconstruction per member), ties or task_arithmetic."
+    )
+    scale: float | None = Field(
+        None, gt=0, le=10, description="task_arithmetic (default 1/sqrt(n) within [0.3, 1]) and ties (default 1)."
+    )
+    density: float | None = Field(
+        None, gt=0, le=1, description="ties: the fraction of each member's entries kept (0.2)."
+    )
+    name: str | None = Field(None, description="The unified adapter's name (default GROUP.merged).")
+
+
+class MergedMember(BaseModel):
+    adapter: str = Field(..., description="The member, NAME@vN (its newest version in the group).")
+    reconstruction: str | None = Field(
+        ..., description="emr: the member rebuilt from the unified adapter, stored as GROUP.MEMBER; else null."
+    )
+    fidelity: float = Field(..., description="Cosine of what now serves the member with its own weight updates.")
+    mask_density: float = Field(..., description="emr: the share of update entries its mask keeps; else 1.")
+    rescaler: float = Field(..., description="emr: its rescaler; else 1.")
+
+
+class MergeOut(BaseModel):
+    method: str
+    unified: AdapterOut
+    members: list[MergedMember]

@@ -1,8 +1,10 @@
 """Serving through few-shot adapters, on the lanes: one named adapter, or ConDU's routing among several.
 
 A named adapter gives each image its vision side's features and each class its text side's, both blended
-toward the frozen model's by ``adapter_alpha`` (``adapters.fewshot.apply.blend``); test-time methods then
-run on those, so adaptation happens on top of the adapter (``AdaptedBackbone`` encodes the views).
+toward the frozen model's by ``adapter_alpha`` (``adapters.fewshot.apply.blend``), or by APEX's
+class-distance rule (``adapter_alpha: "class_distance"``, zero-shot only: each class weighted by its
+distance to the adapter's training labels, the images by the mean weight); test-time methods then run on
+those, so adaptation happens on top of the adapter (``AdaptedBackbone`` encodes the views).
 
 Routing (ConDU's task-agnostic inference, ``adapter: {"route": "auto"}``): each candidate's score for an
 image is the highest cosine between the image's frozen features and the adapter's class prototypes; an
@@ -19,7 +21,14 @@ from typing import Any, TypeVar, cast
 import torch
 
 from adapters.backbone import Backbone
-from adapters.fewshot.apply import adapter_class_features, adapter_image_features, blend
+from adapters.fewshot.apply import (
+    adapter_class_features,
+    adapter_image_features,
+    blend,
+    blend_classes,
+    class_distance_weights,
+    lora_factors_of,
+)
 from adapters.fewshot.artifact import route_scores
 from adapters.lowrank import LoraFactors
 from server.engine.resident import Resident, ResidentAdapters
@@ -75,10 +84,15 @@ def named(
     assert use is not None and not use.routed
     resident = use.adapters[0]
     with torch.inference_mode():
+        alpha, weights = use.alpha, None
+        if use.class_distance:  # APEX: each class by its distance to the training labels, images by the mean
+            weights = class_distance_weights(resident.adapter.tensors["label_features"], classes)
+            alpha = float(weights.mean())
         images = feats
         if "lora" in resident.adapter.card.parts:
-            images = blend(feats, adapter_image_features(backbone, resident.adapter, work.images), use.alpha)
-        texts = blend(classes, class_side(cache, backbone, resident, work, classes), use.alpha)
+            images = blend(feats, adapter_image_features(backbone, resident.adapter, work.images), alpha)
+        adapted = class_side(cache, backbone, resident, work, classes)
+        texts = blend(classes, adapted, alpha) if weights is None else blend_classes(classes, adapted, weights)
     return images, texts
 
 
@@ -135,12 +149,11 @@ def _expert_images(
         if "lora" not in adapter.card.parts:
             out[i] = frozen
             continue
-        blocks = int(adapter.card.training.get("lora_blocks", 3))
-        factors = adapter.lora_factors(backbone.lora_targets(blocks))
-        groups.setdefault((factors.rank, factors.alpha, blocks), []).append(i)
-    for (_, _, blocks), members in groups.items():
-        targets = backbone.lora_targets(blocks)
-        stacked = LoraFactors.stack([experts[i].adapter.lora_factors(targets) for i in members])
+        factors = lora_factors_of(backbone, adapter)
+        groups.setdefault((factors.rank, factors.alpha, len(factors.targets)), []).append(i)
+    for members in groups.values():
+        stacked = LoraFactors.stack([lora_factors_of(backbone, experts[i].adapter) for i in members])
+        targets = stacked.targets
         prefix = backbone.vision_prefix(images, targets)  # [N, ...], once for the group
         feats = backbone.vision_suffix(prefix.expand(len(members), *prefix.shape), stacked)  # [R, N, D]
         for j, i in enumerate(members):

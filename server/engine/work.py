@@ -41,6 +41,9 @@ class AdapterUse:
     adapters: tuple[Resident, ...]
     refs: tuple[str, ...]  # NAME@vN of each, for the answer
     alpha: float = 1.0  # how far from the frozen model's features toward the adapter's (0: exactly zero-shot)
+    class_distance: bool = (
+        False  # APEX's rule instead of alpha, per class by distance to the training labels (zero-shot)
+    )
     top_k: int | None = None  # routing: at most this many experts per image; None: the one named adapter
     min_sim: float = 0.0  # routing: an expert whose prototypes are less similar than this is not used
 

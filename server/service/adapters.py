@@ -16,10 +16,11 @@ from typing import Any
 
 from adapters import Method
 from adapters.fewshot.artifact import Adapter, ArtifactError, WrongBaseModel
+from adapters.fewshot.merging import MergeError, merge
 from server.engine import Engine
 from server.engine.resident import Resident
 from server.engine.work import AdapterUse
-from server.errors import Conflict, InvalidInput, NotReady
+from server.errors import Conflict, InvalidInput, NotFound, NotReady
 from server.settings import Settings
 from server.storage import Store
 from server.storage.base import AdapterRecord
@@ -55,7 +56,7 @@ class AdapterChoice:
     """What a classify request asks of adapters: one by name (``ref``), or routing (``ref`` None)."""
 
     ref: str | None = None
-    alpha: float | None = 1.0  # None: adapter_alpha given without an adapter (refused)
+    alpha: float | str | None = 1.0  # a number, or "class_distance" (APEX's rule); None: the default, 1
     top_k: int | None = None  # routing: experts per image
     min_sim: float = 0.0
     group: str | None = None  # routing: among this group's adapters only
@@ -139,11 +140,18 @@ class AdapterRegistry:
         """The adapter(s) a classify request is served through, loaded; 4xx for what cannot be served."""
         if choice.ref is None and choice.top_k is None:
             raise InvalidInput("adapter_alpha needs an adapter", code="adapter_alpha_without_adapter")
-        alpha = 1.0 if choice.alpha is None else choice.alpha
+        by_distance = choice.alpha == "class_distance"
+        if by_distance and (choice.ref is None or method.name != "zero_shot"):
+            raise InvalidInput(
+                'adapter_alpha "class_distance" (APEX\'s per-class weight) serves one named adapter with zero_shot; '
+                "give a number to adapt on top of the adapter or to route",
+                code="adapter_method",
+            )
+        alpha = 1.0 if not isinstance(choice.alpha, float | int) else float(choice.alpha)
         if choice.ref is not None:
             one = self.load(choice.ref, owner)
             check_method(method, one.adapter)
-            return AdapterUse((one.resident,), (one.record.ref,), alpha)
+            return AdapterUse((one.resident,), (one.record.ref,), alpha, class_distance=by_distance)
         if method.name != "zero_shot":
             raise InvalidInput(
                 f"routing answers with the mean of the routed adapters' and the frozen model's logits; {method.name!r} "
@@ -172,6 +180,67 @@ class AdapterRegistry:
             top_k=choice.top_k,
             min_sim=choice.min_sim,
         )
+
+    def merge_group(
+        self,
+        group: str,
+        method: str,
+        *,
+        owner: str,
+        name: str | None = None,
+        scale: float | None = None,
+        density: float | None = None,
+    ) -> MergeOutcome:
+        """Merge the newest version of every adapter of ``group`` (from the originals) and keep the result as the
+        next version of ``name`` (default ``GROUP.merged``); with EMR, each member's reconstruction too, as the next
+        version of ``GROUP.MEMBER``. CPU work on the stored artifacts: call it off the event loop."""
+        check_name(group, "adapter group")
+        name = check_name(name) if name is not None else f"{group}.merged"
+        newest: dict[str, AdapterRecord] = {}
+        for record in self.list(owner):
+            if record.group == group:
+                newest[record.name] = record
+        if not newest:
+            raise NotFound(
+                f"no adapter is in group {group!r}; upload or train adapters with group={group!r}",
+                code="unknown_adapter_group",
+            )
+        members = [self.parse(self.store.adapter_bytes(r.name, r.version, owner)) for r in newest.values()]
+        refs = [r.ref for r in newest.values()]
+        try:
+            merged = merge(members, method, scale=scale, density=density, names=refs)
+        except MergeError as exc:
+            raise InvalidInput(str(exc), code="merge_refused") from None
+        source = f"merge:{group}"
+        unified = self.add(merged.unified.to_bytes(), name, owner=owner, source=source)
+        outcomes = []
+        for record, member in zip(newest.values(), merged.members, strict=True):
+            rebuilt = None
+            if method == "emr":
+                rebuilt = self.add(
+                    member.reconstruction.to_bytes(), check_name(f"{group}.{record.name}"), owner=owner, source=source
+                )
+            outcomes.append(
+                MemberOutcome(record.ref, rebuilt.ref if rebuilt else None, member.fidelity, member.mask_density,
+                              member.rescaler)
+            )  # fmt: skip
+        return MergeOutcome(method, unified, tuple(outcomes))
+
+
+@dataclass(frozen=True)
+class MemberOutcome:
+    adapter: str  # the member, NAME@vN
+    reconstruction: str | None  # EMR: the stored reconstruction, NAME@vN; otherwise the unified serves it
+    fidelity: float  # cosine of what serves it now with its own updates
+    mask_density: float
+    rescaler: float
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    method: str
+    unified: AdapterRecord
+    members: tuple[MemberOutcome, ...]
 
 
 def checked_artifact(data: bytes, fingerprint: str) -> Adapter:

@@ -290,6 +290,8 @@ class ClassifyService:
                 remaining = timeout_s - (time.monotonic() - started)
                 output = await self._run(work, max(remaining, 0.001), disconnected)
                 self.sessions.settle(opened)
+                # Written before the next request of the session may start: the store holds whole requests.
+                await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.sessions.persist, session)
             finally:
                 session.lock.release()
         timings = {"decode": decode_s, "tokenize": tokenize_s, **output.timings}
@@ -443,7 +445,7 @@ class ClassifyService:
         if use is None:
             return None
         if not use.routed:
-            return AdapterReport(adapter=use.refs[0], alpha=use.alpha)
+            return AdapterReport(adapter=use.refs[0], alpha="class_distance" if use.class_distance else use.alpha)
         route = output.routes[i] if output.routes else None
         return AdapterReport(
             adapter=None,

@@ -119,7 +119,9 @@ class AdapterReport(BaseModel):
     """Which few-shot adapter(s) answered this image (requests with ``adapter`` only)."""
 
     adapter: str | None = Field(..., description="The named adapter, NAME@vN; null when routed.")
-    alpha: float = Field(..., description="adapter_alpha: 0 is the frozen model, 1 the adapter.")
+    alpha: float | str = Field(
+        ..., description='adapter_alpha: 0 is the frozen model, 1 the adapter; or "class_distance" (APEX\'s rule).'
+    )
     routed: list[RoutedAdapter] | None = Field(
         None,
         description="When routed: the adapters this image used, most similar first; empty when none cleared "

@@ -123,7 +123,7 @@ class Runtime:
         fitted = FittedCalibrations(opened, label_sets, calibration, engine)
         label_sets.on_delete += [estimate.forget, fitted.forget]
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="tta-decode")
-        sessions = Sessions(settings, metrics)
+        sessions = Sessions(settings, metrics, store=opened)
         adapters = AdapterRegistry(opened, engine, settings)
         classifier = ClassifyService(
             settings,

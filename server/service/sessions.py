@@ -9,8 +9,15 @@ with another ``session_method``, starts that state afresh (the result says ``res
 Bounds: a session unused for ``TTA_SESSION_TTL_S`` is forgotten; one session holds at most
 ``TTA_SESSION_MAX_BYTES`` (a label set whose state could outgrow it is refused; past it, the session's
 least recently used label set is dropped); all sessions together at most ``TTA_SESSIONS_MAX_BYTES``
-(past it, the least recently used sessions are dropped). Nothing is kept for a request without a
-session id, and nothing is written to disk: a restart forgets every session.
+(past it, the least recently used sessions are unloaded: they stay in the store). Nothing is kept for a
+request without a session id.
+
+Durable: after each request a session's state is written to the store (``Store.save_session``, one row
+per session, serialized as one safetensors blob), still under the session's lock, so the stored state
+is always a whole request's. A session this process does not hold (after a restart, or unloaded) is
+read back from the store on its next use. Expired sessions are deleted from the store too. With several
+replicas, send a session's requests to one replica at a time (sticky by session id): each replica
+reads a session from the store only when it does not hold it.
 
 A session's requests run one at a time, in arrival order (``Session.lock``); the state itself is updated
 by the engine's runner on a lane thread (``Work.session``), never on the event loop. Time comes from
@@ -22,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import math
 import re
 import threading
 import time
@@ -30,10 +39,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
 from adapters.online import ONLINE_METHODS, OnlineState
-from server.errors import InvalidInput, NotFound
+from server.errors import InvalidInput, NotFound, TTAError
 from server.metrics import Metrics
 from server.settings import Settings
+from server.storage import Store
+
+log = logging.getLogger("ttaserve.sessions")
+STATE_KEY = "ttaserve.session"  # the safetensors metadata entry of a stored session
+SWEEP_EVERY_S = 60.0  # how often expired sessions are deleted from the store
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SESSION_METHODS = ("zero_shot",)  # the methods whose answers a session adapts
@@ -94,12 +112,20 @@ def check_session_id(session_id: str) -> str:
 class Sessions:
     """Every live session of this process, bounded in time and bytes."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        store: Store | None = None,
+    ):
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
+        self.store = store  # None: sessions live in memory only (tools that open no store)
         self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        self._swept = -math.inf
 
     # -- requests ---------------------------------------------------------------------------------
     def resolve_method(self, name: str | None, method: str) -> type[OnlineState]:
@@ -131,12 +157,18 @@ class Sessions:
     def session(self, owner: str, session_id: str) -> Session:
         """The caller's session of this id, created if new (or expired); marks it used now."""
         now = self.clock()
+        key = (owner, check_session_id(session_id))
         with self._lock:
             self._expire(now)
-            key = (owner, check_session_id(session_id))
             session = self._sessions.get(key)
-            if session is None:
-                session = self._sessions[key] = Session(owner, session_id, created_at=now, last_used=now)
+        if session is None:
+            stored = self._load(owner, session_id, now)
+            with self._lock:
+                session = self._sessions.get(key)  # another request may have loaded it meanwhile
+                if session is None:
+                    session = stored or Session(owner, session_id, created_at=now, last_used=now)
+                    self._sessions[key] = session
+        with self._lock:
             self._sessions.move_to_end(key)
             session.last_used = now
             self._gauge()
@@ -227,23 +259,35 @@ class Sessions:
         """Forget the session and its state now; 404 if there is none."""
         with self._lock:
             self._expire(self.clock())
-            if self._sessions.pop((owner, check_session_id(session_id)), None) is None:
-                raise NotFound(f"no session {session_id!r}", code="session_not_found")
-            self.metrics.session_evictions.labels(reason="reset").inc()
+            held = self._sessions.pop((owner, check_session_id(session_id)), None) is not None
             self._gauge()
+        stored = self.store.delete_session(owner, session_id) if self.store is not None else False
+        if not (held or stored):
+            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+        self.metrics.session_evictions.labels(reason="reset").inc()
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _get(self, owner: str, session_id: str) -> Session:
+        now = self.clock()
         with self._lock:
-            self._expire(self.clock())
+            self._expire(now)
             session = self._sessions.get((owner, check_session_id(session_id)))
+        if session is None:
+            session = self._load(owner, session_id, now)  # shown, not loaded: a read is not a use
         if session is None:
             raise NotFound(f"no session {session_id!r} (never used, reset, or expired)", code="session_not_found")
         return session
 
     def _expire(self, now: float) -> None:
-        """Drop the sessions unused for the TTL (the least recently used come first). The caller holds the lock."""
+        """Drop the sessions unused for the TTL (the least recently used come first), and now and then delete the
+        expired ones from the store. The caller holds the lock."""
         ttl = self.settings.session_ttl_s
+        if self.store is not None and now - self._swept >= SWEEP_EVERY_S:
+            self._swept = now
+            try:
+                self.store.delete_sessions_unused_since(now - ttl)
+            except TTAError as exc:  # the store is read-only or unreachable: expired rows are ignored on load
+                log.warning("could not delete expired sessions from the store: %s", exc)
         while self._sessions:
             key, oldest = next(iter(self._sessions.items()))
             if now - oldest.last_used < ttl:
@@ -258,3 +302,66 @@ class Sessions:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    # -- the store --------------------------------------------------------------------------------
+    def persist(self, session: Session) -> None:
+        """Write the session's state to the store (after its request's update; under its request lock). A failed
+        write is logged: the state goes on in memory and the next request writes it again."""
+        if self.store is None:
+            return
+        with self._lock:
+            if self._sessions.get((session.owner, session.id)) is not session:
+                return  # reset or expired while its request ran
+            data = serialize(session)
+        try:
+            self.store.save_session(session.owner, session.id, data, session.last_used)
+        except TTAError as exc:
+            log.warning("session %r could not be written to the store: %s", session.id, exc)
+
+    def _load(self, owner: str, session_id: str, now: float) -> Session | None:
+        """The session as the store keeps it, unless none is kept or it has expired."""
+        if self.store is None:
+            return None
+        found = self.store.load_session(owner, session_id)
+        if found is None or now - found[1] >= self.settings.session_ttl_s:
+            return None
+        return deserialize(owner, session_id, found[0])
+
+
+def serialize(session: Session) -> bytes:
+    """A session as one safetensors blob: each label set's state tensors, and what they are in the metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    states = []
+    for i, s in enumerate(session.states.values()):  # least recently used first, as they are held
+        for name, tensor in s.state.to_tensors().items():
+            tensors[f"{i}.{name}"] = tensor.contiguous()
+        states.append(
+            {
+                "scope": s.scope,
+                "fingerprint": s.fingerprint,
+                "label_set": s.label_set,
+                "labels": list(s.labels),
+                "method": s.state.name,
+                "dim": s.state.dim,
+                "requests": s.requests,
+                "last_used": s.last_used,
+            }
+        )
+    meta = {"created_at": session.created_at, "last_used": session.last_used, "requests": session.requests}
+    return bytes(save_tensors(tensors, metadata={STATE_KEY: json.dumps({**meta, "states": states})}))
+
+
+def deserialize(owner: str, session_id: str, data: bytes) -> Session:
+    tensors = load_tensors(data)
+    size = int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8 : 8 + size])["__metadata__"][STATE_KEY])
+    session = Session(owner, session_id, meta["created_at"], meta["last_used"], meta["requests"])
+    for i, s in enumerate(meta["states"]):
+        prefix = f"{i}."
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        labels = tuple(s["labels"])
+        state = ONLINE_METHODS[s["method"]].restore(len(labels), s["dim"], own)
+        session.states[s["scope"]] = LabelState(
+            s["scope"], s["fingerprint"], s["label_set"], labels, state, s["requests"], s["last_used"]
+        )
+    return session

@@ -1,8 +1,8 @@
 """What the server keeps on purpose, and the protocol every store implements.
 
 Label sets and the calibrations fitted on their labelled images, few-shot adapters (versioned artifacts)
-and the jobs that train them, each kept for an owner (a tenant: the name of an API key). Later state
-(sessions) goes through the same protocol, so a deployment can move from the embedded SQLite file to a
+and the jobs that train them, and online sessions' state, each kept for an owner (a tenant: the name of an
+API key). Everything goes through the one protocol, so a deployment can move from the embedded SQLite file to a
 shared database without the service layer noticing. Every write is durable when the call returns, and an
 adapter's record and its artifact bytes are written in one transaction: nothing half-written is served.
 """
@@ -175,6 +175,22 @@ class Store(Protocol):
 
     def list_jobs(self, owner: str | None = "", states: tuple[str, ...] | None = None) -> list[JobRecord]:
         """Jobs of ``owner`` (every owner's: None), in ``states`` if given, oldest first."""
+        ...
+
+    def save_session(self, owner: str, session_id: str, data: bytes, last_used: float) -> None:
+        """Keep a session's state (serialized), replacing what was kept for it."""
+        ...
+
+    def load_session(self, owner: str, session_id: str) -> tuple[bytes, float] | None:
+        """A session's state and when it was last used; None when none is kept."""
+        ...
+
+    def delete_session(self, owner: str, session_id: str) -> bool:
+        """Forget a session; whether one was kept."""
+        ...
+
+    def delete_sessions_unused_since(self, when: float) -> int:
+        """Forget every owner's sessions last used before ``when``; how many."""
         ...
 
     def close(self) -> None: ...

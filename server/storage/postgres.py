@@ -110,6 +110,17 @@ MIGRATIONS: tuple[str, ...] = (
         inputs BYTEA NOT NULL
     );
     """,
+    # 3: online sessions' state, as the SQLite store holds it at its version 5.
+    """
+    CREATE TABLE sessions (
+        owner TEXT NOT NULL DEFAULT '',
+        id TEXT NOT NULL,
+        last_used DOUBLE PRECISION NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (owner, id)
+    );
+    CREATE INDEX sessions_last_used ON sessions (last_used);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_TABLE = "tta_schema_migrations"
@@ -446,6 +457,28 @@ class PostgresStore:
         query = f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at, id"
         rows = self._read(lambda db: db.execute(query, args).fetchall())
         return [job_from_row(r) for r in rows]
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def save_session(self, owner: str, session_id: str, data: bytes, last_used: float) -> None:
+        with self._writing() as db:
+            db.execute(
+                "INSERT INTO sessions VALUES (%s, %s, %s, %s) ON CONFLICT (owner, id) DO UPDATE SET "
+                "last_used = EXCLUDED.last_used, data = EXCLUDED.data",
+                (owner, session_id, last_used, data),
+            )
+
+    def load_session(self, owner: str, session_id: str) -> tuple[bytes, float] | None:
+        query = "SELECT data, last_used FROM sessions WHERE owner = %s AND id = %s"
+        row = self._read(lambda db: db.execute(query, (owner, session_id)).fetchone())
+        return (bytes(row[0]), float(row[1])) if row is not None else None
+
+    def delete_session(self, owner: str, session_id: str) -> bool:
+        with self._writing() as db:
+            return bool(db.execute("DELETE FROM sessions WHERE owner = %s AND id = %s", (owner, session_id)).rowcount)
+
+    def delete_sessions_unused_since(self, when: float) -> int:
+        with self._writing() as db:
+            return int(db.execute("DELETE FROM sessions WHERE last_used < %s", (when,)).rowcount)
 
 
 def _from_row(row: tuple[Any, ...]) -> LabelSet:

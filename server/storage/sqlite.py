@@ -115,6 +115,17 @@ MIGRATIONS: tuple[str, ...] = (
         inputs BLOB NOT NULL           -- the images, serialized
     );
     """,
+    # 5: online sessions' state, one row per session.
+    """
+    CREATE TABLE sessions (
+        owner TEXT NOT NULL DEFAULT '',
+        id TEXT NOT NULL,
+        last_used REAL NOT NULL,
+        data BLOB NOT NULL,            -- the session's state (server.service.sessions)
+        PRIMARY KEY (owner, id)
+    );
+    CREATE INDEX sessions_last_used ON sessions (last_used);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -358,6 +369,28 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
         return [job_from_row(r) for r in rows]
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def save_session(self, owner: str, session_id: str, data: bytes, last_used: float) -> None:
+        with self._writing() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+                (owner, session_id, last_used, sqlite3.Binary(data)),
+            )
+
+    def load_session(self, owner: str, session_id: str) -> tuple[bytes, float] | None:
+        query = "SELECT data, last_used FROM sessions WHERE owner = ? AND id = ?"
+        with self._lock:
+            row = self._db.execute(query, (owner, session_id)).fetchone()
+        return (bytes(row[0]), float(row[1])) if row is not None else None
+
+    def delete_session(self, owner: str, session_id: str) -> bool:
+        with self._writing() as db:
+            return bool(db.execute("DELETE FROM sessions WHERE owner = ? AND id = ?", (owner, session_id)).rowcount)
+
+    def delete_sessions_unused_since(self, when: float) -> int:
+        with self._writing() as db:
+            return int(db.execute("DELETE FROM sessions WHERE last_used < ?", (when,)).rowcount)
 
 
 def _from_row(row: tuple[Any, ...]) -> LabelSet:

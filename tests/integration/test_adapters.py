@@ -236,3 +236,67 @@ def test_each_key_sees_and_serves_its_own_adapters_only(keyed_client: TestClient
     ours = classify(keyed_client, image_list(1), headers=bearer(ALICE), adapter="mine")
     assert ours.status_code == 200
     assert keyed_client.delete("/v1/adapters/mine", headers=bearer(BOB_ADMIN)).status_code == 404
+
+
+def test_a_group_merges_into_a_servable_adapter_with_each_member_rebuilt(client: TestClient) -> None:
+    backbone = backbone_of(client)
+    upload(client, make_adapter(backbone, seed=1), "a", group="g")
+    upload(client, make_adapter(backbone, seed=2), "b", group="g")
+    merged = client.post("/v1/adapter-groups/g/merge", json={"method": "emr"})
+    assert merged.status_code == 201, merged.text
+    body = merged.json()
+    assert body["unified"]["ref"] == "g.merged@v1" and body["unified"]["type"] == "merged"
+    assert body["unified"]["source"] == "merge:g" and body["unified"]["group"] is None  # not a member of its group
+    assert [(m["adapter"], m["reconstruction"]) for m in body["members"]] == [("a@v1", "g.a@v1"), ("b@v1", "g.b@v1")]
+    assert all(0 < m["fidelity"] <= 1 and 0 < m["mask_density"] <= 1 for m in body["members"])
+    images = image_list(2)
+    for adapter in ("g.merged", "g.a@v1", "g.b"):
+        assert classify(client, images, adapter=adapter).status_code == 200, adapter
+
+    again = client.post("/v1/adapter-groups/g/merge", json={"method": "emr"}).json()  # from the originals again
+    assert again["unified"]["ref"] == "g.merged@v2"  # the unified adapter is not a member: the same merge again
+    assert [(m["fidelity"], m["rescaler"]) for m in again["members"]] == [
+        (m["fidelity"], m["rescaler"]) for m in body["members"]
+    ]
+    ties = client.post("/v1/adapter-groups/g/merge", json={"method": "ties", "name": "g.ties"}).json()
+    assert [m["reconstruction"] for m in ties["members"]] == [None, None]
+
+    upload(client, make_adapter(backbone, seed=3), "solo", group="one")
+    alone = client.post("/v1/adapter-groups/one/merge", json={}).json()
+    assert alone["members"][0]["fidelity"] == pytest.approx(1.0) and alone["members"][0]["rescaler"] == 1.0
+    original = [logits(r) for r in classify(client, images, adapter="solo").json()["results"]]
+    rebuilt = [logits(r) for r in classify(client, images, adapter="one.solo").json()["results"]]
+    for x, y in zip(original, rebuilt, strict=True):
+        assert x == pytest.approx(y, abs=1e-4)
+
+    upload(client, make_adapter(backbone, parts=("lora",)), "other", group="mixed")
+    upload(client, make_adapter(backbone), "apex", group="mixed")
+    refused = client.post("/v1/adapter-groups/mixed/merge", json={"method": "emr"})
+    assert (refused.status_code, refused.json()["error"]["code"]) == (422, "merge_refused")
+    empty = client.post("/v1/adapter-groups/nobody/merge", json={"method": "emr"})
+    assert (empty.status_code, empty.json()["error"]["code"]) == (404, "unknown_adapter_group")
+
+
+def test_class_distance_weighs_each_class_by_its_distance_to_the_training_labels(client: TestClient) -> None:
+    upload(client, make_adapter(backbone_of(client)), "apex")  # trained (here: made) on LABELS[:2]
+    images = image_list(2)
+
+    def served(labels: list[str], alpha: Any) -> list[dict[str, Any]]:
+        body = {"images": images, "labels": labels, "top_k": len(labels), "adapter": "apex", "adapter_alpha": alpha}
+        answer = client.post("/v1/classify", json=body)
+        assert answer.status_code == 200, answer.text
+        return list(answer.json()["results"])
+
+    seen = LABELS[:2]
+    by_distance, full = served(seen, "class_distance"), served(seen, 1.0)
+    assert by_distance[0]["adapter"]["alpha"] == "class_distance"
+    for a, b in zip(by_distance, full, strict=True):  # every class was trained on: weight 1, the adapter itself
+        assert {p["label"]: p["logit"] for p in a["predictions"]} == pytest.approx(
+            {p["label"]: p["logit"] for p in b["predictions"]}, abs=1e-5
+        )
+    mixed, mixed_full = served(LABELS, "class_distance"), served(LABELS, 1.0)
+    assert {p["label"]: p["logit"] for p in mixed[0]["predictions"]} != pytest.approx(
+        {p["label"]: p["logit"] for p in mixed_full[0]["predictions"]}, abs=1e-4
+    )
+    refused = classify(client, images, adapter="apex", adapter_alpha="class_distance", method="mta")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (422, "adapter_method")

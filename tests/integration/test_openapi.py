@@ -110,7 +110,8 @@ def test_the_multipart_schema_lists_every_field_the_server_accepts(client, spec)
         "session_method": "stats",
     }
     video = {"num_frames": "2", "sampling": "uniform", "pooling": "max"}
-    assert documented == {"image", "label_set", "frame", "video", *fields, *video}
+    adapter = {"adapter", "adapter_alpha"}  # a session and an adapter are refused together: posted apart below
+    assert documented == {"image", "label_set", "frame", "video", *fields, *video, *adapter}
     answer = client.post("/v1/classify", files={"image": png_bytes()}, data=fields)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["results"][0]["predictions"]) == 2
@@ -121,6 +122,12 @@ def test_the_multipart_schema_lists_every_field_the_server_accepts(client, spec)
     answer = client.post("/v1/classify", files=frames, data={**unsessioned, **video})
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["results"]) == 1  # one video, one answer
+    for form, code in (
+        ({"adapter_alpha": "0.5"}, "adapter_alpha_without_adapter"),
+        ({"adapter": "x"}, "unknown_adapter"),
+    ):
+        refused = client.post("/v1/classify", files={"image": png_bytes()}, data={"labels": ["red"], **form})
+        assert refused.json()["error"]["code"] == code  # read and acted on, not ignored
 
 
 def test_every_success_answer_has_a_schema_and_metrics_is_text(client, spec):
@@ -131,6 +138,8 @@ def test_every_success_answer_has_a_schema_and_metrics_is_text(client, spec):
             content = response["content"]
             if path == "/metrics":
                 assert content == {"text/plain": {"schema": {"type": "string"}}}
+            elif path == "/v1/adapters/{ref}/artifact":
+                assert set(content) == {"application/octet-stream"}
             else:
                 assert set(content) == {"application/json"}, (method, path)
                 assert content["application/json"]["schema"]["$ref"].startswith("#/components/schemas/"), (method, path)
@@ -189,6 +198,12 @@ def test_operation_ids_are_readable_and_unique(spec):
         "listMethods",
         "getSession",
         "deleteSession",
+        "uploadAdapter",
+        "listAdapters",
+        "getAdapter",
+        "downloadAdapter",
+        "deleteAdapter",
+        "mergeAdapterGroup",
         "healthz",
         "readyz",
         "metrics",

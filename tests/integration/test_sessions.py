@@ -173,7 +173,8 @@ def test_caps_evict_the_least_recently_used(settings):
         clock.now += 1
         classify(client, f"t{k}", n=16)
         assert metric(client.get("/metrics").text, "tta_session_bytes") <= one
-    assert client.get("/v1/sessions/t0").status_code == 404  # the least recently used sessions made room
+    assert metric(client.get("/metrics").text, "tta_sessions") < 10  # the least recently used were unloaded...
+    assert client.get("/v1/sessions/t0").json()["requests"] == 1  # ...and are read back from the store
     assert client.get("/v1/sessions/t9").status_code == 200
     assert metric(client.get("/metrics").text, 'tta_session_evictions_total{reason="total_bytes"}') >= 1
 
@@ -239,3 +240,29 @@ def test_bad_session_requests_are_refused(client):
     assert client.get("/v1/sessions/never").json()["error"]["code"] == "session_not_found"
     methods = client.get("/v1/methods").json()["sessions"]
     assert methods["combines_with"] == ["zero_shot"] and {m["name"] for m in methods["methods"]} == {"tda", "stats"}
+
+
+def test_a_session_survives_a_restart_and_a_reset_one_does_not(settings):
+    """After a restart a session goes on exactly where it was: its third request answers as an uninterrupted
+    session's third request does."""
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        for start in (0, 10):
+            assert classify(client, "cam", start=start).status_code == 200
+        before = client.get("/v1/sessions/cam").json()
+        classify(client, "reset-me")
+        assert client.delete("/v1/sessions/reset-me").status_code == 204
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        after = client.get("/v1/sessions/cam").json()
+        assert {k: after[k] for k in ("requests", "bytes", "states")} == {
+            k: before[k] for k in ("requests", "bytes", "states")
+        }
+        third = classify(client, "cam", start=20).json()["results"]
+        for start in (0, 10):
+            classify(client, "uninterrupted", start=start)
+        reference = classify(client, "uninterrupted", start=20).json()["results"]
+        assert [r["session"]["requests"] for r in third] == [3] * 4
+        assert [r["predictions"] for r in third] == [r["predictions"] for r in reference]
+        assert [r["session"]["entries"] for r in third] == [r["session"]["entries"] for r in reference]
+        assert client.get("/v1/sessions/reset-me").status_code == 404

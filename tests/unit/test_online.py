@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from adapters.online import TDA, Stats
@@ -58,3 +59,18 @@ def test_one_image_adds_at_most_one_unit_of_weight_however_confident():
     state.apply(unit([1.0, 0.0]), torch.tensor([[1e4, -1e4]]), 100.0)
     assert state.counts is not None and float(state.counts.sum()) <= 1.0
     assert TDA.capacity_bytes(10, 4) == 10 * 4 * (3 * 4 + 2 * (4 + 10))
+
+
+@pytest.mark.parametrize("method", [TDA, Stats])
+def test_a_restored_state_goes_on_exactly_as_the_one_it_was_kept_from(method) -> None:
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(40, 8, generator=gen), dim=-1)
+    logits = 3 * torch.randn(40, 5, generator=gen)
+    kept = method(5, 8)
+    kept.apply(feats[:20], logits[:20], 100.0)
+    restored = method.restore(5, 8, kept.to_tensors())
+    assert restored.describe() == kept.describe()
+    after_kept, _ = kept.apply(feats[20:], logits[20:], 100.0)
+    after_restored, _ = restored.apply(feats[20:], logits[20:], 100.0)
+    assert torch.equal(after_kept, after_restored)
+    assert restored.describe() == kept.describe()

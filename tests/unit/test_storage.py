@@ -246,3 +246,17 @@ def test_jobs_keep_their_inputs_and_progress_and_are_seen_by_their_owner_only(op
     assert again.job("j1", owner="alice").result == {"adapter": "pets@v1"} == done.result
     with pytest.raises(NotFound):
         again.update_job("nope", state="failed")
+
+
+def test_sessions_are_kept_per_owner_replaced_and_forgotten_by_age(open_store):
+    store = open_store()
+    store.save_session("alice", "cam-1", b"first", 10.0)
+    store.save_session("alice", "cam-1", b"second", 20.0)
+    store.save_session("bob", "cam-1", b"bob's", 5.0)
+    again = open_store()
+    assert again.load_session("alice", "cam-1") == (b"second", 20.0)
+    assert again.load_session("carol", "cam-1") is None
+    assert again.delete_sessions_unused_since(10.0) == 1  # bob's
+    assert again.load_session("bob", "cam-1") is None
+    assert again.delete_session("alice", "cam-1") is True
+    assert again.delete_session("alice", "cam-1") is False

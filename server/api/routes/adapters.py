@@ -1,4 +1,5 @@
-"""``/v1/adapters``: upload, list, read, download and delete few-shot adapters, each version kept for its key.
+"""``/v1/adapters``: upload, list, read, download and delete few-shot adapters, each version kept for its key;
+``/v1/adapter-groups/{group}/merge``: merge a group's adapters into one.
 
 An upload's body is the artifact itself (``application/octet-stream``: the safetensors file a training
 job, ``python -m server train`` or ``GET .../artifact`` gives); ``name`` and ``group`` are query
@@ -10,11 +11,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import CallerDep
 from server.api.deps import RuntimeDep
 from server.api.openapi import ERRORS, errors
-from server.api.schemas import AdapterList, AdapterOut, ErrorBody
+from server.api.schemas import AdapterList, AdapterOut, ErrorBody, MergedMember, MergeIn, MergeOut
 from server.errors import UnsupportedMediaType
 from server.storage.base import AdapterRecord
 
@@ -93,6 +95,7 @@ def get_adapter(ref: str, runtime: RuntimeDep, caller: CallerDep) -> AdapterOut:
 
 @router.get(
     "/v1/adapters/{ref}/artifact",
+    response_class=Response,
     responses=errors(404, 422) | {200: {"content": {ARTIFACT_TYPE: {}}, "description": "The artifact file."}},
 )
 def download_adapter(ref: str, runtime: RuntimeDep, caller: CallerDep) -> Response:
@@ -107,3 +110,25 @@ def delete_adapter(ref: str, runtime: RuntimeDep, caller: CallerDep) -> Response
     """Delete one version (``name@vN``) or every version of ``name``."""
     runtime.adapters.delete(ref, caller.name)
     return Response(status_code=204)
+
+
+@router.post(
+    "/v1/adapter-groups/{group}/merge", status_code=201, response_model=MergeOut, responses=errors(400, 404, 413, 422)
+)
+async def merge_adapter_group(group: str, body: MergeIn, runtime: RuntimeDep, caller: CallerDep) -> MergeOut:
+    """Merge the newest version of each adapter in ``group`` into one adapter, from the originals (never from an
+    earlier merge): ``emr`` also stores each member's reconstruction. Every result is a new adapter version."""
+    outcome = await run_in_threadpool(
+        runtime.adapters.merge_group,
+        group,
+        body.method,
+        owner=caller.name,
+        name=body.name,
+        scale=body.scale,
+        density=body.density,
+    )
+    return MergeOut(
+        method=outcome.method,
+        unified=adapter_out(outcome.unified, runtime.adapters.resident()),
+        members=[MergedMember(**vars(m)) for m in outcome.members],
+    )

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import httpx
 
 from ttaserve_client.images import ImageLike, VideoLike, image_bytes, image_name, video_parts
-from ttaserve_client.models import Calibration, Classification, LabelSet, ModelInfo
+from ttaserve_client.models import Adapter, AdapterList, Calibration, Classification, LabelSet, Merge, ModelInfo
 
 T = TypeVar("T")
 
@@ -98,6 +99,8 @@ class Calls:
         video: Video | None = None,
         session: str | None = None,
         session_method: str | None = None,
+        adapter: str | Mapping[str, Any] | None = None,
+        adapter_alpha: float | str | None = None,
     ) -> Call[Classification]:
         if not images and video is None:
             raise ValueError("classify needs at least one image")
@@ -116,6 +119,8 @@ class Calls:
             "confidence_gate": confidence_gate,
             "session": session,
             "session_method": session_method,
+            "adapter": dict(adapter) if isinstance(adapter, Mapping) else adapter,
+            "adapter_alpha": adapter_alpha,
         }
         if video is not None:
             fields.update(num_frames=video.num_frames, sampling=video.sampling, pooling=video.pooling)
@@ -147,3 +152,33 @@ class Calls:
             raise ValueError(f"{len(images)} images but {len(labels)} labels: give each image its label")
         kwargs = form(images, {"labels": list(labels), "methods": list(methods) if methods else None})
         return Call("POST", f"/v1/label-sets/{label_set}/calibration", reads(Calibration), False, kwargs)
+
+    @staticmethod
+    def upload_adapter(artifact: str | Path | bytes, name: str, group: str | None) -> Call[Adapter]:
+        data = artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
+        params = {"name": name, **({"group": group} if group is not None else {})}
+        kwargs = {"content": data, "params": params, "headers": {"content-type": "application/octet-stream"}}
+        return Call("POST", "/v1/adapters", reads(Adapter), idempotent=False, kwargs=kwargs)
+
+    @staticmethod
+    def adapters() -> Call[AdapterList]:
+        return Call("GET", "/v1/adapters", reads(AdapterList))
+
+    @staticmethod
+    def adapter(ref: str) -> Call[Adapter]:
+        return Call("GET", f"/v1/adapters/{ref}", reads(Adapter))
+
+    @staticmethod
+    def download_adapter(ref: str) -> Call[bytes]:
+        return Call("GET", f"/v1/adapters/{ref}/artifact", lambda response: response.content)
+
+    @staticmethod
+    def delete_adapter(ref: str) -> Call[None]:
+        return Call("DELETE", f"/v1/adapters/{ref}", reads_nothing)
+
+    @staticmethod
+    def merge_adapters(
+        group: str, method: str, scale: float | None, density: float | None, name: str | None
+    ) -> Call[Merge]:
+        body = {k: v for k, v in {"method": method, "scale": scale, "density": density, "name": name}.items() if v}
+        return Call("POST", f"/v1/adapter-groups/{group}/merge", reads(Merge), idempotent=False, kwargs={"json": body})

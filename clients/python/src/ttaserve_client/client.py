@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -25,7 +26,17 @@ import httpx
 from ttaserve_client.calls import Call, Calls, Video, reads, reads_label_sets, reads_model_infos, reads_nothing
 from ttaserve_client.errors import ApiError, ConnectionFailed
 from ttaserve_client.images import ImageLike, VideoLike
-from ttaserve_client.models import Calibration, Classification, LabelSet, Methods, ModelInfo, Session
+from ttaserve_client.models import (
+    Adapter,
+    AdapterList,
+    Calibration,
+    Classification,
+    LabelSet,
+    Merge,
+    Methods,
+    ModelInfo,
+    Session,
+)
 from ttaserve_client.retry import RETRY_STATUSES, RetryPolicy
 
 T = TypeVar("T")
@@ -108,6 +119,8 @@ class Client(_Base):
         timeout_s: float | None = None,
         session: str | None = None,
         session_method: str | None = None,
+        adapter: str | Mapping[str, Any] | None = None,
+        adapter_alpha: float | str | None = None,
     ) -> Classification:
         """Classify images (paths, bytes, PIL images or uint8 arrays) against ``labels`` or a ``label_set``.
 
@@ -115,9 +128,12 @@ class Client(_Base):
         that many seconds, when it is shorter than the server's own deadline. ``session`` keeps online state
         across the requests that name it (zero_shot only; ``session_method`` tda or stats): see ``session``
         and ``delete_session``. A request with a session is not sent again after a broken connection.
+        ``adapter`` answers through a stored adapter (``"NAME"``, ``"NAME@vN"``) or routes among them
+        (``{"route": "auto", "top_k": 1, "min_sim": 0.0}``); ``adapter_alpha`` blends it toward zero-shot.
         """
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
-        return self.send(Calls.classify(images, *args, timeout_s, session=session, session_method=session_method))
+        call = Calls.classify(images, *args, timeout_s, None, session, session_method, adapter, adapter_alpha)
+        return self.send(call)
 
     def classify_video(
         self,
@@ -208,6 +224,36 @@ class Client(_Base):
         """Reset a session of yours: its next request starts from zero-shot."""
         self.send(Call("DELETE", f"/v1/sessions/{session_id}", reads_nothing))
 
+    def upload_adapter(self, artifact: str | Path | bytes, name: str, group: str | None = None) -> Adapter:
+        """Store an adapter artifact (a ``.safetensors`` path or its bytes) as the next version of ``name``."""
+        return self.send(Calls.upload_adapter(artifact, name, group))
+
+    def adapters(self) -> AdapterList:
+        """Every version of your adapters, with what the server holds loaded."""
+        return self.send(Calls.adapters())
+
+    def adapter(self, ref: str) -> Adapter:
+        return self.send(Calls.adapter(ref))
+
+    def download_adapter(self, ref: str) -> bytes:
+        return self.send(Calls.download_adapter(ref))
+
+    def delete_adapter(self, ref: str) -> None:
+        """Delete one version (``NAME@vN``) or every version of ``NAME``."""
+        self.send(Calls.delete_adapter(ref))
+
+    def merge_adapters(
+        self,
+        group: str,
+        method: str = "emr",
+        *,
+        scale: float | None = None,
+        density: float | None = None,
+        name: str | None = None,
+    ) -> Merge:
+        """Merge the newest version of each adapter of ``group`` into one (``emr``, ``ties`` or ``task_arithmetic``)."""
+        return self.send(Calls.merge_adapters(group, method, scale, density, name))
+
     def models(self) -> list[ModelInfo]:
         return self.send(Call("GET", "/v1/models", reads_model_infos))
 
@@ -284,10 +330,13 @@ class AsyncClient(_Base):
         timeout_s: float | None = None,
         session: str | None = None,
         session_method: str | None = None,
+        adapter: str | Mapping[str, Any] | None = None,
+        adapter_alpha: float | str | None = None,
     ) -> Classification:
         """See ``Client.classify``."""
         args = (labels, label_set, templates, top_k, method, options, seed, compare, abstain_below, confidence_gate)
-        return await self.send(Calls.classify(images, *args, timeout_s, session=session, session_method=session_method))
+        call = Calls.classify(images, *args, timeout_s, None, session, session_method, adapter, adapter_alpha)
+        return await self.send(call)
 
     async def classify_video(
         self,
@@ -369,6 +418,32 @@ class AsyncClient(_Base):
     async def delete_session(self, session_id: str) -> None:
         """See ``Client.delete_session``."""
         await self.send(Call("DELETE", f"/v1/sessions/{session_id}", reads_nothing))
+
+    async def upload_adapter(self, artifact: str | Path | bytes, name: str, group: str | None = None) -> Adapter:
+        return await self.send(Calls.upload_adapter(artifact, name, group))
+
+    async def adapters(self) -> AdapterList:
+        return await self.send(Calls.adapters())
+
+    async def adapter(self, ref: str) -> Adapter:
+        return await self.send(Calls.adapter(ref))
+
+    async def download_adapter(self, ref: str) -> bytes:
+        return await self.send(Calls.download_adapter(ref))
+
+    async def delete_adapter(self, ref: str) -> None:
+        await self.send(Calls.delete_adapter(ref))
+
+    async def merge_adapters(
+        self,
+        group: str,
+        method: str = "emr",
+        *,
+        scale: float | None = None,
+        density: float | None = None,
+        name: str | None = None,
+    ) -> Merge:
+        return await self.send(Calls.merge_adapters(group, method, scale, density, name))
 
     async def models(self) -> list[ModelInfo]:
         return await self.send(Call("GET", "/v1/models", reads_model_infos))

@@ -73,6 +73,18 @@ class SessionReport(_Model):
     reset: str | None = None  # labels_changed or method_changed: the state started afresh
 
 
+class RoutedAdapter(_Model):
+    adapter: str  # NAME@vN
+    similarity: float  # cosine of the image's frozen features to the adapter's nearest prototype
+
+
+class AdapterReport(_Model):
+    adapter: str | None  # the named adapter, NAME@vN; None when routed
+    alpha: float | str  # adapter_alpha, or "class_distance"
+    routed: list[RoutedAdapter] | None = None  # when routed: the adapters used (empty: the frozen model alone)
+    best_similarity: float | None = None
+
+
 class Result(_Model):
     label: str | None  # None when abstained
     confidence: float
@@ -83,6 +95,7 @@ class Result(_Model):
     adaptation: Adaptation
     zero_shot: ZeroShotView | None = None
     session: SessionReport | None = None
+    adapter: AdapterReport | None = None
 
 
 class Classification(_Model):
@@ -207,5 +220,46 @@ class ModelInfo(_Model):
     embed_dim: int | None = None
     context_length: int | None = None
     logit_scale: float | None = None
+    fingerprint: str | None = None  # adapters and calibrations hold for this model only
     label_sets: list[str] | None = None
     calibration: dict[str, Any] | None = None
+
+
+class Adapter(_Model):
+    """One version of a stored adapter."""
+
+    name: str
+    version: int
+    ref: str  # NAME@vN
+    type: str
+    parts: list[str]
+    base_model: str  # the fingerprint of the model it was trained on
+    labels: list[str]
+    group: str | None = None
+    source: str
+    sha256: str
+    bytes: int
+    resident: bool  # loaded in the server process now
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created_at: float
+
+
+class AdapterList(_Model):
+    adapters: list[Adapter]
+    resident_bytes: int
+    cache_bytes: int
+
+
+class MergedMember(_Model):
+    adapter: str
+    reconstruction: str | None  # emr: the member rebuilt from the unified adapter, stored as GROUP.MEMBER
+    fidelity: float
+    mask_density: float
+    rescaler: float
+
+
+class Merge(_Model):
+    method: str
+    unified: Adapter
+    members: list[MergedMember]

@@ -4,6 +4,7 @@
     tta classify-video clip.mp4 frames/ --labels cat,dog,bird --num-frames 8   # a video file, a folder of frames
     tta label-sets create animals --labels cat,dog,bird
     tta calibrate animals labelled/            # one sub-folder per label
+    tta adapters upload shapes.safetensors --name shapes && tta classify photos/ --labels a,b --adapter shapes
     tta bench --requests 200 --concurrency 8
     tta serve --port 8000                      # the server, when it is installed
 
@@ -20,6 +21,7 @@ try:
 except ImportError as exc:  # the client alone does not bring the command line's dependencies
     raise SystemExit("the tta command needs its extras: pip install 'ttaserve-client[cli]'") from exc
 
+from ttaserve_client.cli.adapters import adapters
 from ttaserve_client.cli.bench import bench
 from ttaserve_client.cli.classify import classify
 from ttaserve_client.cli.info import methods_command, models_command, serve
@@ -41,7 +43,8 @@ def main(ctx: click.Context, server: str, timeout_s: float, retries: int, api_ke
     ctx.obj = {"server": server, "timeout_s": timeout_s, "retries": retries, "api_key": api_key or None}
 
 
-for command in (classify, classify_video, label_sets, calibrate, bench, methods_command, models_command, serve):
+commands = (classify, classify_video, label_sets, calibrate, adapters, bench, methods_command, models_command, serve)
+for command in commands:
     main.add_command(command)
 
 __all__ = ["main"]

@@ -87,6 +87,9 @@ class _Writer:
 @click.option("--top-k", type=int, help="Predictions per image.")
 @click.option("--abstain-below", type=float, help="No label when the calibrated confidence is lower.")
 @click.option("--seed", type=int, help="Seed of the augmented views.")
+@click.option("--adapter", help="A stored adapter, NAME or NAME@vN; 'auto' routes each image to its closest adapters.")
+@click.option("--adapter-alpha", help="0 to 1 (0: exactly zero-shot, 1: the adapter), or class_distance.")
+@click.option("--session", help="Keep online state across these requests under this session id (zero_shot).")
 @click.option("--batch", type=int, default=8, show_default=True, help="Images per request.")
 @click.option("--concurrency", "-c", type=int, default=4, show_default=True, help="Requests in flight.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
@@ -103,6 +106,9 @@ def classify(
     top_k: int | None,
     abstain_below: float | None,
     seed: int | None,
+    adapter: str | None,
+    adapter_alpha: str | None,
+    session: str | None,
     batch: int,
     concurrency: int,
     fmt: str,
@@ -127,6 +133,9 @@ def classify(
         "top_k": top_k,
         "abstain_below": abstain_below,
         "seed": seed,
+        "adapter": {"route": "auto"} if adapter == "auto" else adapter,
+        "adapter_alpha": _alpha(adapter_alpha),
+        "session": session,
     }
     out = output.open("w", newline="") if output else sys.stdout
     writer = _Writer(fmt, out)
@@ -142,6 +151,17 @@ def classify(
         f"({batch} per request, {concurrency} in flight)",
         highlight=False,
     )
+
+
+def _alpha(value: str | None) -> float | str | None:
+    if value is None or value == "class_distance":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.UsageError(
+            f"--adapter-alpha must be a number from 0 to 1 or class_distance, not {value!r}"
+        ) from None
 
 
 async def _classify_all(
