@@ -18,8 +18,18 @@ from server.service.jobs import FinetuneRequest
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/v1/jobs/finetune", status_code=202, response_model=JobOut, responses=errors(404, 413, 422))
-def finetune(body: FinetuneIn, response: Response, runtime: RuntimeDep, caller: CallerDep) -> JobOut:
+LOCATION = {
+    "Location": {"description": "Where to follow the job (GET) or cancel it (DELETE).", "schema": {"type": "string"}}
+}
+
+
+@router.post(
+    "/v1/jobs/finetune",
+    status_code=202,
+    response_model=JobOut,
+    responses=errors(400, 404, 413, 422) | {202: {"description": "Queued.", "headers": LOCATION}},
+)
+def submit_finetune(body: FinetuneIn, response: Response, runtime: RuntimeDep, caller: CallerDep) -> JobOut:
     """Queue the training of a few-shot adapter; everything is checked now (422), the training runs after."""
     anchors = body.anchors
     request = FinetuneRequest(
