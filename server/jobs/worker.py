@@ -93,6 +93,11 @@ class Reporter:
             self.stop.requested = True
 
 
+def finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    """The metrics with NaN and infinities as None: JSON answers cannot carry them."""
+    return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+
+
 def run(store: Store, settings: Settings, job_id: str, stop: StopFlag) -> int:
     """Run the job; 0 when it ended (or was stopped), 1 when it failed."""
     job = store.job(job_id, owner=None)
@@ -128,7 +133,7 @@ def run(store: Store, settings: Settings, job_id: str, stop: StopFlag) -> int:
             job_id,
             state="succeeded",
             progress=dict(reporter.progress),
-            result={"adapter": record.ref, "metrics": adapter.card.metrics},
+            result={"adapter": record.ref, "metrics": finite(adapter.card.metrics)},
         )
         log.info("job %s: published %s", job_id, record.ref)
         return 0

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from server.api import create_app
 from server.settings import Settings
@@ -20,6 +21,7 @@ from server.storage.base import JobRecord
 from tests.integration.test_auth import ALICE, ALICE_ADMIN, BOB_ADMIN, bearer, keyed
 from tests.support.apps import wait_for, wait_ready
 from tests.support.images import b64, png_bytes
+from tests.support.postgres import PostgresServer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 LONG = 10_000  # steps of a job that is stopped long before it ends
@@ -172,6 +174,7 @@ def test_a_restart_fails_what_was_running_and_runs_what_was_queued(settings: Set
     assert store.job(interrupted, owner=None).state == "failed"
     assert "interrupted" in (store.job(interrupted, owner=None).error or "")
     assert store.job(waiting, owner=None).state == "queued"
+    assert store.job_inputs(interrupted) == b"" and store.job_inputs(waiting) != b""  # images kept while needed
     # A server that died while a job ran (no close) left it running: the next one fails it.
     crashed = JobRecord(id="crashed", kind="finetune", state="running", spec={}, owner="")
     store.create_job(crashed, b"{}")
@@ -231,3 +234,16 @@ def test_another_key_cannot_see_or_cancel_a_job(settings: Settings) -> None:
         assert client.get("/v1/jobs", headers=bob).json()["jobs"] == []
         assert job(client, job_id, bearer(ALICE))["id"] == job_id  # the same key name: the same tenant
         assert client.delete(f"/v1/jobs/{job_id}", headers=alice).json()["state"] == "cancelled"
+
+
+def test_workers_share_a_postgresql_store_with_the_server(settings: Settings, postgres_server: PostgresServer) -> None:
+    shared = settings.model_copy(update={"database_url": SecretStr(postgres_server.new_database())})
+    with TestClient(create_app(shared)) as client:
+        wait_ready(client)
+        add_label_set(client)
+        killed = submit(client, steps=LONG).json()["id"]
+        os.kill(training(client, killed)["pid"], signal.SIGKILL)
+        assert "SIGKILL" in ended(client, killed)["error"]
+        done = ended(client, submit(client).json()["id"])
+        assert done["state"] == "succeeded" and done["result"]["adapter"] == "shades@v1"
+        assert [a["ref"] for a in client.get("/v1/adapters").json()["adapters"]] == ["shades@v1"]
