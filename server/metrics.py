@@ -172,6 +172,24 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.adapter_bytes = Gauge(
+            "tta_adapter_resident_bytes",
+            "Bytes of few-shot adapters (and their class features) loaded in the process, within "
+            "TTA_ADAPTER_CACHE_BYTES.",
+            registry=r,
+        )
+        self.adapter_loads = Counter(
+            "tta_adapter_loads", "Adapters read from the store and loaded (a miss of the resident LRU).", registry=r
+        )
+        self.routed_images = Counter(
+            "tta_routed_images",
+            "Images of routed requests, by outcome: adapter (at least one adapter cleared min_sim) or fallback "
+            "(the frozen model answered alone).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("adapter", "fallback"):
+            self.routed_images.labels(outcome=outcome)
         for reason in SESSION_EVICTIONS:
             self.session_evictions.labels(reason=reason)
         for reason in SKIP_REASONS:

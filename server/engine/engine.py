@@ -69,7 +69,9 @@ class Engine:
         self.pending_s = 0.0  # estimated seconds of admitted, unfinished adaptation work
         # Few-shot adapters loaded on the device, shared by the lanes (keyed by their bytes' sha256).
         self.adapters = ResidentAdapters(
-            settings.adapter_cache_bytes, lambda: self.backbone.device if self.backbone else torch.device("cpu")
+            settings.adapter_cache_bytes,
+            lambda: self.backbone.device if self.backbone else torch.device("cpu"),
+            on_load=metrics.adapter_loads.inc,
         )
         self._cond = threading.Condition()
         self._stopping = False
@@ -363,6 +365,7 @@ class Engine:
         """Set the gauges that are read rather than counted: queue depth, pending work, GPU memory."""
         self._gauge_queue()
         self.metrics.adapt_pending.set(self.pending_s)
+        self.metrics.adapter_bytes.set(self.adapters.bytes)
         backbone = self.backbone
         if backbone is not None and backbone.device.type == "cuda" and self.runner is not None:
             self.metrics.gpu_memory_allocated.set(torch.cuda.memory_allocated(backbone.device))

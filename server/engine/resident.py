@@ -37,9 +37,10 @@ class ResidentAdapters:
 
     MAX_LABEL_SETS = 16  # class features kept per adapter (least recently added dropped)
 
-    def __init__(self, cap_bytes: int, device: Callable[[], torch.device]):
+    def __init__(self, cap_bytes: int, device: Callable[[], torch.device], on_load: Callable[[], None] = lambda: None):
         self.cap_bytes = cap_bytes
         self._device = device
+        self._on_load = on_load
         self._loaded: OrderedDict[str, Resident] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # adapters read from the store and loaded, since start
@@ -55,6 +56,7 @@ class ResidentAdapters:
         device = self._device()
         moved = Adapter(adapter.card, {k: v.to(device) for k, v in adapter.tensors.items()})
         resident = Resident(sha256, moved)
+        self._on_load()
         with self._lock:
             self.loads += 1
             self._loaded[sha256] = resident
@@ -79,7 +81,7 @@ class ResidentAdapters:
 
     @property
     def bytes(self) -> int:
-        return sum(r.nbytes for r in self._loaded.values())
+        return sum(r.nbytes for r in list(self._loaded.values()))
 
     def resident(self) -> dict[str, int]:
         """The loaded adapters' sha256 and bytes, least recently used first."""

@@ -439,14 +439,14 @@ class ClassifyService:
             )
         return results
 
-    @staticmethod
-    def _adapter_report(work: Work, output: JobOutput, i: int) -> AdapterReport | None:
+    def _adapter_report(self, work: Work, output: JobOutput, i: int) -> AdapterReport | None:
         use = work.adapter
         if use is None:
             return None
         if not use.routed:
             return AdapterReport(adapter=use.refs[0], alpha="class_distance" if use.class_distance else use.alpha)
         route = output.routes[i] if output.routes else None
+        self.metrics.routed_images.labels(outcome="adapter" if route and route.used else "fallback").inc()
         return AdapterReport(
             adapter=None,
             alpha=use.alpha,

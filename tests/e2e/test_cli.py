@@ -107,3 +107,41 @@ def test_bench_prints_latency_percentiles_and_throughput(served):
 def test_serve_hands_over_to_the_server():
     done = tta("serve", "--help")
     assert "--model" in done.stdout and "TTA_MODEL" in done.stdout
+
+
+def test_adapters_upload_list_serve_download_and_delete(served, tmp_path):
+    import httpx
+    import torch
+    import torch.nn.functional as F
+
+    from adapters.fewshot.artifact import Adapter, AdapterCard
+
+    url, _ = served
+    model = httpx.get(f"{url}/v1/models").json()["models"][0]
+    dim, labels = model["embed_dim"], COLOURS.split(",")
+    tensors = {
+        "label_features": F.normalize(torch.eye(dim)[:3] + 0.1, dim=-1),
+        "prototypes": F.normalize(torch.eye(dim)[:3] + 0.1, dim=-1),
+        "text.weight": torch.eye(dim) + 0.2 * torch.randn(dim, dim, generator=torch.Generator().manual_seed(0)),
+        "text.bias": torch.zeros(dim),
+    }
+    card = AdapterCard(type="apex", parts=("text_adapter",), base_model=model["fingerprint"], labels=tuple(labels))
+    artifact = tmp_path / "colours.safetensors"
+    artifact.write_bytes(Adapter(card, tensors).to_bytes())
+
+    stored = json.loads(tta("--server", url, "adapters", "upload", artifact, "--name", "colours").stdout)
+    assert stored["ref"] == "colours@v1"
+    assert "colours@v1" in tta("--server", url, "adapters", "list").stdout
+    image = tmp_path / "one.png"
+    image.write_bytes(png_bytes(seed=1, size=(16, 16)))
+    done = tta("--server", url, "classify", image, "--labels", COLOURS, "--adapter", "colours", "--format", "jsonl")
+    assert json.loads(done.stdout)["result"]["adapter"]["adapter"] == "colours@v1"
+    refused = tta("--server", url, "classify", image, "--labels", COLOURS, "--adapter", "colours",
+                  "--adapter-alpha", "most", check=False)  # fmt: skip
+    assert refused.returncode != 0 and "--adapter-alpha" in refused.stderr
+    copy = tmp_path / "copy.safetensors"
+    tta("--server", url, "adapters", "download", "colours@v1", "-o", copy)
+    assert copy.read_bytes() == artifact.read_bytes()
+    tta("--server", url, "adapters", "delete", "colours")
+    gone = tta("--server", url, "adapters", "show", "colours", check=False)
+    assert gone.returncode != 0 and "unknown_adapter" in gone.stderr

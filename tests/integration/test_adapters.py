@@ -17,7 +17,7 @@ from server.api import create_app
 from server.clip.backbone import Backbone
 from server.settings import Settings
 from tests.integration.test_auth import ALICE, ALICE_ADMIN, BOB_ADMIN, bearer, keyed
-from tests.support.apps import wait_ready
+from tests.support.apps import metric, wait_ready
 from tests.support.images import b64, png_bytes
 
 LABELS = ["red", "green", "blue", "a cat"]
@@ -204,6 +204,9 @@ def test_routing_sends_each_image_to_the_adapter_whose_prototypes_it_is_near_and
     assert routed.status_code == 200, routed.text
     used = [[u["adapter"] for u in r["adapter"]["routed"]] for r in routed.json()["results"]]
     assert used == [["a@v1"], ["a@v1"], ["b@v1"], ["b@v1"]]
+    text = client.get("/metrics").text
+    assert metric(text, 'tta_routed_images_total{outcome="adapter"}') == 4
+    assert metric(text, "tta_adapter_loads_total") == 2 and metric(text, "tta_adapter_resident_bytes") > 0
     assert all(
         r["adapter"]["routed"][0]["similarity"] == pytest.approx(1.0, abs=1e-4) for r in routed.json()["results"]
     )
@@ -300,3 +303,48 @@ def test_class_distance_weighs_each_class_by_its_distance_to_the_training_labels
     )
     refused = classify(client, images, adapter="apex", adapter_alpha="class_distance", method="mta")
     assert (refused.status_code, refused.json()["error"]["code"]) == (422, "adapter_method")
+
+
+@pytest.mark.parametrize("kind", ["apex", "prompt"])
+def test_a_trained_adapter_serves_the_logits_it_had_right_after_training(client: TestClient, kind: str) -> None:
+    from adapters.fewshot.train import TrainConfig, train_adapter
+
+    backbone = backbone_of(client)
+    support = torch.stack([backbone.preprocess(_pil(i)) for i in range(8)])
+    targets = torch.tensor([0, 1] * 4)
+    frozen = frozen_classes(backbone, LABELS)
+    config = TrainConfig(type=kind, steps=4, lr=3e-3, batch_size=4)
+    trained = train_adapter(backbone, support, targets, tuple(LABELS), frozen, config, base_model=backbone.fingerprint)
+    with torch.inference_mode():  # what training ends with, before any bytes
+        queries = torch.stack([backbone.preprocess(_pil(i)) for i in range(20, 23)])
+        feats = adapter_image_features(backbone, trained, queries)
+        expected = backbone.logit_scale * feats @ adapter_class_features(backbone, trained, LABELS, frozen).T
+    assert upload(client, trained, f"trained-{kind}").status_code == 201
+    served = classify(client, image_list(3, start=20), adapter=f"trained-{kind}").json()["results"]
+    for i, result in enumerate(served):
+        assert logits(result) == pytest.approx(expected[i].tolist(), abs=1e-5)
+
+
+def test_loaded_adapters_stay_within_their_cache_least_recently_used_out(settings: Settings) -> None:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as probe:
+        wait_ready(probe)
+        one = make_adapter(backbone_of(probe)).nbytes  # an adapter's tensors, loaded
+    capped = settings.model_copy(update={"adapter_cache_bytes": int(one * 1.5)})
+    with TestClient(create_app(capped), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        backbone = backbone_of(client)
+        for name, seed in (("a", 1), ("b", 2)):
+            upload(client, make_adapter(backbone, seed=seed), name)
+        images = image_list(1)
+
+        def resident() -> dict[str, bool]:
+            return {a["name"]: a["resident"] for a in client.get("/v1/adapters").json()["adapters"]}
+
+        first = logits(classify(client, images, adapter="a").json()["results"][0])
+        assert resident() == {"a": True, "b": False}
+        classify(client, images, adapter="b")
+        assert resident() == {"a": False, "b": True}  # a made room
+        assert logits(classify(client, images, adapter="a").json()["results"][0]) == first  # read back the same
+        assert metric(client.get("/metrics").text, "tta_adapter_loads_total") == 3
+        listed = client.get("/v1/adapters").json()
+        assert listed["resident_bytes"] <= listed["cache_bytes"] == int(one * 1.5)

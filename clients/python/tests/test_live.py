@@ -114,3 +114,77 @@ def test_sessions_keep_state_until_reset(server_url):
             tta.session(session)
         assert (refused.value.status, refused.value.code) == (404, "session_not_found")
         assert tta.methods().sessions is not None
+
+
+def artifact(fingerprint: str, dim: int, labels: list[str], tilt: float) -> bytes:
+    """An adapter artifact made without torch or numpy: a text adapter (W = I + tilt on the first row, b = 0)
+    with one-hot label features and prototypes. Its values say nothing; what the server does with them does."""
+    import json
+    import struct
+
+    def eye(n: int, extra: float = 0.0) -> list[float]:
+        return [(1.0 if i == j else 0.0) + (extra if i == 0 else 0.0) for i in range(n) for j in range(n)]
+
+    one_hot = [1.0 if j == i % dim else 0.0 for i in range(len(labels)) for j in range(dim)]
+    tensors = {
+        "label_features": ([len(labels), dim], one_hot),
+        "prototypes": ([len(labels), dim], one_hot),
+        "text.bias": ([dim], [0.0] * dim),
+        "text.weight": ([dim, dim], eye(dim, tilt)),
+    }
+    card = {"type": "apex", "parts": ["text_adapter"], "base_model": fingerprint, "labels": labels, "format": 1}
+    header: dict[str, object] = {"__metadata__": {"ttaserve.adapter": json.dumps(card)}}
+    body, offset = b"", 0
+    for name, (shape, values) in tensors.items():
+        data = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        body, offset = body + data, offset + len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + body
+
+
+def test_adapters_upload_serve_merge_download_and_delete(server_url):
+    name = f"colours-{uuid.uuid4().hex[:8]}"
+    with Client(server_url) as tta:
+        model = tta.models()[0]
+        assert model.fingerprint and model.embed_dim
+        first = tta.upload_adapter(artifact(model.fingerprint, model.embed_dim, COLOURS, 0.5), name, group=name)
+        second = tta.upload_adapter(artifact(model.fingerprint, model.embed_dim, COLOURS, -0.5), f"{name}-b", name)
+        assert (first.ref, first.version, first.parts) == (f"{name}@v1", 1, ["text_adapter"])
+        assert {a.ref for a in tta.adapters().adapters} >= {first.ref, second.ref}
+        images = [Pixels(8, 8, 1), Pixels(8, 8, 2)]
+        served = tta.classify(images, labels=COLOURS, adapter=name, compare=True)
+        report = served.results[0].adapter
+        assert report is not None and (report.adapter, report.alpha) == (first.ref, 1.0)
+        frozen = tta.classify(images, labels=COLOURS, adapter=first.ref, adapter_alpha=0.0)
+        plain = tta.classify(images, labels=COLOURS)
+        assert [r.predictions for r in frozen.results] == [r.predictions for r in plain.results]
+        routed = tta.classify(images, labels=COLOURS, adapter={"route": "auto", "group": name})
+        assert all(r.adapter is not None and r.adapter.routed is not None for r in routed.results)
+        merged = tta.merge_adapters(name, "emr")
+        assert merged.unified.ref == f"{name}.merged@v1" and len(merged.members) == 2
+        assert tta.download_adapter(first.ref)[:8] == artifact(model.fingerprint, model.embed_dim, COLOURS, 0.5)[:8]
+        tta.delete_adapter(name)
+        with pytest.raises(ApiError) as gone:
+            tta.adapter(name)
+        assert (gone.value.status, gone.value.code) == (404, "unknown_adapter")
+        with pytest.raises(ApiError) as foreign:
+            tta.upload_adapter(artifact("0" * 16, model.embed_dim, COLOURS, 0.5), name)
+        assert (foreign.value.status, foreign.value.code) == (409, "adapter_base_model")
+
+
+def test_the_async_client_serves_through_an_adapter(server_url):
+    name = f"async-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> None:
+        async with AsyncClient(server_url) as tta:
+            model = (await tta.models())[0]
+            assert model.fingerprint and model.embed_dim
+            stored = await tta.upload_adapter(artifact(model.fingerprint, model.embed_dim, COLOURS, 0.5), name)
+            answer = await tta.classify([Pixels(8, 8, 1)], labels=COLOURS, adapter=stored.ref)
+            assert answer.results[0].adapter is not None and answer.results[0].adapter.adapter == stored.ref
+            assert [a.ref for a in (await tta.adapters()).adapters if a.name == name] == [stored.ref]
+            await tta.delete_adapter(stored.ref)
+
+    asyncio.run(go())
