@@ -3,13 +3,14 @@ follow, list and cancel a job; train on this machine from a folder of labelled i
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from ttaserve_client import Client
+from ttaserve_client import AsyncClient, Client
 from ttaserve_client.cli import main
 
 from server.api import create_app
@@ -53,6 +54,23 @@ def test_the_client_submits_follows_lists_and_cancels_jobs(served: str) -> None:
         assert tta.cancel_job(long.id).state == "cancelled"
         assert [(j.id, j.state) for j in tta.jobs()] == [(queued.id, "succeeded"), (long.id, "cancelled")]
         assert [a.ref for a in tta.adapters().adapters] == ["shades@v1"]
+
+
+def test_the_async_client_does_the_same(served: str) -> None:
+    images, labels = labelled_images()
+
+    async def run() -> None:
+        async with AsyncClient(served, timeout_s=PATIENCE_S) as tta:
+            await tta.create_label_set("colours", list(COLOURS))
+            long = await tta.finetune("colours", images, labels, "never", steps=LONG)
+            queued = await tta.finetune("colours", images, labels, "shades", steps=2, batch_size=6)
+            assert (await tta.cancel_job(long.id)).state == "cancelled"
+            done = await tta.wait_job(queued.id, poll_s=0.05)
+            assert done.state == "succeeded" and done.result is not None and done.result["adapter"] == "shades@v1"
+            assert [j.id for j in await tta.jobs()] == [long.id, queued.id]
+            assert (await tta.job(long.id)).state == "cancelled"
+
+    asyncio.run(run())
 
 
 def test_tta_train_trains_here_and_uploads_the_artifact(
