@@ -34,6 +34,7 @@ class Ensemble(_Model):
     mode: str  # "fixed" or "adaptive"
     difficulty: float | None = None  # the confident views' normalised zero-shot entropy, in [0, 1]
     weight: float  # on the adapted logits
+    divergence: float | None = None  # KL(adapted || zero-shot) of the two answers, nats
 
 
 class Adaptation(_Model):
