@@ -20,8 +20,9 @@ runs functionally for TTL and which works on the ResNet towers too.
 
 Every adapter also keeps what routing and APEX's class-distance ensemble need: the training labels'
 frozen text embeddings (``label_features`` [C, D]) and ConDU's per-class prototypes (``prototypes``
-[C, D]). The card (type, base model fingerprint, labels, training settings, metrics)
-travels in the file's metadata, so an artifact is one file that can be uploaded as it is.
+[C, D]; a zero row for a label it saw no image of: it was trained against it, not on it). The card
+(type, base model fingerprint, labels, training settings, metrics) travels in the file's metadata, so an
+artifact is one file that can be uploaded as it is.
 """
 
 from __future__ import annotations
@@ -263,18 +264,25 @@ def prototypes(image_features: torch.Tensor, targets: torch.Tensor, text_feature
     unit-norm image features, its unit-norm text feature).
 
     image_features [N, D] unit-norm, targets [N] class indices, text_features [C, D] unit-norm -> [C, D].
-    A class without images gets its text feature."""
+    A class without images gets a zero row: the adapter never saw it, so routing must not send images of
+    it there (two adapters trained against one label set would otherwise share those prototypes, and tie)."""
     n_classes, dim = text_features.shape
     sums = torch.zeros(n_classes, dim, dtype=image_features.dtype).index_add_(0, targets, image_features)
-    counts = torch.bincount(targets, minlength=n_classes).clamp_min(1).unsqueeze(1).to(image_features)
-    image_mean = F.normalize(sums / counts, dim=-1)
-    has = torch.bincount(targets, minlength=n_classes).unsqueeze(1) > 0
-    image_mean = torch.where(has, image_mean, text_features)
-    return F.normalize((image_mean + text_features) / 2, dim=-1)
+    counts = torch.bincount(targets, minlength=n_classes).unsqueeze(1).to(image_features)
+    image_mean = F.normalize(sums / counts.clamp_min(1), dim=-1)
+    merged = F.normalize((image_mean + text_features) / 2, dim=-1)
+    return torch.where(counts > 0, merged, torch.zeros_like(merged))
+
+
+def seen(prototypes_: torch.Tensor) -> torch.Tensor:
+    """[C] bool: the classes an adapter saw images of (a non-zero prototype)."""
+    return prototypes_.abs().sum(dim=-1) > 0
 
 
 def route_scores(image_features: torch.Tensor, prototypes_: torch.Tensor) -> torch.Tensor:
-    """ConDU's routing score of images [N, D] against one adapter's prototypes [C, D]: max cosine, [N]."""
-    if math.prod(prototypes_.shape) == 0:
-        return torch.full((image_features.shape[0],), -1.0)
-    return (image_features @ prototypes_.T).max(dim=-1).values
+    """ConDU's routing score of images [N, D] against one adapter's prototypes [C, D]: the max cosine over the
+    classes it saw images of, [N]; -1 (no image is routed there) for an adapter that saw none."""
+    kept = prototypes_[seen(prototypes_)]
+    if math.prod(kept.shape) == 0:
+        return torch.full((image_features.shape[0],), -1.0, device=image_features.device)
+    return (image_features @ kept.to(image_features).T).max(dim=-1).values

@@ -29,7 +29,7 @@ from adapters.fewshot.apply import (
     class_distance_weights,
     lora_factors_of,
 )
-from adapters.fewshot.artifact import route_scores
+from adapters.fewshot.artifact import route_scores, seen
 from adapters.lowrank import LoraFactors
 from server.engine.resident import Resident, ResidentAdapters
 from server.engine.work import AdapterUse, Route, Work
@@ -86,7 +86,10 @@ def named(
     with torch.inference_mode():
         alpha, weights = use.alpha, None
         if use.class_distance:  # APEX: each class by its distance to the training labels, images by the mean
-            weights = class_distance_weights(resident.adapter.tensors["label_features"], classes)
+            tensors = resident.adapter.tensors
+            training, shown = tensors["label_features"], seen(tensors["prototypes"])
+            # APEX's training classes are those it had shots of; a label trained against but never shown is not.
+            weights = class_distance_weights(training[shown] if bool(shown.any()) else training, classes)
             alpha = float(weights.mean())
         images = feats
         if "lora" in resident.adapter.card.parts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -27,3 +28,15 @@ def test_blends_keep_the_ends_exact_and_renormalize_between() -> None:
     mixed = blend_classes(frozen, adapted, torch.tensor([1.0, 0.0, 0.5]))
     assert torch.allclose(mixed[0], adapted[0]) and torch.allclose(mixed[1], frozen[1])
     assert torch.allclose(mixed[2], blend(frozen[2:], adapted[2:], 0.5)[0])
+
+
+def test_a_class_without_shots_gets_no_prototype_and_routing_ignores_it() -> None:
+    from adapters.fewshot.artifact import prototypes, route_scores
+
+    text = torch.eye(4)[:3]  # three training labels; images of the first only
+    image = F.normalize(torch.tensor([[1.0, 0.2, 0, 0], [1.0, -0.2, 0, 0]]), dim=-1)
+    protos = prototypes(image, torch.tensor([0, 0]), text)
+    assert torch.allclose(protos[0].norm(), torch.tensor(1.0)) and protos[1:].abs().sum() == 0
+    # An image of label 2 (never shown) is not routed by its text: only label 0's prototype counts.
+    assert float(route_scores(text[2:3], protos)[0]) == pytest.approx(float(text[2] @ protos[0]))
+    assert float(route_scores(text[2:3], torch.zeros(3, 4))[0]) == -1.0  # an adapter that saw nothing
