@@ -48,6 +48,8 @@ def optimize(
     steps: int,
     loss_fn: Callable[[int], Sequence[torch.Tensor | None]],
     stop: Callable[[], bool] = lambda: False,
+    anchor: Sequence[Sequence[torch.Tensor]] | None = None,
+    anchor_weight: float = 0.0,
 ) -> list[int]:
     """Run ``steps`` AdamW steps for R stacked images at once, each as if it were alone.
 
@@ -57,6 +59,15 @@ def optimize(
     is exactly its own loss's; AdamW is elementwise and keeps state per tensor, so one optimizer over
     all images' leaves takes for each the step a separate optimizer would. An image that skips has
     its gradients cleared, which AdamW treats as no step at all (no weight decay either).
+
+    ``anchor`` (image r's start values, one per leaf) with ``anchor_weight`` w > 0 is the ``l2sp``
+    regularizer, w * ||p - p0||^2, applied as its proximal step after the AdamW step rather than as a
+    loss: p <- p0 + (p - p0) / (1 + 2 * lr * w), the exact minimiser of w * ||x - p0||^2 + ||x - p||^2 / (2 lr).
+    As a loss term its gradient goes through Adam's normalisation, which moves each parameter by about
+    lr whatever the weight, so a heavier weight could not shorten the step (benchmarks/RESULTS.md,
+    anchor regularizers); decoupled like AdamW's weight decay, the pull grows with w and never
+    overshoots p0. Like the loss terms it acts from an image's second step on: after one step it
+    changes nothing, where the term and its gradient were 0 (the parameters start at p0).
 
     ``stop()`` is checked before each step; when it says so, ``Stopped`` is raised. The optimizer
     state lives and dies here. Returns the steps each image took.
@@ -82,4 +93,11 @@ def optimize(
                 else:
                     taken[r] += 1
             optimizer.step()
+            if anchor is not None and anchor_weight > 0:
+                shrink = 1.0 / (1.0 + 2.0 * lr * anchor_weight)
+                with torch.no_grad():
+                    for r, loss in enumerate(losses):
+                        if loss is not None and taken[r] >= 2:
+                            for p, p0 in zip(params[r], anchor[r], strict=True):
+                                p.copy_(p0 + (p - p0) * shrink)
     return taken

@@ -14,11 +14,18 @@ semantics", in three cheap terms added to a method's loss:
   descriptions), at the model's logit scale: ARF's "rich semantics" as a distribution to keep. Only
   for methods that change the image features (TTL); the class side does not move the anchors.
 - ``l2sp``: the squared L2 distance of the adapted parameters from where they started (L2-SP, Li et
-  al., ICML 2018), summed over the parameter tensors.
+  al., ICML 2018), summed over the parameter tensors. It is not added to the loss: the optimizer
+  (``adapters.common.optimize``) takes its proximal step after each AdamW step, p <- p0 + (p - p0) /
+  (1 + 2 * lr * w), decoupled as AdamW decouples weight decay. As a loss term its gradient went
+  through Adam's normalisation, which moves each parameter by about lr whatever the weight, so a
+  heavier weight turned the step but did not shorten it and the drift stopped falling past weight 1
+  (benchmarks/RESULTS.md); the decoupled pull shrinks the distance more as the weight grows (measured:
+  the features' drift falls with it from weight 3 on, for TPT and TTL alike).
 
 All three are 0 with a zero gradient at the start (the adapted model is the frozen one there, a
 minimum of each), so with one step (the default of every method) they change nothing: they act from
-the second step on, which is where a high learning rate or many steps make a method drift.
+the second step on, which is where a high learning rate or many steps make a method drift. (The
+``l2sp`` pull likewise starts after an image's second step, so one step is unchanged too.)
 """
 
 from __future__ import annotations
@@ -41,11 +48,13 @@ MAX_WEIGHT = 1e4
 
 @dataclass(frozen=True)
 class RegularizerOptions:
-    """Weights of the anchor regularizers added to the adaptation loss (0: off).
+    """Weights of the anchor regularizers that keep adaptation near the frozen model (0: off).
 
     Each is 0 with a zero gradient at the start, so it acts from the second step on (steps >= 2).
     ``feature``: 1 - cos(adapted, frozen features). ``anchor_kl``: KL(frozen || adapted) over the anchor
-    texts (vision-side methods). ``l2sp``: squared distance of the adapted parameters from their start.
+    texts (vision-side methods). ``l2sp``: squared distance w * ||p - p0||^2 of the adapted parameters from
+    their start, applied by the optimizer as a decoupled pull after each step from the second,
+    p <- p0 + (p - p0) / (1 + 2 * lr * w), so the distance shrinks as w grows even at a high learning rate.
     """
 
     __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid")  # a misspelt key is an error
@@ -104,5 +113,5 @@ def anchor_kl(adapted: torch.Tensor, frozen: torch.Tensor, anchors: torch.Tensor
 
 
 def l2sp(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum over tensors of ||p - p0||^2."""
+    """Sum over tensors of ||p - p0||^2: the term whose proximal step ``adapters.common.optimize`` takes."""
     return torch.stack([(p - p0).pow(2).sum() for p, p0 in zip(params, start, strict=True)]).sum()

@@ -40,7 +40,7 @@ from adapters.base import AdaptInput, AdaptResult, Method, register
 from adapters.common import EpisodicOptions, optimize
 from adapters.descriptions import MICRO_PROTOTYPES, DescriptionOptions
 from adapters.losses import marginal_entropy, select_confident
-from adapters.regularizers import feature_drift, l2sp
+from adapters.regularizers import feature_drift
 
 
 @dataclass(frozen=True)
@@ -81,18 +81,20 @@ class TPS(Method[TPSOptions]):
                 # The anchor regularizers (adapters/regularizers.py) are 0 with a zero gradient at the first step
                 # (the adapted model is the frozen one), so they are left out of it: computed, rounding would
                 # leave a ~1e-8 gradient that Adam's first step, lr * sign(gradient), turns into a full step.
-                if step:
-                    if reg.feature:
-                        value = value + reg.feature * feature_drift(
-                            F.normalize(protos[r] + shifts[r], dim=-1), protos[r]
-                        )
-                    if reg.l2sp:
-                        value = value + reg.l2sp * l2sp([shifts[r]], [torch.zeros_like(shifts[r])])
+                # ``l2sp`` is not a loss term: the optimizer pulls the parameters toward their start (optimize).
+                if step and reg.feature:
+                    value = value + reg.feature * feature_drift(F.normalize(protos[r] + shifts[r], dim=-1), protos[r])
                 out.append(value)
             return out
 
         steps = optimize(
-            [[s] for s in shifts], options.lr, options.steps, loss, stop=lambda: all(inp.stop() for inp in inputs)
+            [[s] for s in shifts],
+            options.lr,
+            options.steps,
+            loss,
+            stop=lambda: all(inp.stop() for inp in inputs),
+            anchor=[[torch.zeros_like(s)] for s in shifts],  # l2sp: a pull toward the start after each step
+            anchor_weight=reg.l2sp,
         )
         with torch.no_grad():
             return [

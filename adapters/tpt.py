@@ -50,7 +50,7 @@ from adapters.common import EpisodicOptions, optimize
 from adapters.descriptions import consistency
 from adapters.descriptions import head as description_head
 from adapters.losses import dispersion, marginal_entropy, select_confident
-from adapters.regularizers import feature_drift, l2sp
+from adapters.regularizers import feature_drift
 
 # A prompt context is a few words ("a photo of a"); it and the label share CLIP's 77 tokens.
 MAX_CTX_INIT_CHARS = 200
@@ -132,16 +132,20 @@ class PromptTuning(Method[PromptOptionsT]):
                 # The anchor regularizers (adapters/regularizers.py) are 0 with a zero gradient at the first step
                 # (the adapted model is the frozen one), so they are left out of it: computed, rounding would
                 # leave a ~1e-8 gradient that Adam's first step, lr * sign(gradient), turns into a full step.
-                if step:
-                    if reg.feature:
-                        value = value + reg.feature * feature_drift(texts[r], start)
-                    if reg.l2sp:
-                        value = value + reg.l2sp * l2sp([ctxs[r]], [prompts[r].ctx_init])
+                # ``l2sp`` is not a loss term: the optimizer pulls the parameters toward their start (optimize).
+                if step and reg.feature:
+                    value = value + reg.feature * feature_drift(texts[r], start)
                 out.append(value)
             return out
 
         steps = optimize(
-            [[c] for c in ctxs], options.lr, options.steps, loss, stop=lambda: all(inp.stop() for inp in inputs)
+            [[c] for c in ctxs],
+            options.lr,
+            options.steps,
+            loss,
+            stop=lambda: all(inp.stop() for inp in inputs),
+            anchor=[[p.ctx_init] for p in prompts],  # l2sp: a pull toward the start after each step (optimize)
+            anchor_weight=reg.l2sp,
         )
         with torch.no_grad():
             texts = backbone.encode_text_with_contexts(torch.stack(ctxs), prompts)

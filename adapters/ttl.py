@@ -49,7 +49,7 @@ from adapters.common import MAX_STEPS, MAX_VIEWS, Augmentation, check_range, opt
 from adapters.ensemble import NO_ENSEMBLE, EnsembleOptions
 from adapters.losses import TTL_MAX_ENTROPY, entropy, ttl_weighted_entropy
 from adapters.lowrank import LoraFactors
-from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions, anchor_kl, feature_drift, l2sp
+from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions, anchor_kl, feature_drift
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,7 @@ class TTL(Method[TTLOptions]):
                 # The anchor regularizers (adapters/regularizers.py) are 0 with a zero gradient at the first step
                 # (the adapted model is the frozen one), so they are left out of it: computed, rounding would
                 # leave a ~1e-8 gradient that Adam's first step, lr * sign(gradient), turns into a full step.
+                # ``l2sp`` is not a loss term: the optimizer pulls the parameters toward their start (optimize).
                 if step:
                     if reg.feature:
                         value = value + reg.feature * feature_drift(feats[r], inp.view_features)
@@ -160,8 +161,6 @@ class TTL(Method[TTLOptions]):
                         value = value + reg.anchor_kl * anchor_kl(
                             feats[r], inp.view_features, inp.anchors, inp.logit_scale
                         )
-                    if reg.l2sp:
-                        value = value + reg.l2sp * l2sp(loras[r].parameters(), starts[r])
                 out.append(value)
             return out
 
@@ -171,6 +170,8 @@ class TTL(Method[TTLOptions]):
             options.steps,
             loss,
             stop=lambda: all(inp.stop() for inp in inputs),
+            anchor=starts,  # l2sp: a pull toward the start after each step (adapters.common.optimize)
+            anchor_weight=reg.l2sp,
         )
         with torch.no_grad():
             feats = backbone.vision_suffix(prefix[:, :1], LoraFactors.stack(loras))[:, 0]  # [R, D] base views

@@ -210,6 +210,16 @@ class Settings(BaseSettings):
         ge=0,
         description="Bytes of adapters kept loaded in the process (least recently used unloaded past it).",
     )
+    job_workers: int = Field(
+        1,
+        ge=0,
+        description="Training jobs run at once, each in a worker process of its own on the same device. 0: this "
+        "process runs none (another replica sharing the database does) and leaves running ones alone at start.",
+    )
+    max_train_images: int = Field(
+        2000, ge=1, description="Most images in one training job: support images and anchor images together."
+    )
+    max_train_steps: int = Field(10_000, ge=1, description="Most optimisation steps a training job may ask for.")
 
     # Defaults for requests
     default_method: str = Field("zero_shot", description="Method used when a request names none.")

@@ -128,8 +128,11 @@ def allowed_methods(request: Request) -> str | None:
     """Every method the API documents for the request's path, for ``Allow``: Starlette's 405 names only the
     methods of the first route of the path (``GET`` of ``/v1/label-sets/{name}``, not its ``DELETE``)."""
     path = request.scope["path"]
+    paths = request.app.openapi()["paths"]
+    if path in paths:  # a literal path (/v1/jobs/finetune) is its own resource, not an id of /v1/jobs/{job_id}
+        return ", ".join(sorted(method.upper() for method in paths[path])) or None
     methods: set[str] = set()
-    for template, item in request.app.openapi()["paths"].items():
+    for template, item in paths.items():
         if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
             methods |= {method.upper() for method in item}
     return ", ".join(sorted(methods)) or None

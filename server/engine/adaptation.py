@@ -119,7 +119,9 @@ def adapt_images(
         if options.ensemble.mode != "off":  # APEX's blend with the zero-shot answer, before calibration
             mixed = blend(zs, logits, options.ensemble)
             logits = mixed.logits
-            extra = extra | {"ensemble": {"difficulty": mixed.difficulty, "weight": mixed.weight}}
+            extra = extra | {
+                "ensemble": {"difficulty": mixed.difficulty, "weight": mixed.weight, "divergence": mixed.divergence}
+            }
         out.append((logits, zs[0], r, extra))
     backbone.sync()
     seconds = time.monotonic() - started

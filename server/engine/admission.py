@@ -4,7 +4,11 @@ Seconds: a method states the forward passes adapting one image takes (``Method.c
 and prompt passes, a backward pass counting as two); ``CostModel.measure`` times what one image and
 one prompt take to encode, once at start-up. Their product is corrected per method by a moving average of what
 batches really took against what was estimated (stacking, caches and the shared prompt prefix make
-real work cheaper than the plain count). The lane admits work against a budget in seconds.
+real work cheaper than the plain count). Making the views is priced too where it is not negligible:
+an AugMix view runs a chain of PIL operations on the CPU per crop, so ``measure`` also times making
+views with and without AugMix, and an ``augmentation: "augmix"`` request pays the difference per view
+(otherwise the moving correction, learnt per method, would mix both kinds of request). The lane admits
+work against a budget in seconds.
 
 Bytes: ``server.clip.probes.ActivationBytes.measure`` counts, once at start-up, the activations autograd keeps for a
 backward pass of one image through the vision tower and of one prompt token through the text
@@ -27,6 +31,7 @@ import torch
 
 from adapters import Method, MethodOptions, UnsupportedModel
 from adapters.backbone import TPT_CTX_INIT
+from adapters.views import make_views
 from server.clip.backbone import Backbone
 from server.clip.probes import ActivationBytes
 
@@ -34,14 +39,16 @@ from server.clip.probes import ActivationBytes
 class CostModel:
     """Seconds to adapt images with a method, learnt from the batches the engine runs."""
 
-    def __init__(self, image_s: float = 0.0, prompt_s: float = 0.0) -> None:
+    def __init__(self, image_s: float = 0.0, prompt_s: float = 0.0, augmix_view_s: float = 0.0) -> None:
         self.image_s = image_s  # seconds to encode one image, and one prompt (0 until measured: all free)
         self.prompt_s = prompt_s
+        self.augmix_view_s = augmix_view_s  # what making an AugMix view costs beyond a crop with a flip
         self._correction: dict[str, float] = {}
 
     @classmethod
     def measure(cls, backbone: Backbone, n: int = 8) -> CostModel:
-        """Time an ``n``-image and an ``n``-prompt encode on a warmed-up backbone: seconds per image, per prompt."""
+        """Time an ``n``-image and an ``n``-prompt encode on a warmed-up backbone: seconds per image, per prompt;
+        and ``n`` views made with AugMix against ``n`` crops with flips: the extra seconds per AugMix view."""
         h, w = backbone.image_size
         started = time.perf_counter()
         backbone.encode_images(torch.zeros(n, 3, h, w))
@@ -50,12 +57,15 @@ class CostModel:
         started = time.perf_counter()
         backbone.encode_prompts([f"a photo of a measured prompt number {i}." for i in range(n)])
         backbone.sync()
-        return cls(image_s, (time.perf_counter() - started) / n)
+        prompt_s = (time.perf_counter() - started) / n
+        return cls(image_s, prompt_s, augmix_view_s(backbone, n))
 
     def estimate_s(self, method: Method[Any], options: MethodOptions, n_images: int, n_classes: int) -> float:
         """Estimated seconds to adapt ``n_images`` images with ``method`` against ``n_classes`` classes."""
         cost = method.cost(options, n_classes)
         seconds = cost.image_passes * self.image_s + cost.prompt_passes * self.prompt_s
+        if options.augmentation == "augmix":  # every view but the image itself is mixed
+            seconds += (options.views - 1) * self.augmix_view_s
         return n_images * seconds * self._correction.get(method.name, 1.0)
 
     def in_images(self, method: Method[Any], options: MethodOptions, n_classes: int) -> float:
@@ -74,6 +84,21 @@ class CostModel:
         old = self._correction.get(method, 1.0)
         ratio = min(10.0, max(0.1, actual_s / estimated_s * old))
         self._correction[method] = 0.7 * old + 0.3 * ratio
+
+
+def augmix_view_s(backbone: Backbone, n: int = 8) -> float:
+    """Seconds that making one AugMix view takes beyond a crop with a flip, at the model's input size (>= 0)."""
+    h, w = backbone.image_size
+    image = torch.rand(3, 2 * h, 2 * w, generator=torch.Generator().manual_seed(0))
+    base = torch.zeros(3, h, w)
+    mean, std = backbone.preprocess_cfg.mean, backbone.preprocess_cfg.std
+    took = {}
+    for augmentation in ("crop_flip", "augmix"):
+        generator = torch.Generator().manual_seed(0)
+        started = time.perf_counter()
+        make_views(image, n + 1, (h, w), mean, std, generator, base, augmentation)
+        took[augmentation] = time.perf_counter() - started
+    return max(0.0, took["augmix"] - took["crop_flip"]) / n
 
 
 # The text tower's backward pass holds the gradients of a layer's activations while earlier layers' are

@@ -93,14 +93,7 @@ class AdapterRegistry:
     def parse(self, data: bytes) -> Adapter:
         """Read and check an artifact against the served model: 422 ``invalid_adapter`` or 409 (an upload is
         capped by TTA_MAX_BODY_BYTES before it gets here)."""
-        try:
-            adapter = Adapter.from_bytes(data)
-            adapter.check_base(self._fingerprint())
-        except ArtifactError as exc:
-            raise InvalidInput(f"not a usable adapter artifact: {exc}", code="invalid_adapter") from None
-        except WrongBaseModel as exc:
-            raise wrong_base(exc) from None
-        return adapter
+        return checked_artifact(data, self._fingerprint())
 
     def add(
         self, data: bytes, name: str, *, owner: str, group: str | None = None, source: str = "upload"
@@ -109,18 +102,7 @@ class AdapterRegistry:
         check_name(name)
         if group is not None:
             check_name(group, "adapter group")
-        adapter = self.parse(data)
-        record = AdapterRecord(
-            name=name,
-            version=0,
-            card=_card(adapter),
-            sha256=hashlib.sha256(data).hexdigest(),
-            nbytes=len(data),
-            group=group,
-            source=source,
-            owner=owner,
-        )
-        return self.store.add_adapter(record, data)
+        return publish(self.store, data, name, self._fingerprint(), owner=owner, group=group, source=source)
 
     def list(self, owner: str) -> list[AdapterRecord]:
         return self.store.list_adapters(owner)
@@ -259,6 +241,41 @@ class MergeOutcome:
     method: str
     unified: AdapterRecord
     members: tuple[MemberOutcome, ...]
+
+
+def checked_artifact(data: bytes, fingerprint: str) -> Adapter:
+    """``data`` read as an artifact made for the model with ``fingerprint``: 422 ``invalid_adapter``, or 409
+    ``adapter_base_model`` naming both fingerprints."""
+    try:
+        adapter = Adapter.from_bytes(data)
+        adapter.check_base(fingerprint)
+    except ArtifactError as exc:
+        raise InvalidInput(f"not a usable adapter artifact: {exc}", code="invalid_adapter") from None
+    except WrongBaseModel as exc:
+        raise wrong_base(exc) from None
+    return adapter
+
+
+def publish(
+    store: Store, data: bytes, name: str, fingerprint: str, *, owner: str, group: str | None, source: str
+) -> AdapterRecord:
+    """Check ``data`` as an upload is checked and keep it as the next version of ``name``: the record and its
+    bytes in one store call. The registry's uploads and the training worker (another process) both publish here."""
+    check_name(name)
+    if group is not None:
+        check_name(group, "adapter group")
+    adapter = checked_artifact(data, fingerprint)
+    record = AdapterRecord(
+        name=name,
+        version=0,
+        card=_card(adapter),
+        sha256=hashlib.sha256(data).hexdigest(),
+        nbytes=len(data),
+        group=group,
+        source=source,
+        owner=owner,
+    )
+    return store.add_adapter(record, data)
 
 
 def check_method(method: Method[Any], adapter: Adapter) -> None:

@@ -211,7 +211,10 @@ class ClassifyService:
             raise InvalidInput("session_method needs a session id (session)", code="session_method_without_session")
         if adaptive:
             check_limits(options, settings)
-        adapter = self._adapter(req, method)
+        # Loading an adapter may read and parse its artifact from the store: off the event loop.
+        adapter = None
+        if req.adapter is not None:
+            adapter = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self._adapter, req, method)
         timeout_s = min(req.timeout_s, settings.request_timeout_s) if req.timeout_s else settings.request_timeout_s
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         gate = req.confidence_gate if req.confidence_gate is not None else settings.confidence_gate

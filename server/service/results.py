@@ -41,9 +41,15 @@ class Ensemble(BaseModel):
     difficulty: float | None = Field(
         None,
         description="The zero-shot entropy of the most confident views over log C, in [0, 1] (0: the frozen "
-        "model is sure); the adaptive weight is sigmoid((difficulty - a) / b).",
+        "model is sure); the adaptive weight is sigmoid((difficulty - a) / b) * exp(-divergence / guard).",
     )
     weight: float = Field(..., description="Weight of the adapted logits; the zero-shot ones get 1 - weight.")
+    divergence: float | None = Field(
+        None,
+        description="KL(adapted || zero-shot) between the image's two answers, nats: how far the adapted answer "
+        "went beyond what the frozen model supports; the adaptive weight's guard shrinks it by "
+        "exp(-divergence / guard).",
+    )
 
 
 class Adaptation(BaseModel):

@@ -25,6 +25,8 @@ from server.metrics import Metrics
 from server.service.adapters import AdapterRegistry
 from server.service.calibration import Calibration, FittedCalibrations
 from server.service.classify import ClassifyService
+from server.service.job_runner import JobRunner
+from server.service.jobs import Jobs
 from server.service.label_sets import LabelSets, shipped_label_sets
 from server.service.monitoring import AccuracyEstimate
 from server.service.recalibration import Recalibration
@@ -75,6 +77,7 @@ class Runtime:
     decode_pool: ThreadPoolExecutor
     sessions: Sessions
     adapters: AdapterRegistry
+    jobs: Jobs
 
     @classmethod
     def open(
@@ -135,7 +138,9 @@ class Runtime:
             adapters=adapters,
         )
         recalibration = Recalibration(settings, label_sets, fitted, classifier, engine)
+        jobs = Jobs(opened, label_sets, JobRunner(opened, settings), settings)
         engine.start()
+        jobs.runner.start()
         return cls(
             settings,
             metrics,
@@ -149,9 +154,11 @@ class Runtime:
             decode_pool,
             sessions,
             adapters,
+            jobs,
         )
 
     def close(self) -> None:
+        self.jobs.runner.close()  # running workers stopped, their jobs failed as interrupted, before the store closes
         self.recalibration.cancel()
         self.engine.stop()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

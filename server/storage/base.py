@@ -164,7 +164,8 @@ class Store(Protocol):
         ...
 
     def update_job(self, job_id: str, **changes: Any) -> JobRecord:
-        """Change a job's ``state``, ``progress``, ``result`` or ``error`` (``updated_at`` follows)."""
+        """Change a job's ``state``, ``progress``, ``result`` or ``error`` (``updated_at`` follows). A job that
+        ends (``JOB_FINAL``) drops its inputs: its images are kept no longer than they are needed."""
         ...
 
     def job(self, job_id: str, owner: str | None = "") -> JobRecord:

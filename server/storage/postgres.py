@@ -32,6 +32,7 @@ from server.errors import (
 )
 from server.settings import redact_url
 from server.storage.base import (
+    JOB_FINAL,
     LIST_HINT,
     AdapterRecord,
     CalibrationRecord,
@@ -430,8 +431,9 @@ class PostgresStore:
             job = dataclasses.replace(job_from_row(row), **changes, updated_at=time.time())
             _, _, _, state, _, progress, result, error, _, updated_at = job_row(job)
             db.execute(
-                "UPDATE jobs SET state = %s, progress = %s, result = %s, error = %s, updated_at = %s WHERE id = %s",
-                (state, progress, result, error, updated_at, job_id),
+                "UPDATE jobs SET state = %s, progress = %s, result = %s, error = %s, updated_at = %s, "
+                "inputs = CASE WHEN %s THEN ''::bytea ELSE inputs END WHERE id = %s",
+                (state, progress, result, error, updated_at, job.state in JOB_FINAL, job_id),
             )
         return job
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from server.errors import ConfigError, StorageFull, StorageReadOnly
 from server.storage.base import (
+    JOB_FINAL,
     LIST_HINT,
     AdapterRecord,
     CalibrationRecord,
@@ -338,9 +339,11 @@ class SqliteStore:
                 raise no_job(job_id)
             job = dataclasses.replace(job_from_row(row), **changes, updated_at=time.time())
             _, _, _, state, _, progress, result, error, _, updated_at = job_row(job)
+            final = job.state in JOB_FINAL  # an ended job's images are needed no more
             db.execute(
-                "UPDATE jobs SET state = ?, progress = ?, result = ?, error = ?, updated_at = ? WHERE id = ?",
-                (state, progress, result, error, updated_at, job_id),
+                "UPDATE jobs SET state = ?, progress = ?, result = ?, error = ?, updated_at = ?, "
+                "inputs = CASE WHEN ? THEN X'' ELSE inputs END WHERE id = ?",
+                (state, progress, result, error, updated_at, final, job_id),
             )
             db.execute("COMMIT")
         return job

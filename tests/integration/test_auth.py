@@ -15,7 +15,7 @@ from server.api import create_app
 from server.api.auth import CLASSIFY_ROUTES
 from server.errors import ConfigError
 from server.settings import Settings
-from server.storage.base import AdapterRecord
+from server.storage.base import AdapterRecord, JobRecord
 from tests.integration.test_calibration import LABELS, labelled
 from tests.support.apps import metric, wait_ready, wait_until
 from tests.support.images import b64, png_bytes
@@ -107,6 +107,9 @@ def test_every_api_route_asks_for_a_key_and_health_and_metrics_stay_open(keyed_c
     # Carol's adapter of that name (a classify key cannot upload one: it is put in the store directly).
     record = AdapterRecord(concrete("{ref}"), 0, {"type": "apex"}, "0" * 64, 1, owner="carol")
     keyed_client.app.state.runtime.store.add_adapter(record, b"x")  # type: ignore[attr-defined]
+    # And her job of that id (ended: the runner leaves it alone).
+    job = JobRecord(concrete("{job_id}"), "finetune", "cancelled", {}, owner="carol")
+    keyed_client.app.state.runtime.store.create_job(job, b"")  # type: ignore[attr-defined]
     for path in api:
         assert keyed_client.get(concrete(path)).status_code == 401, path
         assert keyed_client.get(concrete(path), headers=bearer(CAROL)).status_code == 200, path

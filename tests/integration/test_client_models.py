@@ -28,6 +28,7 @@ PAIRS = [
     (models.SessionState, "SessionState"),
     (models.SessionMethods, "SessionMethods"),
     (models.SessionMethod, "SessionMethodInfo"),
+    (models.Job, "JobOut"),
 ]
 
 

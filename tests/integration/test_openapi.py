@@ -177,6 +177,7 @@ def test_the_headers_are_documented(client, spec):
     assert "X-Request-Timeout" in [p["name"] for p in classify["parameters"]]
     calibrate = spec["paths"]["/v1/label-sets/{name}/calibration"]["post"]
     assert "Location" in calibrate["responses"]["202"]["headers"]
+    assert "Location" in spec["paths"]["/v1/jobs/finetune"]["post"]["responses"]["202"]["headers"]
     # ...and the server sends them.
     answer = client.get("/v1/label-sets", headers={"X-Request-ID": "my-request-7"})
     assert answer.headers["x-request-id"] == "my-request-7"
@@ -204,6 +205,10 @@ def test_operation_ids_are_readable_and_unique(spec):
         "downloadAdapter",
         "deleteAdapter",
         "mergeAdapterGroup",
+        "submitFinetune",
+        "listJobs",
+        "getJob",
+        "cancelJob",
         "healthz",
         "readyz",
         "metrics",

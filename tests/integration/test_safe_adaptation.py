@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from adapters.ensemble import DEFAULT_GUARD
 from server.clip.templates import describe
 from tests.support.images import b64, png_bytes
 
@@ -100,22 +101,28 @@ def test_adaptive_weight_follows_the_zero_shot_difficulty(client):
     base = {"lr": 0.5}
     adapted = ok(classify(client, "tpt", base, compare=True, images=images))
     a, b = 0.6, 0.1
-    mixed = ok(classify(client, "tpt", base | {"ensemble": {"mode": "adaptive", "a": a, "b": b}}, images=images))
+    unguarded = {"mode": "adaptive", "a": a, "b": b, "guard": 0}
+    mixed = ok(classify(client, "tpt", base | {"ensemble": unguarded}, images=images))
+    guarded = ok(classify(client, "tpt", base | {"ensemble": {"mode": "adaptive", "a": a, "b": b}}, images=images))
     seen = []
-    for plain, got in zip(adapted, mixed, strict=True):
+    for plain, got, held in zip(adapted, mixed, guarded, strict=True):
         report = got["adaptation"]["ensemble"]
-        d, w = report["difficulty"], report["weight"]
-        assert report["mode"] == "adaptive" and 0.0 <= d <= 1.0
+        d, w, k = report["difficulty"], report["weight"], report["divergence"]
+        assert report["mode"] == "adaptive" and 0.0 <= d <= 1.0 and k >= 0.0
         assert w == pytest.approx(1 / (1 + math.exp(-(d - a) / b)), rel=1e-9)
         zs, ad = logits(plain, "zero_shot"), logits(plain)
         assert logits(got) == pytest.approx({k: w * ad[k] + (1 - w) * zs[k] for k in LABELS}, abs=1e-4)
         seen.append((d, w))
+        # The default divergence guard: the weight shrinks by exp(-KL(adapted || zero-shot) / guard).
+        same = held["adaptation"]["ensemble"]
+        assert same["difficulty"] == d and same["divergence"] == pytest.approx(k, rel=1e-6)
+        assert same["weight"] == pytest.approx(w * math.exp(-k / DEFAULT_GUARD), rel=1e-6)
     seen.sort()
     assert all(w1 <= w2 for (_, w1), (_, w2) in itertools.pairwise(seen))  # harder: more adapted
 
 
 def test_class_distance_needs_an_adapter_and_zero_has_no_ensemble(client):
-    refused(classify(client, "tpt", {"ensemble": {"mode": "adaptive", "policy": "class_distance"}}), "issue 16")
+    refused(classify(client, "tpt", {"ensemble": {"mode": "adaptive", "policy": "class_distance"}}), "adapter_alpha")
     refused(classify(client, "zero", {"ensemble": {"mode": "fixed"}}), "ensemble")
     refused(classify(client, "zero_shot", {"ensemble": {"mode": "fixed"}}), "ensemble")
     refused(classify(client, "tpt", {"ensemble": {"mode": "sometimes"}}), "ensemble.mode")

@@ -11,13 +11,17 @@ wrong level scaling, a swapped sign or a different mix would all break equality.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
 
+from adapters import get_method
 from adapters.augmix import OPS, TorchDraws, augmix_view, sample_plan
 from adapters.views import make_views
+from server.engine.admission import CostModel, augmix_view_s
 
 IMAGE_SIZE = 224
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -197,3 +201,18 @@ def test_augmix_views_keep_the_base_view_and_are_reproducible() -> None:
     assert not torch.allclose(mixed[1:], views("crop_flip", 3)[1:], atol=1e-3)
     with pytest.raises(ValueError, match="augmentation"):
         views("cutmix", 3)
+
+
+# -- pricing: AugMix views cost more to make than crops with flips --------------------------------
+def test_admission_prices_augmix_views_above_crops_with_flips():
+    model = SimpleNamespace(image_size=(64, 64), preprocess_cfg=SimpleNamespace(mean=MEAN, std=STD))
+    extra = augmix_view_s(model, n=8)  # measured: the PIL chains of AugMix against a vectorised crop
+    assert extra > 0.0
+    costs = CostModel(image_s=0.01, prompt_s=0.001, augmix_view_s=extra)
+    tpt = get_method("tpt")
+    plain, mixed = tpt.parse_options({}), tpt.parse_options({"augmentation": "augmix"})
+    gap = costs.estimate_s(tpt, mixed, 3, 10) - costs.estimate_s(tpt, plain, 3, 10)
+    assert gap == pytest.approx(3 * (plain.views - 1) * extra)  # every view but the image itself
+    assert costs.in_images(tpt, mixed, 10) > costs.in_images(tpt, plain, 10)  # weighs more against rate limits
+    zero_shot = get_method("zero_shot")
+    assert costs.estimate_s(zero_shot, zero_shot.parse_options({}), 3, 10) == pytest.approx(3 * 0.01)

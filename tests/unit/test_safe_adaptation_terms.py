@@ -3,14 +3,16 @@ the description head and the ensemble's weight."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from adapters.common import optimize
 from adapters.descriptions import DescriptionFeatures, consistency, head
-from adapters.ensemble import EnsembleOptions, adaptive_weight, blend, difficulty
+from adapters.ensemble import EnsembleOptions, adaptive_weight, blend, difficulty, divergence
 from adapters.regularizers import anchor_bank, anchor_kl, anchor_texts, feature_drift, l2sp
 
 D = 16
@@ -102,11 +104,11 @@ def test_the_ensemble_weight_and_difficulty():
     assert difficulty(torch.zeros(10, 1)) == 0.0
     adapted = torch.randn(7)
     assert blend(uniform, adapted, EnsembleOptions()).logits is adapted  # off: the adapted answer, untouched
-    mixed = blend(uniform, adapted, EnsembleOptions(mode="adaptive", a=0.5, b=0.1))
+    mixed = blend(uniform, adapted, EnsembleOptions(mode="adaptive", a=0.5, b=0.1, guard=0.0))  # unguarded
     assert mixed.difficulty == pytest.approx(1.0)
     assert mixed.weight == pytest.approx(1 / (1 + math.exp(-5)))
     assert torch.allclose(mixed.logits, mixed.weight * adapted)
-    with pytest.raises(ValueError, match="issue 16"):
+    with pytest.raises(ValueError, match="adapter_alpha"):
         EnsembleOptions(mode="adaptive", policy="class_distance")
 
 
@@ -115,3 +117,48 @@ def test_the_anchor_bank_ships_and_label_sets_extend_it():
     assert len(bank) >= 50 and len(set(bank)) == len(bank)
     extended = anchor_texts(("a cat, which has whiskers", bank[0]))
     assert extended[: len(bank)] == bank and extended[len(bank) :] == ("a cat, which has whiskers",)
+
+
+def test_the_divergence_guard_keeps_an_answer_the_frozen_model_does_not_support_near_zero_shot():
+    views = torch.zeros(10, 7)  # [V, C]: the frozen model is unsure (difficulty 1), so the plain weight is ~1
+    views[0, 3] = 0.5
+    agrees = views[0].clone()
+    agrees[3] = 1.0  # a little surer of zero-shot's own answer
+    goes_astray = views[0].clone()
+    goes_astray[5] = 30.0  # certain of a class zero-shot gives no more than the others
+    assert float(divergence(views[0], views[0])) == 0.0
+    assert 0.0 < float(divergence(agrees, views[0])) < 1.0 < float(divergence(goes_astray, views[0]))
+    options = EnsembleOptions(mode="adaptive", a=0.5, b=0.1, guard=0.3)
+    plain = adaptive_weight(difficulty(views), 0.5, 0.1)
+    assert plain > 0.99
+    for adapted in (agrees, goes_astray):
+        got = blend(views, adapted, options)
+        assert got.divergence == pytest.approx(float(divergence(adapted, views[0])))
+        assert got.weight == pytest.approx(plain * math.exp(-got.divergence / 0.3), rel=1e-12)
+        assert torch.allclose(got.logits, got.weight * adapted + (1 - got.weight) * views[0])
+    astray = blend(views, goes_astray, options)
+    assert astray.weight < 0.01 and int(astray.logits.argmax()) == 3  # the zero-shot answer stands
+    assert blend(views, agrees, options).weight > 0.5
+    assert blend(views, goes_astray, EnsembleOptions(mode="adaptive", a=0.5, b=0.1, guard=0.0)).weight == plain
+    fixed = blend(views, goes_astray, EnsembleOptions(mode="fixed", weight=0.4))
+    assert fixed.weight == 0.4 and fixed.divergence is not None  # fixed mode reports the divergence, unguarded
+    off = blend(views, goes_astray, EnsembleOptions(mode="off", guard=0.3))
+    assert off.logits is goes_astray and off.weight == 1.0 and off.divergence is None
+    with pytest.raises(ValueError, match="guard"):
+        EnsembleOptions(guard=-1.0)
+
+
+def test_l2sp_pulls_toward_the_start_more_as_its_weight_grows_even_at_a_high_learning_rate():
+    start = torch.randn(32, generator=torch.Generator().manual_seed(7))
+    target = start + 3.0  # the loss pulls every coordinate away from the start
+
+    def drift(weight: float, steps: int, lr: float = 0.5) -> float:
+        p = start.clone().requires_grad_(True)
+        optimize([[p]], lr, steps, lambda step: [(p - target).pow(2).sum()], anchor=[[start]], anchor_weight=weight)
+        return float((p.detach() - start).norm())
+
+    drifts = [drift(w, steps=5) for w in (0.0, 0.1, 1.0, 10.0, 100.0, 1000.0)]
+    assert all(later < earlier for earlier, later in itertools.pairwise(drifts))
+    assert drifts[-1] < 0.01 * drifts[0]
+    # One step is unchanged at any weight: like the loss terms, the pull acts from the second step on.
+    assert drift(1000.0, steps=1) == drift(0.0, steps=1)

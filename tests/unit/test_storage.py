@@ -244,6 +244,7 @@ def test_jobs_keep_their_inputs_and_progress_and_are_seen_by_their_owner_only(op
     assert [j.id for j in again.list_jobs("alice")] == ["j1"]
     done = again.update_job("j1", state="succeeded", result={"adapter": "pets@v1"})
     assert again.job("j1", owner="alice").result == {"adapter": "pets@v1"} == done.result
+    assert again.job_inputs("j1") == b""  # an ended job keeps no images
     with pytest.raises(NotFound):
         again.update_job("nope", state="failed")
 

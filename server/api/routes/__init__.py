@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends
 
 from server.api.auth import authorize
 from server.api.openapi import errors
-from server.api.routes import adapters, classify, discovery, label_sets, operations, sessions
+from server.api.routes import adapters, classify, discovery, jobs, label_sets, operations, sessions
 
 router = APIRouter()
-for module in (classify, label_sets, sessions, adapters, discovery):
+for module in (classify, label_sets, sessions, adapters, jobs, discovery):
     router.include_router(module.router, dependencies=[Depends(authorize)], responses=errors(401, 403))
 router.include_router(operations.router)
 

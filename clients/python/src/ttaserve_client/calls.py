@@ -3,6 +3,7 @@ once and sent by both ``Client`` and ``AsyncClient`` (``client.py``), which diff
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,16 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from ttaserve_client.images import ImageLike, VideoLike, image_bytes, image_name, video_parts
-from ttaserve_client.models import Adapter, AdapterList, Calibration, Classification, LabelSet, Merge, ModelInfo
+from ttaserve_client.models import (
+    Adapter,
+    AdapterList,
+    Calibration,
+    Classification,
+    Job,
+    LabelSet,
+    Merge,
+    ModelInfo,
+)
 
 T = TypeVar("T")
 
@@ -49,6 +59,10 @@ def form(
     return {"files": files, "data": data}
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def reads(kind: type[T], key: str | None = None) -> Callable[[httpx.Response], T]:
     def read(response: httpx.Response) -> T:
         body = response.json()
@@ -63,6 +77,10 @@ def reads_label_sets(response: httpx.Response) -> list[LabelSet]:
 
 def reads_model_infos(response: httpx.Response) -> list[ModelInfo]:
     return [ModelInfo.model_validate(m) for m in response.json()["models"]]
+
+
+def reads_jobs(response: httpx.Response) -> list[Job]:
+    return [Job.model_validate(j) for j in response.json()["jobs"]]
 
 
 def reads_nothing(response: httpx.Response) -> None:
@@ -182,3 +200,38 @@ class Calls:
     ) -> Call[Merge]:
         body = {k: v for k, v in {"method": method, "scale": scale, "density": density, "name": name}.items() if v}
         return Call("POST", f"/v1/adapter-groups/{group}/merge", reads(Merge), idempotent=False, kwargs={"json": body})
+
+    @staticmethod
+    def finetune(
+        label_set: str,
+        images: Sequence[ImageLike],
+        labels: Sequence[str],
+        name: str,
+        group: str | None,
+        config: Mapping[str, Any],
+        anchors: Mapping[str, Any] | None,
+    ) -> Call[Job]:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels: give each image its label")
+        support = [{"image": b64(image_bytes(img)), "label": label} for img, label in zip(images, labels, strict=True)]
+        body: dict[str, Any] = {"label_set": label_set, "support": support, "name": name, **config}
+        if group is not None:
+            body["group"] = group
+        if anchors is not None:
+            body["anchors"] = {
+                kind: [{"image": b64(image_bytes(img)), "text": text} for img, text in anchors.get(kind, ())]
+                for kind in ("captions", "pool")
+            } | ({"retrieve_k": anchors["retrieve_k"]} if "retrieve_k" in anchors else {})
+        return Call("POST", "/v1/jobs/finetune", reads(Job), idempotent=False, kwargs={"json": body})
+
+    @staticmethod
+    def jobs() -> Call[list[Job]]:
+        return Call("GET", "/v1/jobs", reads_jobs)
+
+    @staticmethod
+    def job(job_id: str) -> Call[Job]:
+        return Call("GET", f"/v1/jobs/{job_id}", reads(Job))
+
+    @staticmethod
+    def cancel_job(job_id: str) -> Call[Job]:
+        return Call("DELETE", f"/v1/jobs/{job_id}", reads(Job))

@@ -38,6 +38,7 @@ from ttaserve_client.models import (
     Session,
 )
 from ttaserve_client.retry import RETRY_STATUSES, RetryPolicy
+from ttaserve_client.training import AsyncJobs, Jobs
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -65,7 +66,7 @@ class _Base:
         raise ConnectionFailed(f"{call.method} {self.base_url}{call.path}: {type(error).__name__}: {error}") from error
 
 
-class Client(_Base):
+class Client(Jobs, _Base):
     """Synchronous client. ``retries`` (or a ``RetryPolicy``) bounds the tries after the first; ``api_key`` is
     sent as ``Authorization: Bearer KEY`` to a server with API keys."""
 
@@ -277,7 +278,7 @@ class Client(_Base):
         return False
 
 
-class AsyncClient(_Base):
+class AsyncClient(AsyncJobs, _Base):
     """The same methods as ``Client``, awaited: many requests in flight from one event loop."""
 
     def __init__(

@@ -34,6 +34,7 @@ class Ensemble(_Model):
     mode: str  # "fixed" or "adaptive"
     difficulty: float | None = None  # the confident views' normalised zero-shot entropy, in [0, 1]
     weight: float  # on the adapted logits
+    divergence: float | None = None  # KL(adapted || zero-shot) of the two answers, nats
 
 
 class Adaptation(_Model):
@@ -263,3 +264,27 @@ class Merge(_Model):
     method: str
     unified: Adapter
     members: list[MergedMember]
+
+
+class Job(_Model):
+    """A training job: what it was asked (``spec``), where it is, what it made (``result``) or why it failed."""
+
+    id: str
+    kind: str
+    state: str  # queued, running, succeeded, failed, cancelled
+    stage: str | None = None
+    step: int | None = None
+    steps: int | None = None
+    loss: float | None = None
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+    pid: int | None = None
+    result: dict[str, Any] | None = None  # {"adapter": "NAME@vN", "metrics": {...}}
+    error: str | None = None
+    spec: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")

@@ -5,6 +5,7 @@
     tta label-sets create animals --labels cat,dog,bird
     tta calibrate animals labelled/            # one sub-folder per label
     tta adapters upload shapes.safetensors --name shapes && tta classify photos/ --labels a,b --adapter shapes
+    tta train labelled/ --name shapes --steps 150   # train here (one sub-folder per label), then upload
     tta bench --requests 200 --concurrency 8
     tta serve --port 8000                      # the server, when it is installed
 
@@ -26,6 +27,7 @@ from ttaserve_client.cli.bench import bench
 from ttaserve_client.cli.classify import classify
 from ttaserve_client.cli.info import methods_command, models_command, serve
 from ttaserve_client.cli.label_sets import calibrate, label_sets
+from ttaserve_client.cli.train import train
 from ttaserve_client.cli.video import classify_video
 from ttaserve_client.client import DEFAULT_URL
 
@@ -43,7 +45,18 @@ def main(ctx: click.Context, server: str, timeout_s: float, retries: int, api_ke
     ctx.obj = {"server": server, "timeout_s": timeout_s, "retries": retries, "api_key": api_key or None}
 
 
-commands = (classify, classify_video, label_sets, calibrate, adapters, bench, methods_command, models_command, serve)
+commands = (
+    classify,
+    classify_video,
+    label_sets,
+    calibrate,
+    adapters,
+    train,
+    bench,
+    methods_command,
+    models_command,
+    serve,
+)
 for command in commands:
     main.add_command(command)
 
