@@ -10,6 +10,7 @@ import torch
 
 from benchmarks import (
     adaptation_latency,
+    adapter_routing,
     calibration_shift,
     cli_throughput,
     memory_estimate,
@@ -218,3 +219,25 @@ def test_the_session_streams_benchmark_runs_every_stream_and_method_through_sess
     assert result["meta"]["crafted"] == 4 and (tmp_path / "results-val-gaussian_noise.json").is_file()
     printed = capsys.readouterr().out
     assert "| poisoned | session tda |" in printed and "worst change against episodic zero-shot" in printed
+
+
+def test_the_adapter_routing_benchmark_routes_and_merges_through_the_api(tiny_model_dir, capsys):
+    results = adapter_routing.main(
+        ["--model", f"local-dir:{tiny_model_dir}", "--n", "4", "--val", "4", "--pool", "16", "--seeds", "0",
+         "--labels", "shots", "--threads", "1"]
+    )  # fmt: skip
+    (result,) = results
+    assert [r["set"] for r in result["routing"]] == ["A classes", "B classes", "seen classes", "noise/blank"]
+    for row in result["routing"]:
+        assert row["n"] == 4 and row["to_A"] + row["to_B"] + row["base"] == 100
+    assert -1 <= result["min_sim"] <= 1
+    assert [r["model"] for r in result["merging"]] == [
+        "zero-shot", "member A alone", "member B alone", "emr: unified", "emr: A rebuilt", "emr: B rebuilt",
+        "ties: unified", "task_arithmetic: unified",
+    ]  # fmt: skip
+    assert all(0 <= r[k] <= 100 for r in result["merging"] for k in ("A", "B", "seen"))
+    emr = [m for m in result["members"] if m["method"] == "emr"]
+    assert len(emr) == 2 and all(0 < m["mask_density"] <= 1 and 0 < m["fidelity"] <= 1 for m in emr)
+    printed = capsys.readouterr().out
+    assert "| test images | n | routed to A % |" in printed and "| emr: A rebuilt |" in printed
+    assert "-> min_sim" in printed
