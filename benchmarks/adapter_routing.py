@@ -12,12 +12,11 @@ classes the demo model never saw):
 - group A: pink hexagon, blue circle, red square, yellow heart;
 - group B: cyan diamond, purple star, brown cross, green triangle.
 
-Routing scores an image by its highest cosine with an adapter's class prototypes, and ``train.py`` stores one
-prototype per training label, the label's text feature for a label without shots. So each adapter is
-trained three ways (``--labels``): ``all``, against the 64 labels as ``fewshot_adapters.py`` does (the
-prototypes of the 60 classes without shots are their text features, the same in both adapters);
-``shots``, the same adapter with those 60 prototype rows zeroed in the artifact (only the classes it was
-shown route to it: what ``train.py`` could store instead); ``group``, against the group's own 4 labels.
+Routing scores an image by its highest cosine with the prototypes of the classes an adapter saw images of
+(``train.py`` stores a zero prototype for a label without shots; it once stored the label's text feature,
+which two adapters trained against one label set shared, so they tied: RESULTS.md keeps those figures).
+Each adapter is trained two ways (``--labels``): ``all``, against the 64 labels as ``fewshot_adapters.py``
+does; ``group``, against the group's own 4 labels.
 
 Each group holds two of the four compositions zero-shot gets least right on validation renders (ranked 1st
 and 4th for A, 2nd and 3rd for B) and two it already gets right, so each adapter has something to learn and
@@ -71,7 +70,7 @@ GROUPS = {
 }
 RECIPE = TrainConfig(type="apex", lr=3e-4, steps=75)  # fewshot_adapters.py's choice for apex (benchmarks/RESULTS.md)
 SHOTS = 10
-LABELS = ("all", "shots", "group")  # what each adapter is trained against (see train_group)
+LABELS = ("all", "group")  # what each adapter is trained against (see train_group)
 METHODS = ("emr", "ties", "task_arithmetic")
 PER_REQUEST = 32  # the server's default TTA_MAX_IMAGES_PER_REQUEST
 
@@ -168,9 +167,7 @@ def train_group(
     backbone: Backbone, names: list[str], seed: int, pool: Pairs, frozen: torch.Tensor, labels: str
 ) -> Adapter:
     """10 shots of each of the group's classes, trained with both kinds of anchors, labelled against the group's
-    own 4 labels (``labels == "group"``) or against all 64 (``"all"``, as ``fewshot_adapters.py`` trains;
-    ``"shots"``: the same, then the prototype rows of the 60 classes without shots zeroed, so that only the
-    classes it was shown route to it)."""
+    own 4 labels (``labels == "group"``) or against all 64 (``"all"``, as ``fewshot_adapters.py`` trains)."""
     ids = class_ids(names)
     batch = render(ids, 40 * SHOTS, 10_000 + seed)
     idx = torch.cat([(batch.labels == c).nonzero().flatten()[:SHOTS] for c in ids])
@@ -185,14 +182,9 @@ def train_group(
         frozen, label_names = frozen[ids], tuple(names)
     else:
         label_names = tuple(synthetic.CLASS_NAMES)
-    adapter = train_adapter(
+    return train_adapter(
         backbone, images, targets, label_names, frozen, config, base_model=backbone.fingerprint, anchors=anchors
     )
-    if labels == "shots":  # train.py gives a class without images its text feature as prototype; route on shots only
-        shown = torch.zeros(len(label_names), 1, dtype=torch.bool)
-        shown[ids] = True
-        adapter = Adapter(adapter.card, {**adapter.tensors, "prototypes": adapter.tensors["prototypes"] * shown})
-    return adapter
 
 
 def choose_threshold(inside: list[float], outside: list[float]) -> tuple[float, float, float]:
@@ -324,7 +316,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--val", type=int, default=60, help="validation images per set, for min_sim")
     parser.add_argument(
         "--labels", nargs="+", choices=LABELS, default=list(LABELS),
-        help="train each adapter against its group's 4 labels, or all 64, or all 64 routing on shots only",
+        help="train each adapter against all 64 labels, or its group's 4",
     )  # fmt: skip
     parser.add_argument("--pool", type=int, default=512, help="captioned train-split images the anchors come from")
     args = parser.parse_args(argv)

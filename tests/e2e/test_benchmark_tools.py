@@ -224,7 +224,7 @@ def test_the_session_streams_benchmark_runs_every_stream_and_method_through_sess
 def test_the_adapter_routing_benchmark_routes_and_merges_through_the_api(tiny_model_dir, capsys):
     results = adapter_routing.main(
         ["--model", f"local-dir:{tiny_model_dir}", "--n", "4", "--val", "4", "--pool", "16", "--seeds", "0",
-         "--labels", "shots", "--threads", "1"]
+         "--labels", "all", "--threads", "1"]
     )  # fmt: skip
     (result,) = results
     assert [r["set"] for r in result["routing"]] == ["A classes", "B classes", "seen classes", "noise/blank"]
