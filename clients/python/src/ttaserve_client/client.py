@@ -18,21 +18,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
+from ttaserve_client.adapters import Adapters, AsyncAdapters
 from ttaserve_client.calls import Call, Calls, Video, reads, reads_label_sets, reads_model_infos, reads_nothing
 from ttaserve_client.errors import ApiError, ConnectionFailed
 from ttaserve_client.images import ImageLike, VideoLike
 from ttaserve_client.models import (
-    Adapter,
-    AdapterList,
     Calibration,
     Classification,
     LabelSet,
-    Merge,
     Methods,
     ModelInfo,
     Session,
@@ -66,7 +63,7 @@ class _Base:
         raise ConnectionFailed(f"{call.method} {self.base_url}{call.path}: {type(error).__name__}: {error}") from error
 
 
-class Client(Jobs, _Base):
+class Client(Adapters, Jobs, _Base):
     """Synchronous client. ``retries`` (or a ``RetryPolicy``) bounds the tries after the first; ``api_key`` is
     sent as ``Authorization: Bearer KEY`` to a server with API keys."""
 
@@ -225,36 +222,6 @@ class Client(Jobs, _Base):
         """Reset a session of yours: its next request starts from zero-shot."""
         self.send(Call("DELETE", f"/v1/sessions/{session_id}", reads_nothing))
 
-    def upload_adapter(self, artifact: str | Path | bytes, name: str, group: str | None = None) -> Adapter:
-        """Store an adapter artifact (a ``.safetensors`` path or its bytes) as the next version of ``name``."""
-        return self.send(Calls.upload_adapter(artifact, name, group))
-
-    def adapters(self) -> AdapterList:
-        """Every version of your adapters, with what the server holds loaded."""
-        return self.send(Calls.adapters())
-
-    def adapter(self, ref: str) -> Adapter:
-        return self.send(Calls.adapter(ref))
-
-    def download_adapter(self, ref: str) -> bytes:
-        return self.send(Calls.download_adapter(ref))
-
-    def delete_adapter(self, ref: str) -> None:
-        """Delete one version (``NAME@vN``) or every version of ``NAME``."""
-        self.send(Calls.delete_adapter(ref))
-
-    def merge_adapters(
-        self,
-        group: str,
-        method: str = "emr",
-        *,
-        scale: float | None = None,
-        density: float | None = None,
-        name: str | None = None,
-    ) -> Merge:
-        """Merge the newest version of each adapter of ``group`` into one (``emr``, ``ties`` or ``task_arithmetic``)."""
-        return self.send(Calls.merge_adapters(group, method, scale, density, name))
-
     def models(self) -> list[ModelInfo]:
         return self.send(Call("GET", "/v1/models", reads_model_infos))
 
@@ -278,7 +245,7 @@ class Client(Jobs, _Base):
         return False
 
 
-class AsyncClient(AsyncJobs, _Base):
+class AsyncClient(AsyncAdapters, AsyncJobs, _Base):
     """The same methods as ``Client``, awaited: many requests in flight from one event loop."""
 
     def __init__(
@@ -419,32 +386,6 @@ class AsyncClient(AsyncJobs, _Base):
     async def delete_session(self, session_id: str) -> None:
         """See ``Client.delete_session``."""
         await self.send(Call("DELETE", f"/v1/sessions/{session_id}", reads_nothing))
-
-    async def upload_adapter(self, artifact: str | Path | bytes, name: str, group: str | None = None) -> Adapter:
-        return await self.send(Calls.upload_adapter(artifact, name, group))
-
-    async def adapters(self) -> AdapterList:
-        return await self.send(Calls.adapters())
-
-    async def adapter(self, ref: str) -> Adapter:
-        return await self.send(Calls.adapter(ref))
-
-    async def download_adapter(self, ref: str) -> bytes:
-        return await self.send(Calls.download_adapter(ref))
-
-    async def delete_adapter(self, ref: str) -> None:
-        await self.send(Calls.delete_adapter(ref))
-
-    async def merge_adapters(
-        self,
-        group: str,
-        method: str = "emr",
-        *,
-        scale: float | None = None,
-        density: float | None = None,
-        name: str | None = None,
-    ) -> Merge:
-        return await self.send(Calls.merge_adapters(group, method, scale, density, name))
 
     async def models(self) -> list[ModelInfo]:
         return await self.send(Call("GET", "/v1/models", reads_model_infos))
