@@ -49,7 +49,7 @@ def optimize(
     loss_fn: Callable[[int], Sequence[torch.Tensor | None]],
     stop: Callable[[], bool] = lambda: False,
     anchor: Sequence[Sequence[torch.Tensor]] | None = None,
-    anchor_weight: float = 0.0,
+    anchor_weight: float | Callable[[int], float] = 0.0,
 ) -> list[int]:
     """Run ``steps`` AdamW steps for R stacked images at once, each as if it were alone.
 
@@ -60,14 +60,20 @@ def optimize(
     all images' leaves takes for each the step a separate optimizer would. An image that skips has
     its gradients cleared, which AdamW treats as no step at all (no weight decay either).
 
-    ``anchor`` (image r's start values, one per leaf) with ``anchor_weight`` w > 0 is the ``l2sp``
-    regularizer, w * ||p - p0||^2, applied as its proximal step after the AdamW step rather than as a
-    loss: p <- p0 + (p - p0) / (1 + 2 * lr * w), the exact minimiser of w * ||x - p0||^2 + ||x - p||^2 / (2 lr).
-    As a loss term its gradient goes through Adam's normalisation, which moves each parameter by about
-    lr whatever the weight, so a heavier weight could not shorten the step (benchmarks/RESULTS.md,
-    anchor regularizers); decoupled like AdamW's weight decay, the pull grows with w and never
-    overshoots p0. Like the loss terms it acts from an image's second step on: after one step it
-    changes nothing, where the term and its gradient were 0 (the parameters start at p0).
+    ``anchor`` (image r's start values, one per leaf) with ``anchor_weight`` w > 0 (a number, or image
+    r -> its weight) pulls the parameters toward their start: the proximal step of w * ||p - p0||^2
+    after the AdamW step, taken in the metric AdamW steps in. AdamW moves each element by
+    lr * m / (sqrt(v) + eps) (v: its bias-corrected second moment), a gradient step with the
+    elementwise step size lr / (sqrt(v) + eps); the proximal step with that step size is
+    p <- p0 + (p - p0) / (1 + 2 * lr * w / (sqrt(v) + eps)), the exact minimiser of
+    w * ||x - p0||^2 + sum (x - p)^2 (sqrt(v) + eps) / (2 lr). So w weighs the pull against the method's
+    own gradients, as a loss term's weight would under plain gradient descent, and the pull grows with
+    w without ever overshooting p0. As a loss term its gradient went through Adam's normalisation,
+    which moves each element by about lr whatever the weight, so a heavier weight could not shorten
+    the step; with the plain step size lr (Euclidean), the pull was negligible until 2 * lr * w
+    neared 1 (benchmarks/RESULTS.md, anchor regularizers). Like the loss terms it acts from an
+    image's second step on: after one step it changes nothing, where the term and its gradient
+    were 0 (the parameters start at p0).
 
     ``stop()`` is checked before each step; when it says so, ``Stopped`` is raised. The optimizer
     state lives and dies here. Returns the steps each image took.
@@ -93,11 +99,29 @@ def optimize(
                 else:
                     taken[r] += 1
             optimizer.step()
-            if anchor is not None and anchor_weight > 0:
-                shrink = 1.0 / (1.0 + 2.0 * lr * anchor_weight)
-                with torch.no_grad():
-                    for r, loss in enumerate(losses):
-                        if loss is not None and taken[r] >= 2:
-                            for p, p0 in zip(params[r], anchor[r], strict=True):
-                                p.copy_(p0 + (p - p0) * shrink)
+            if anchor is not None:
+                pull(optimizer, params, anchor, anchor_weight, losses, taken, lr)
     return taken
+
+
+def pull(
+    optimizer: torch.optim.AdamW,
+    params: Sequence[Sequence[torch.Tensor]],
+    anchor: Sequence[Sequence[torch.Tensor]],
+    anchor_weight: float | Callable[[int], float],
+    losses: Sequence[torch.Tensor | None],
+    taken: Sequence[int],
+    lr: float,
+) -> None:
+    """``optimize``'s proximal step toward the start, in AdamW's metric, for each image past its first step."""
+    _, beta2 = optimizer.defaults["betas"]
+    eps = optimizer.defaults["eps"]
+    with torch.no_grad():
+        for r, loss in enumerate(losses):
+            weight = anchor_weight(r) if callable(anchor_weight) else anchor_weight
+            if loss is None or taken[r] < 2 or weight <= 0:
+                continue
+            for p, p0 in zip(params[r], anchor[r], strict=True):
+                state = optimizer.state[p]
+                v = state["exp_avg_sq"] / (1.0 - beta2 ** float(state["step"]))  # bias-corrected, as AdamW's step
+                p.copy_(p0 + (p - p0) / (1.0 + 2.0 * lr * weight / (v.sqrt() + eps)))

@@ -14,18 +14,24 @@ semantics", in three cheap terms added to a method's loss:
   descriptions), at the model's logit scale: ARF's "rich semantics" as a distribution to keep. Only
   for methods that change the image features (TTL); the class side does not move the anchors.
 - ``l2sp``: the squared L2 distance of the adapted parameters from where they started (L2-SP, Li et
-  al., ICML 2018), summed over the parameter tensors. It is not added to the loss: the optimizer
-  (``adapters.common.optimize``) takes its proximal step after each AdamW step, p <- p0 + (p - p0) /
-  (1 + 2 * lr * w), decoupled as AdamW decouples weight decay. As a loss term its gradient went
-  through Adam's normalisation, which moves each parameter by about lr whatever the weight, so a
-  heavier weight turned the step but did not shorten it and the drift stopped falling past weight 1
-  (benchmarks/RESULTS.md); the decoupled pull shrinks the distance more as the weight grows (measured:
-  the features' drift falls with it from weight 3 on, for TPT and TTL alike).
+  al., ICML 2018), summed over the parameter tensors.
+
+``feature`` is a loss term. ``l2sp`` and ``anchor_kl`` are not: the optimizer (``adapters.common.optimize``)
+takes their proximal step toward the start after each AdamW step, in the metric AdamW steps in,
+p <- p0 + (p - p0) / (1 + 2 * lr * w / (sqrt(v) + eps)) (v: Adam's second moment of the method's
+gradient), decoupled as AdamW decouples weight decay. ``anchor_kl`` has no closed-form proximal step, so it
+is taken for the isotropic quadratic that equals the KL where the step's loss was evaluated: weight
+w * KL / ||p - p0||^2 (``kl_curvature``), so the pull is strong only where the displacement has changed
+the anchor distribution. As loss terms, their gradients went through Adam's normalisation, which moves
+each parameter by about lr whatever the weight: a heavier weight turned the step but did not shorten
+it, so the drift stopped falling past weight 1-10 (benchmarks/RESULTS.md, anchor regularizers). As
+pulls, the drift of the features falls as the weight grows (measured: TTL both, TPT ``l2sp``, weights
+0.1-100; TPT ``l2sp`` at 0.01 is the exception, see RESULTS.md).
 
 All three are 0 with a zero gradient at the start (the adapted model is the frozen one there, a
 minimum of each), so with one step (the default of every method) they change nothing: they act from
 the second step on, which is where a high learning rate or many steps make a method drift. (The
-``l2sp`` pull likewise starts after an image's second step, so one step is unchanged too.)
+pulls likewise start after an image's second step, so one step is unchanged too.)
 """
 
 from __future__ import annotations
@@ -51,10 +57,12 @@ class RegularizerOptions:
     """Weights of the anchor regularizers that keep adaptation near the frozen model (0: off).
 
     Each is 0 with a zero gradient at the start, so it acts from the second step on (steps >= 2).
-    ``feature``: 1 - cos(adapted, frozen features). ``anchor_kl``: KL(frozen || adapted) over the anchor
-    texts (vision-side methods). ``l2sp``: squared distance w * ||p - p0||^2 of the adapted parameters from
-    their start, applied by the optimizer as a decoupled pull after each step from the second,
-    p <- p0 + (p - p0) / (1 + 2 * lr * w), so the distance shrinks as w grows even at a high learning rate.
+    ``feature``: 1 - cos(adapted, frozen features), a loss term. ``anchor_kl``: KL(frozen || adapted) over the
+    anchor texts (vision-side methods). ``l2sp``: squared distance w * ||p - p0||^2 of the adapted parameters
+    from their start. ``l2sp`` and ``anchor_kl`` are applied by the optimizer as a decoupled pull toward the start
+    after each step from the second, in Adam's metric, p <- p0 + (p - p0) / (1 + 2 * lr * w' / (sqrt(v) + eps))
+    with w' = w for ``l2sp`` and w * KL / ||p - p0||^2 for ``anchor_kl``, so the distance shrinks as w grows
+    even at a high learning rate.
     """
 
     __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid")  # a misspelt key is an error
@@ -115,3 +123,15 @@ def anchor_kl(adapted: torch.Tensor, frozen: torch.Tensor, anchors: torch.Tensor
 def l2sp(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum over tensors of ||p - p0||^2: the term whose proximal step ``adapters.common.optimize`` takes."""
     return torch.stack([(p - p0).pow(2).sum() for p, p0 in zip(params, start, strict=True)]).sum()
+
+
+def kl_curvature(kl: torch.Tensor, params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> float:
+    """KL / ||p - p0||^2: the weight of the isotropic quadratic equal to the KL at p (0 at the start).
+
+    Near the start the KL is a quadratic in p - p0 (it is 0 with a zero gradient there); this is its
+    curvature along the displacement, halved, so ``anchor_kl`` at weight w pulls as ``l2sp`` at
+    w * kl_curvature would: hard where the displacement changes the anchor distribution, not at all
+    where it leaves it alone.
+    """
+    distance = float(l2sp([p.detach() for p in params], start))
+    return float(kl) / distance if distance > 0 else 0.0

@@ -49,7 +49,7 @@ from adapters.common import MAX_STEPS, MAX_VIEWS, Augmentation, check_range, opt
 from adapters.ensemble import NO_ENSEMBLE, EnsembleOptions
 from adapters.losses import TTL_MAX_ENTROPY, entropy, ttl_weighted_entropy
 from adapters.lowrank import LoraFactors
-from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions, anchor_kl, feature_drift
+from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions, anchor_kl, feature_drift, kl_curvature
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,11 @@ class TTL(Method[TTLOptions]):
         stacked = [LoraFactors.stack(loras)]  # rebuilt from the leaves at every step
         kept = [inp.view_features.shape[0] for inp in inputs]
         reg = options.regularizers
-        starts = [[p.detach().clone() for p in lora.parameters()] for lora in loras] if reg.l2sp else []
+        starts = (
+            [[p.detach().clone() for p in lora.parameters()] for lora in loras] if reg.l2sp or reg.anchor_kl else []
+        )
+        # anchor_kl's curvature along each image's displacement, KL / ||p - p0||^2, at its latest step.
+        curvature = [0.0] * len(inputs)
 
         def loss(step: int) -> list[torch.Tensor | None]:
             stacked[0] = LoraFactors.stack(loras)
@@ -153,14 +157,15 @@ class TTL(Method[TTLOptions]):
                 # The anchor regularizers (adapters/regularizers.py) are 0 with a zero gradient at the first step
                 # (the adapted model is the frozen one), so they are left out of it: computed, rounding would
                 # leave a ~1e-8 gradient that Adam's first step, lr * sign(gradient), turns into a full step.
-                # ``l2sp`` is not a loss term: the optimizer pulls the parameters toward their start (optimize).
+                # ``l2sp`` and ``anchor_kl`` are not loss terms: the optimizer pulls the parameters toward their
+                # start (optimize), for ``anchor_kl`` with the weight w * KL / ||p - p0||^2 (adapters/regularizers.py).
                 if step:
                     if reg.feature:
                         value = value + reg.feature * feature_drift(feats[r], inp.view_features)
                     if reg.anchor_kl and inp.anchors is not None:
-                        value = value + reg.anchor_kl * anchor_kl(
-                            feats[r], inp.view_features, inp.anchors, inp.logit_scale
-                        )
+                        with torch.no_grad():
+                            kl = anchor_kl(feats[r], inp.view_features, inp.anchors, inp.logit_scale)
+                            curvature[r] = kl_curvature(kl, loras[r].parameters(), starts[r])
                 out.append(value)
             return out
 
@@ -170,8 +175,8 @@ class TTL(Method[TTLOptions]):
             options.steps,
             loss,
             stop=lambda: all(inp.stop() for inp in inputs),
-            anchor=starts,  # l2sp: a pull toward the start after each step (adapters.common.optimize)
-            anchor_weight=reg.l2sp,
+            anchor=starts,  # l2sp, anchor_kl: a pull toward the start after each step (adapters.common.optimize)
+            anchor_weight=lambda r: reg.l2sp + reg.anchor_kl * curvature[r],
         )
         with torch.no_grad():
             feats = backbone.vision_suffix(prefix[:, :1], LoraFactors.stack(loras))[:, 0]  # [R, D] base views

@@ -358,7 +358,7 @@ def anchors(runner: DirectRunner, args: argparse.Namespace) -> dict[str, Any]:
 
     free = {"weight": 0.0, **row(base)}  # shared by every kind
     print(f"{'none':12s} {0:8g} {free['drift']:9.5f} {free['top1']:6.1f}  (zero-shot {free['zero_shot']:.1f})")
-    for kind in method.regularizer_kinds:
+    for kind in args.kinds.split(",") if args.kinds else method.regularizer_kinds:
         rows = [free]
         for weight in args.weights:
             rows.append({"weight": weight, **row(base | {"regularizers": {kind: weight}})})
@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=5, help="anchors: steps")
     parser.add_argument("--weights", default="0.1,1,10,100", help="anchors: regularizer weights besides 0")
     parser.add_argument("--shifts", default="gaussian_noise,fog", help="anchors: shifts at severity 3")
+    parser.add_argument("--kinds", default="", help="anchors: the regularizers to run (default: all the method has)")
     parser.add_argument("--mixes", default="0.25,0.5,1", help="descriptions: description mixes")
     parser.add_argument("--max-samples", type=int, default=100, help="images per set")
     parser.add_argument("--seed", type=int, default=0)

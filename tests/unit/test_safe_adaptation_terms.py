@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from adapters.common import optimize
 from adapters.descriptions import DescriptionFeatures, consistency, head
 from adapters.ensemble import EnsembleOptions, adaptive_weight, blend, difficulty, divergence
-from adapters.regularizers import anchor_bank, anchor_kl, anchor_texts, feature_drift, l2sp
+from adapters.regularizers import anchor_bank, anchor_kl, anchor_texts, feature_drift, kl_curvature, l2sp
 
 D = 16
 
@@ -162,3 +162,33 @@ def test_l2sp_pulls_toward_the_start_more_as_its_weight_grows_even_at_a_high_lea
     assert drifts[-1] < 0.01 * drifts[0]
     # One step is unchanged at any weight: like the loss terms, the pull acts from the second step on.
     assert drift(1000.0, steps=1) == drift(0.0, steps=1)
+
+
+def test_the_pull_is_taken_in_adams_metric_so_it_weighs_against_each_parameters_own_gradient():
+    start = torch.zeros(2)
+    scale = torch.tensor([100.0, 0.01])  # the loss pulls both away from the start, one far harder than the other
+
+    def moved(weight: float) -> torch.Tensor:
+        p = start.clone().requires_grad_(True)
+        optimize([[p]], 0.05, 5, lambda step: [-(scale * p).sum()], anchor=[[start]], anchor_weight=weight)
+        return p.detach().abs()
+
+    free = moved(0.0)
+    assert float(free[1]) == pytest.approx(float(free[0]), rel=1e-3)  # Adam alone moves both alike
+    pulled = moved(1.0)
+    assert float(pulled[0]) > 0.5 * float(free[0])  # a weight of 1 against a gradient of 100: a light pull
+    assert float(pulled[1]) < 0.05 * float(free[1])  # against a gradient of 0.01: (nearly) back to the start
+
+
+def test_anchor_kl_pulls_as_l2sp_would_at_its_curvature_along_the_displacement():
+    frozen = unit(8, D, seed=0)
+    anchors = unit(64, D, seed=1)
+    start = torch.eye(D)
+    assert kl_curvature(anchor_kl(adapted_through(start, frozen), frozen, anchors, 50.0), [start], [start]) == 0.0
+    moved = start + 0.05 * torch.randn(D, D, generator=torch.Generator().manual_seed(2))
+    kl = anchor_kl(adapted_through(moved, frozen), frozen, anchors, 50.0)
+    curvature = kl_curvature(kl, [moved], [start])
+    assert curvature * float(l2sp([moved], [start])) == pytest.approx(float(kl), rel=1e-5)  # equal to the KL at p
+    # A displacement that leaves every view's features alone (a rescaling: they are normalised) is not pulled.
+    rescaled = anchor_kl(adapted_through(1.5 * start, frozen), frozen, anchors, 50.0)
+    assert kl_curvature(rescaled, [1.5 * start], [start]) < 1e-6 * curvature  # 0 up to float rounding
