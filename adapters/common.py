@@ -71,9 +71,9 @@ def optimize(
     w without ever overshooting p0. As a loss term its gradient went through Adam's normalisation,
     which moves each element by about lr whatever the weight, so a heavier weight could not shorten
     the step; with the plain step size lr (Euclidean), the pull was negligible until 2 * lr * w
-    neared 1 (benchmarks/RESULTS.md, anchor regularizers). Like the loss terms it acts from an
-    image's second step on: after one step it changes nothing, where the term and its gradient
-    were 0 (the parameters start at p0).
+    neared 1 (benchmarks/RESULTS.md, anchor regularizers). It acts from an image's second step on:
+    after one step it changes nothing, as a term that is 0 with a zero gradient at p0 (where the
+    parameters start) would not.
 
     ``stop()`` is checked before each step; when it says so, ``Stopped`` is raised. The optimizer
     state lives and dies here. Returns the steps each image took.

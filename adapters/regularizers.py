@@ -4,7 +4,7 @@ ARF (Han et al., CVPR 2024, https://arxiv.org/abs/2404.06244; no public code) fi
 extra contrastive pairs (finetune images with generated captions, retrieved images with their web
 captions) so that the feature space keeps its alignment with rich text. At test time there is no
 captioner and no retrieval set, so we keep the idea, "do not drift from the frozen model's
-semantics", in three cheap terms added to a method's loss:
+semantics", in three cheap terms:
 
 - ``feature``: 1 - cos between the adapted and the frozen features, averaged. For a method that
   adapts the vision tower (TTL) these are the image features of the views; for one that adapts
@@ -16,17 +16,23 @@ semantics", in three cheap terms added to a method's loss:
 - ``l2sp``: the squared L2 distance of the adapted parameters from where they started (L2-SP, Li et
   al., ICML 2018), summed over the parameter tensors.
 
-``feature`` is a loss term. ``l2sp`` and ``anchor_kl`` are not: the optimizer (``adapters.common.optimize``)
-takes their proximal step toward the start after each AdamW step, in the metric AdamW steps in,
+``l2sp``, ``anchor_kl``, and ``feature`` on TTL and TPS are not loss terms (``feature`` on TPT and C-TPT
+is; see below): the optimizer (``adapters.common.optimize``) takes their proximal step toward the
+start after each AdamW step, in the metric AdamW steps in,
 p <- p0 + (p - p0) / (1 + 2 * lr * w / (sqrt(v) + eps)) (v: Adam's second moment of the method's
-gradient), decoupled as AdamW decouples weight decay. ``anchor_kl`` has no closed-form proximal step, so it
-is taken for the isotropic quadratic that equals the KL where the step's loss was evaluated: weight
-w * KL / ||p - p0||^2 (``kl_curvature``), so the pull is strong only where the displacement has changed
-the anchor distribution. As loss terms, their gradients went through Adam's normalisation, which moves
-each parameter by about lr whatever the weight: a heavier weight turned the step but did not shorten
-it, so the drift stopped falling past weight 1-10 (benchmarks/RESULTS.md, anchor regularizers). As
-pulls, the drift of the features falls as the weight grows (measured: TTL both, TPT ``l2sp``, weights
-0.1-100; TPT ``l2sp`` at 0.01 is the exception, see RESULTS.md).
+gradient), decoupled as AdamW decouples weight decay. ``feature`` and ``anchor_kl`` have no closed-form
+proximal step, so it is taken for the isotropic quadratic that equals the divergence where the step's
+loss was evaluated: weight w * divergence / ||p - p0||^2 (``divergence_curvature``), so the pull is
+strong only where the displacement has moved the features (``feature``: their 1 - cos to the frozen
+ones, the value the term always had) or the anchor distribution (``anchor_kl``). As loss terms, their
+gradients went through Adam's normalisation, which moves each parameter by about lr whatever the
+weight: a heavier weight turned the step but did not shorten it, so the drift stopped falling past
+weight 1-10, and ``feature`` at small weights raised it (benchmarks/RESULTS.md, anchor regularizers).
+As pulls, the drift of the features falls as the weight grows (measured at 5 steps and a high
+learning rate: RESULTS.md, "Anchor regularizers, fourth"). On TPT's prompt context the ``feature``
+pull raised the drift at weights 0.01-1 (the context moves far outside the embedding scale, where
+shrinking its displacement does not shrink the features' drift), while the loss term lowered it from
+0.1, so there ``feature`` stays a loss term.
 
 All three are 0 with a zero gradient at the start (the adapted model is the frozen one there, a
 minimum of each), so with one step (the default of every method) they change nothing: they act from
@@ -57,12 +63,13 @@ class RegularizerOptions:
     """Weights of the anchor regularizers that keep adaptation near the frozen model (0: off).
 
     Each is 0 with a zero gradient at the start, so it acts from the second step on (steps >= 2).
-    ``feature``: 1 - cos(adapted, frozen features), a loss term. ``anchor_kl``: KL(frozen || adapted) over the
-    anchor texts (vision-side methods). ``l2sp``: squared distance w * ||p - p0||^2 of the adapted parameters
-    from their start. ``l2sp`` and ``anchor_kl`` are applied by the optimizer as a decoupled pull toward the start
-    after each step from the second, in Adam's metric, p <- p0 + (p - p0) / (1 + 2 * lr * w' / (sqrt(v) + eps))
-    with w' = w for ``l2sp`` and w * KL / ||p - p0||^2 for ``anchor_kl``, so the distance shrinks as w grows
-    even at a high learning rate.
+    ``feature``: 1 - cos(adapted, frozen features). ``anchor_kl``: KL(frozen || adapted) over the anchor texts
+    (vision-side methods). ``l2sp``: squared distance w * ||p - p0||^2 of the adapted parameters from their
+    start. They are applied by the optimizer (``feature`` on TPT and C-TPT excepted: a loss term there) as a
+    decoupled pull toward the start after each step from the second, in Adam's metric,
+    p <- p0 + (p - p0) / (1 + 2 * lr * w' / (sqrt(v) + eps)) with w' = w for ``l2sp`` and
+    w * divergence / ||p - p0||^2 for ``feature`` and ``anchor_kl`` (their value where the step was taken),
+    so the distance shrinks as w grows even at a high learning rate.
     """
 
     __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid")  # a misspelt key is an error
@@ -125,13 +132,15 @@ def l2sp(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> torch
     return torch.stack([(p - p0).pow(2).sum() for p, p0 in zip(params, start, strict=True)]).sum()
 
 
-def kl_curvature(kl: torch.Tensor, params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> float:
-    """KL / ||p - p0||^2: the weight of the isotropic quadratic equal to the KL at p (0 at the start).
+def divergence_curvature(
+    divergence: torch.Tensor, params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]
+) -> float:
+    """divergence / ||p - p0||^2: the weight of the isotropic quadratic equal to the divergence at p (0 at the start).
 
-    Near the start the KL is a quadratic in p - p0 (it is 0 with a zero gradient there); this is its
-    curvature along the displacement, halved, so ``anchor_kl`` at weight w pulls as ``l2sp`` at
-    w * kl_curvature would: hard where the displacement changes the anchor distribution, not at all
-    where it leaves it alone.
+    Near the start ``feature`` and ``anchor_kl`` are quadratics in p - p0 (each is 0 with a zero gradient
+    there); this is the curvature along the displacement, halved, so either at weight w pulls as ``l2sp``
+    at w * divergence_curvature would: hard where the displacement moves the features or the anchor
+    distribution, not at all where it leaves them alone.
     """
     distance = float(l2sp([p.detach() for p in params], start))
-    return float(kl) / distance if distance > 0 else 0.0
+    return float(divergence) / distance if distance > 0 else 0.0

@@ -40,7 +40,7 @@ from adapters.base import AdaptInput, AdaptResult, Method, register
 from adapters.common import EpisodicOptions, optimize
 from adapters.descriptions import MICRO_PROTOTYPES, DescriptionOptions
 from adapters.losses import marginal_entropy, select_confident
-from adapters.regularizers import feature_drift
+from adapters.regularizers import divergence_curvature, feature_drift
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class TPS(Method[TPSOptions]):
         shifts = [torch.zeros_like(p, requires_grad=True) for p in protos]  # each [C_r, D], the image's parameter
         selected = [1] * len(inputs)
         reg = options.regularizers
+        # Each image's pull weight from ``feature``, w * drift / ||shift||^2, at its latest step.
+        pulled = [0.0] * len(inputs)
 
         def logits(r: int, rows: slice | int = slice(None)) -> torch.Tensor:
             inp = inputs[r]
@@ -78,12 +80,16 @@ class TPS(Method[TPSOptions]):
                 idx = select_confident(view_logits.detach(), options.selection)
                 selected[r] = len(idx)
                 value = marginal_entropy(view_logits[idx])
-                # The anchor regularizers (adapters/regularizers.py) are 0 with a zero gradient at the first step
-                # (the adapted model is the frozen one), so they are left out of it: computed, rounding would
-                # leave a ~1e-8 gradient that Adam's first step, lr * sign(gradient), turns into a full step.
-                # ``l2sp`` is not a loss term: the optimizer pulls the parameters toward their start (optimize).
+                # The anchor regularizers (adapters/regularizers.py) are not loss terms: the optimizer pulls the
+                # parameters toward their start (optimize). At the first step they are at their start (every
+                # divergence and distance 0), so nothing is computed there;
+                # ``feature`` pulls with the weight w * drift / ||shift||^2 (regularizers.py).
                 if step and reg.feature:
-                    value = value + reg.feature * feature_drift(F.normalize(protos[r] + shifts[r], dim=-1), protos[r])
+                    with torch.no_grad():
+                        drift = feature_drift(F.normalize(protos[r] + shifts[r], dim=-1), protos[r])
+                        pulled[r] = reg.feature * divergence_curvature(
+                            drift, [shifts[r]], [torch.zeros_like(shifts[r])]
+                        )
                 out.append(value)
             return out
 
@@ -93,8 +99,8 @@ class TPS(Method[TPSOptions]):
             options.steps,
             loss,
             stop=lambda: all(inp.stop() for inp in inputs),
-            anchor=[[torch.zeros_like(s)] for s in shifts],  # l2sp: a pull toward the start after each step
-            anchor_weight=reg.l2sp,
+            anchor=[[torch.zeros_like(s)] for s in shifts],  # l2sp, feature: a pull toward the start after each step
+            anchor_weight=lambda r: reg.l2sp + pulled[r],
         )
         with torch.no_grad():
             return [

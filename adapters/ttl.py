@@ -49,7 +49,7 @@ from adapters.common import MAX_STEPS, MAX_VIEWS, Augmentation, check_range, opt
 from adapters.ensemble import NO_ENSEMBLE, EnsembleOptions
 from adapters.losses import TTL_MAX_ENTROPY, entropy, ttl_weighted_entropy
 from adapters.lowrank import LoraFactors
-from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions, anchor_kl, feature_drift, kl_curvature
+from adapters.regularizers import NO_REGULARIZERS, RegularizerOptions, anchor_kl, divergence_curvature, feature_drift
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,9 @@ class TTL(Method[TTLOptions]):
         stacked = [LoraFactors.stack(loras)]  # rebuilt from the leaves at every step
         kept = [inp.view_features.shape[0] for inp in inputs]
         reg = options.regularizers
-        starts = (
-            [[p.detach().clone() for p in lora.parameters()] for lora in loras] if reg.l2sp or reg.anchor_kl else []
-        )
-        # anchor_kl's curvature along each image's displacement, KL / ||p - p0||^2, at its latest step.
-        curvature = [0.0] * len(inputs)
+        starts = [[p.detach().clone() for p in lora.parameters()] for lora in loras] if reg.asked() else []
+        # Each image's pull weight from feature and anchor_kl, w * divergence / ||p - p0||^2, at its latest step.
+        pulled = [0.0] * len(inputs)
 
         def loss(step: int) -> list[torch.Tensor | None]:
             stacked[0] = LoraFactors.stack(loras)
@@ -154,18 +152,19 @@ class TTL(Method[TTLOptions]):
                     out.append(None)
                     continue
                 value = ttl_weighted_entropy(logits, options.tau)
-                # The anchor regularizers (adapters/regularizers.py) are 0 with a zero gradient at the first step
-                # (the adapted model is the frozen one), so they are left out of it: computed, rounding would
-                # leave a ~1e-8 gradient that Adam's first step, lr * sign(gradient), turns into a full step.
-                # ``l2sp`` and ``anchor_kl`` are not loss terms: the optimizer pulls the parameters toward their
-                # start (optimize), for ``anchor_kl`` with the weight w * KL / ||p - p0||^2 (adapters/regularizers.py).
-                if step:
-                    if reg.feature:
-                        value = value + reg.feature * feature_drift(feats[r], inp.view_features)
-                    if reg.anchor_kl and inp.anchors is not None:
-                        with torch.no_grad():
+                # The anchor regularizers (adapters/regularizers.py) are not loss terms: the optimizer pulls the
+                # parameters toward their start (optimize). At the first step they are at their start (every
+                # divergence and distance 0), so nothing is computed there;
+                # ``feature`` and ``anchor_kl`` pull with the weight w * divergence / ||p - p0||^2 (regularizers.py).
+                if step and (reg.feature or reg.anchor_kl):
+                    with torch.no_grad():
+                        pulled[r] = 0.0
+                        if reg.feature:
+                            drift = feature_drift(feats[r], inp.view_features)
+                            pulled[r] += reg.feature * divergence_curvature(drift, loras[r].parameters(), starts[r])
+                        if reg.anchor_kl and inp.anchors is not None:
                             kl = anchor_kl(feats[r], inp.view_features, inp.anchors, inp.logit_scale)
-                            curvature[r] = kl_curvature(kl, loras[r].parameters(), starts[r])
+                            pulled[r] += reg.anchor_kl * divergence_curvature(kl, loras[r].parameters(), starts[r])
                 out.append(value)
             return out
 
@@ -175,8 +174,8 @@ class TTL(Method[TTLOptions]):
             options.steps,
             loss,
             stop=lambda: all(inp.stop() for inp in inputs),
-            anchor=starts,  # l2sp, anchor_kl: a pull toward the start after each step (adapters.common.optimize)
-            anchor_weight=lambda r: reg.l2sp + reg.anchor_kl * curvature[r],
+            anchor=starts,  # the regularizers: a pull toward the start after each step (adapters.common.optimize)
+            anchor_weight=lambda r: reg.l2sp + pulled[r],
         )
         with torch.no_grad():
             feats = backbone.vision_suffix(prefix[:, :1], LoraFactors.stack(loras))[:, 0]  # [R, D] base views

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from adapters.common import optimize
 from adapters.descriptions import DescriptionFeatures, consistency, head
 from adapters.ensemble import EnsembleOptions, adaptive_weight, blend, difficulty, divergence
-from adapters.regularizers import anchor_bank, anchor_kl, anchor_texts, feature_drift, kl_curvature, l2sp
+from adapters.regularizers import anchor_bank, anchor_kl, anchor_texts, divergence_curvature, feature_drift, l2sp
 
 D = 16
 
@@ -180,15 +180,20 @@ def test_the_pull_is_taken_in_adams_metric_so_it_weighs_against_each_parameters_
     assert float(pulled[1]) < 0.05 * float(free[1])  # against a gradient of 0.01: (nearly) back to the start
 
 
-def test_anchor_kl_pulls_as_l2sp_would_at_its_curvature_along_the_displacement():
+@pytest.mark.parametrize("kind", ["feature", "anchor_kl"])
+def test_a_divergence_pulls_as_l2sp_would_at_its_curvature_along_the_displacement(kind):
     frozen = unit(8, D, seed=0)
     anchors = unit(64, D, seed=1)
     start = torch.eye(D)
-    assert kl_curvature(anchor_kl(adapted_through(start, frozen), frozen, anchors, 50.0), [start], [start]) == 0.0
+
+    def divergence(weight: torch.Tensor) -> torch.Tensor:
+        adapted = adapted_through(weight, frozen)
+        return feature_drift(adapted, frozen) if kind == "feature" else anchor_kl(adapted, frozen, anchors, 50.0)
+
+    assert divergence_curvature(divergence(start), [start], [start]) == 0.0
     moved = start + 0.05 * torch.randn(D, D, generator=torch.Generator().manual_seed(2))
-    kl = anchor_kl(adapted_through(moved, frozen), frozen, anchors, 50.0)
-    curvature = kl_curvature(kl, [moved], [start])
-    assert curvature * float(l2sp([moved], [start])) == pytest.approx(float(kl), rel=1e-5)  # equal to the KL at p
+    value = divergence(moved)
+    curvature = divergence_curvature(value, [moved], [start])
+    assert curvature * float(l2sp([moved], [start])) == pytest.approx(float(value), rel=1e-5)  # equal at p
     # A displacement that leaves every view's features alone (a rescaling: they are normalised) is not pulled.
-    rescaled = anchor_kl(adapted_through(1.5 * start, frozen), frozen, anchors, 50.0)
-    assert kl_curvature(rescaled, [1.5 * start], [start]) < 1e-6 * curvature  # 0 up to float rounding
+    assert divergence_curvature(divergence(1.5 * start), [1.5 * start], [start]) < 1e-6 * curvature
