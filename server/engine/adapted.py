@@ -4,7 +4,8 @@ A named adapter gives each image its vision side's features and each class its t
 toward the frozen model's by ``adapter_alpha`` (``adapters.fewshot.apply.blend``), or by APEX's
 class-distance rule (``adapter_alpha: "class_distance"``, zero-shot only: each class weighted by its
 distance to the adapter's training labels, the images by the mean weight); test-time methods then run on
-those, so adaptation happens on top of the adapter (``AdaptedBackbone`` encodes the views).
+those, so adaptation happens on top of the adapter (``AdaptedBackbone`` encodes the views, and prompt tuning
+starts from a prompt adapter's learned context).
 
 Routing (ConDU's task-agnostic inference, ``adapter: {"route": "auto"}``): each candidate's score for an
 image is the highest cosine between the image's frozen features and the adapter's class prototypes; an
@@ -16,6 +17,7 @@ one rank stacked through the vision tower together), then each image takes the o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, TypeVar, cast
 
 import torch
@@ -31,13 +33,16 @@ from adapters.fewshot.apply import (
 )
 from adapters.fewshot.artifact import route_scores, seen
 from adapters.lowrank import LoraFactors
+from adapters.prompts import PromptInputs
 from server.engine.resident import Resident, ResidentAdapters
 from server.engine.work import AdapterUse, Route, Work
 
 
 class AdaptedBackbone:
     """The backbone as a test-time method sees it when served through an adapter: ``encode_images`` gives the
-    adapter's (blended) image features; everything else is the frozen backbone's."""
+    adapter's (blended) image features, and with a prompt part ``prompt_inputs`` starts from the adapter's
+    learned context (blended toward its ``ctx_init``), so prompt tuning continues from it: the TPT paper's
+    CoOp + TPT. Everything else is the frozen backbone's."""
 
     def __init__(self, backbone: Backbone, resident: Resident, alpha: float):
         self._backbone = backbone
@@ -46,7 +51,19 @@ class AdaptedBackbone:
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         frozen = self._backbone.encode_images(images)
+        if "lora" not in self._adapter.card.parts:
+            return frozen
         return blend(frozen, adapter_image_features(self._backbone, self._adapter, images), self._alpha)
+
+    def prompt_inputs(self, labels: tuple[str, ...], ctx_init: str = "a photo of a") -> PromptInputs:
+        """The adapter's prompts (its ``ctx_init``, whatever the method asks) with its learned context as the start."""
+        card = self._adapter.card
+        if "prompt" not in card.parts or card.ctx_init is None:
+            return self._backbone.prompt_inputs(labels, ctx_init)
+        inputs = self._backbone.prompt_inputs(labels, card.ctx_init)
+        learned = self._adapter.tensors["prompt.ctx"].to(inputs.ctx_init)
+        start = inputs.ctx_init + self._alpha * (learned - inputs.ctx_init) if self._alpha != 1.0 else learned
+        return dataclasses.replace(inputs, ctx_init=start)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backbone, name)
@@ -56,9 +73,10 @@ B = TypeVar("B", bound=Backbone)
 
 
 def image_side(backbone: B, use: AdapterUse) -> B:
-    """What encodes a work's images: the frozen backbone, or the adapter's vision side when it has one."""
+    """What a test-time method sees as the model: the frozen backbone, or the adapter's vision side and learned
+    context when it has them."""
     resident = use.adapters[0]
-    if use.routed or "lora" not in resident.adapter.card.parts:
+    if use.routed or not {"lora", "prompt"} & set(resident.adapter.card.parts):
         return backbone
     return cast(B, AdaptedBackbone(backbone, resident, use.alpha))  # the same type, by delegation
 

@@ -279,13 +279,15 @@ def publish(
 
 
 def check_method(method: Method[Any], adapter: Adapter) -> None:
-    """Refuse a test-time method that would bypass the adapter: one that re-encodes the class text with its own
-    context (TPT, C-TPT) on a text-side adapter, or runs the vision tower with its own LoRA (TTL) on a lora one."""
+    """Refuse a test-time method that would bypass the adapter: prompt tuning (TPT, C-TPT) on a text adapter (its
+    map of the class features would be skipped; on a prompt part it starts from the learned context, as the TPT
+    paper's CoOp + TPT), or a method running the vision tower with its own LoRA (TTL) on a lora part."""
     parts = set(adapter.card.parts)
-    if method.adapts_text and parts & {"prompt", "text_adapter"}:
+    if method.adapts_text and "text_adapter" in parts:
         raise InvalidInput(
             f"{method.name!r} re-encodes the class text with a context of its own, which would bypass this adapter's "
-            f"text side ({', '.join(sorted(parts))}); use zero_shot, mta, zero or tps on top of it",
+            "text adapter; use zero_shot, mta, zero or tps on top of it (prompt tuning continues from prompt and "
+            "lora adapters)",
             code="adapter_method",
         )
     if method.adapts_vision_tower and "lora" in parts:

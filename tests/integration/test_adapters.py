@@ -348,3 +348,31 @@ def test_loaded_adapters_stay_within_their_cache_least_recently_used_out(setting
         assert metric(client.get("/metrics").text, "tta_adapter_loads_total") == 3
         listed = client.get("/v1/adapters").json()
         assert listed["resident_bytes"] <= listed["cache_bytes"] == int(one * 1.5)
+
+
+def test_prompt_tuning_continues_from_a_prompt_adapters_learned_context(client: TestClient) -> None:
+    """TPT on a prompt adapter starts from its context (the TPT paper's CoOp + TPT): with no step it answers as
+    the adapter does; with steps it adapts from there."""
+    backbone = backbone_of(client)
+    with torch.no_grad():
+        start = backbone.prompt_inputs(tuple(LABELS[:2]), "a photo of a").ctx_init
+    gen = torch.Generator().manual_seed(4)
+    tensors = {
+        "label_features": frozen_classes(backbone, LABELS[:2]).clone(),
+        "prototypes": F.normalize(torch.randn(2, backbone.embed_dim, generator=gen), dim=-1),
+        "prompt.ctx_init": start.clone(),
+        "prompt.ctx": start + 0.5 * torch.randn(start.shape, generator=gen),
+    }
+    card = AdapterCard(type="prompt", parts=("prompt",), base_model=backbone.fingerprint, labels=tuple(LABELS[:2]),
+                       ctx_init="a photo of a")  # fmt: skip
+    assert upload(client, Adapter(card, tensors), "coop").status_code == 201
+    images = image_list(2)
+    served = [logits(r) for r in classify(client, images, adapter="coop").json()["results"]]
+    plain_tpt = classify(client, images, method="tpt", options={"steps": 0}, seed=1).json()["results"]
+    no_step = classify(client, images, adapter="coop", method="tpt", options={"steps": 0}, seed=1)
+    assert no_step.status_code == 200, no_step.text
+    for got, want, plain in zip(no_step.json()["results"], served, plain_tpt, strict=True):
+        assert logits(got) == pytest.approx(want, abs=1e-4)  # the adapter's context, not "a photo of a"
+        assert logits(got) != pytest.approx(logits(plain), abs=1e-3)
+    stepped = classify(client, images, adapter="coop", method="tpt", options={"steps": 1, "views": 8}, seed=1)
+    assert stepped.status_code == 200 and stepped.json()["results"][0]["adaptation"]["steps"] == 1
