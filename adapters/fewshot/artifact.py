@@ -108,6 +108,7 @@ class Adapter:
 
     card: AdapterCard
     tensors: dict[str, torch.Tensor]
+    _lora: dict[LoraTargets, LoraFactors] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.check()
@@ -161,7 +162,11 @@ class Adapter:
         """The lora part as factors the backbone runs (``Backbone.vision_suffix``).
 
         A full update delta [out, in] runs as B = delta, A = identity [in, in], alpha = in (scaling 1):
-        the same update, exactly."""
+        the same update, exactly. Built once per targets and kept: a served adapter's factors (a merged
+        one's identities included) are not rebuilt for every request."""
+        found = self._lora.get(targets)
+        if found is not None:
+            return found
         idx = self.lora_indices()
         if len(idx) != len(targets):
             raise ArtifactError(
@@ -169,11 +174,15 @@ class Adapter:
             )
         if self.lora_dense:
             b = tuple(self.tensors[f"lora.{i}.delta"] for i in idx)
-            a = tuple(torch.eye(t.in_features) for t in targets.targets)
-            return LoraFactors(targets, a, b, float(targets.targets[0].in_features))
-        a = tuple(self.tensors[f"lora.{i}.a"] for i in idx)
-        b = tuple(self.tensors[f"lora.{i}.b"] for i in idx)
-        return LoraFactors(targets, a, b, self.card.lora_alpha)
+            with torch.inference_mode(False):  # kept across requests: a normal tensor, whatever mode builds it
+                a = tuple(torch.eye(t.in_features, device=d.device) for t, d in zip(targets.targets, b, strict=True))
+            factors = LoraFactors(targets, a, b, float(targets.targets[0].in_features))
+        else:
+            a = tuple(self.tensors[f"lora.{i}.a"] for i in idx)
+            b = tuple(self.tensors[f"lora.{i}.b"] for i in idx)
+            factors = LoraFactors(targets, a, b, self.card.lora_alpha)
+        self._lora[targets] = factors
+        return factors
 
     def adapt_text(self, class_features: torch.Tensor) -> torch.Tensor:
         """APEX's text adapter on unit-norm class features [C, D] -> [C, D] unit-norm (identity without it)."""
