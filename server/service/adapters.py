@@ -125,7 +125,10 @@ class AdapterRegistry:
 
     def load(self, ref: str, owner: str) -> Loaded:
         """The adapter ``ref`` names for ``owner``, loaded (from the LRU, or read from the store and parsed)."""
-        record = self.get(ref, owner)
+        return self._loaded(self.get(ref, owner), owner)
+
+    def _loaded(self, record: AdapterRecord, owner: str) -> Loaded:
+        """``record``'s adapter, loaded: from the LRU, or its bytes read from the store and parsed."""
         fingerprint = self._fingerprint()
         if record.card.get("base_model") != fingerprint:  # checked before reading the bytes
             raise wrong_base(WrongBaseModel(str(record.card.get("base_model")), fingerprint))
@@ -172,7 +175,7 @@ class AdapterRegistry:
                 "name an adapter group (adapter.group)",
                 code="too_many_adapters",
             )
-        loaded = [self.load(r.ref, owner) for r in candidates]
+        loaded = [self._loaded(r, owner) for r in candidates]  # the records just listed: no read each
         return AdapterUse(
             tuple(x.resident for x in loaded),
             tuple(x.record.ref for x in loaded),
