@@ -80,6 +80,7 @@ class Session:
     waiting: int = 0  # requests waiting for the one in progress to finish
     states: OrderedDict[str, LabelState] = field(default_factory=OrderedDict)  # least recently used first
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time, in arrival order
+    forgotten: bool = False  # reset or expired: never written to the store again (unloaded ones still are)
 
     @property
     def nbytes(self) -> int:
@@ -259,7 +260,10 @@ class Sessions:
         """Forget the session and its state now; 404 if there is none."""
         with self._lock:
             self._expire(self.clock())
-            held = self._sessions.pop((owner, check_session_id(session_id)), None) is not None
+            popped = self._sessions.pop((owner, check_session_id(session_id)), None)
+            if popped is not None:
+                popped.forgotten = True
+            held = popped is not None
             self._gauge()
         stored = self.store.delete_session(owner, session_id) if self.store is not None else False
         if not (held or stored):
@@ -293,6 +297,7 @@ class Sessions:
             if now - oldest.last_used < ttl:
                 break
             del self._sessions[key]
+            oldest.forgotten = True
             self.metrics.session_evictions.labels(reason="ttl").inc()
         self._gauge()
 
@@ -309,12 +314,15 @@ class Sessions:
         write is logged: the state goes on in memory and the next request writes it again."""
         if self.store is None:
             return
-        with self._lock:
-            if self._sessions.get((session.owner, session.id)) is not session:
-                return  # reset or expired while its request ran
-            data = serialize(session)
+        if session.forgotten:
+            return  # reset or expired while its request ran
+        # Outside the sessions' lock: only this session's request (holding its lock) changes its states. A
+        # session unloaded for the memory cap meanwhile is still written: its state is a whole request's.
+        data = serialize(session)
         try:
             self.store.save_session(session.owner, session.id, data, session.last_used)
+            if session.forgotten:  # reset while it was written: what was written must not come back
+                self.store.delete_session(session.owner, session.id)
         except TTAError as exc:
             log.warning("session %r could not be written to the store: %s", session.id, exc)
 
