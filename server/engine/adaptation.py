@@ -65,33 +65,14 @@ def adapt_images(
     views: list[torch.Tensor] = []  # per task: [V, 3, h, w] an image's views, or a clip's frames of every view
     groups: list[list[slice] | None] = []  # per clip: the rows each of its views pools
     for t in tasks:
+        how = (t.original.to(backbone.device), n_views, backbone.image_size, cfg.mean, cfg.std, t.generator)
         if t.is_clip:
-            pixels, rows = make_clip_views(
-                t.original.to(backbone.device),
-                n_views,
-                backbone.image_size,
-                cfg.mean,
-                cfg.std,
-                t.generator,
-                base_views=t.base_view,
-                augmentation=options.augmentation,
-            )
+            pixels, rows = make_clip_views(*how, base_views=t.base_view, augmentation=options.augmentation)
             views.append(pixels)
             groups.append(rows)
-            continue
-        views.append(
-            make_views(
-                t.original.to(backbone.device),
-                n_views,
-                backbone.image_size,
-                cfg.mean,
-                cfg.std,
-                t.generator,
-                base_view=t.base_view,
-                augmentation=options.augmentation,
-            )
-        )
-        groups.append(None)
+        else:
+            views.append(make_views(*how, base_view=t.base_view, augmentation=options.augmentation))
+            groups.append(None)
     encoded = method.encode_views(backbone, views)
     # A clip's view is the mean embedding of its frames; only methods that adapt on view features (not
     # ones that re-run the tower on the views' pixels) are given clips (server.service.video).
